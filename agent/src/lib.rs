@@ -1,1 +1,123 @@
-//! placeholder
+//! The skymirror agent: runs one provider's replicas through a driver.
+//!
+//! Layout: [`session`] holds the gRPC stream to the daemon and reconnects;
+//! [`supervisor`] owns the replicas and converges them to the last assignment;
+//! [`driver`] is the runtime extension point ([`driver::process`] today);
+//! [`health`] runs the app's checks; [`state`] persists what must survive a
+//! restart; [`convert`] turns wire assignments into the agent's own types.
+//!
+//! Data flow: daemon → assignment → session → supervisor (persist, plan,
+//! driver start/stop) → status board → session → daemon.
+
+pub mod convert;
+pub mod driver;
+pub mod health;
+pub mod session;
+pub mod state;
+pub mod supervisor;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::driver::Driver;
+use crate::driver::process::{ProcessDriver, ProcessDriverConfig};
+use crate::state::StateDir;
+use crate::supervisor::{Supervisor, SupervisorConfig};
+
+/// Which runtime the agent drives, with its settings.
+#[derive(Debug, Clone)]
+pub enum DriverConfig {
+    /// Local child processes.
+    Process {
+        /// Extra directories searched for commands.
+        search_path: Vec<PathBuf>,
+        /// Host replicas bind and are reported at.
+        bind_host: IpAddr,
+    },
+}
+
+/// Settings of an agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Daemon URL.
+    pub server: String,
+    /// Provider this agent runs.
+    pub provider: String,
+    /// Directory for persistent state.
+    pub state_dir: PathBuf,
+    /// Join token for the daemon.
+    pub join_token: String,
+    /// Runtime.
+    pub driver: DriverConfig,
+    /// Stop every replica when the agent stops (all-in-one mode); otherwise
+    /// replicas keep running, and the next agent run adopts them.
+    pub stop_replicas_on_exit: bool,
+    /// Supervisor tunables.
+    pub supervisor: SupervisorConfig,
+}
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// State directory problem. Not retryable without operator action.
+    #[error("state: {0}")]
+    State(#[from] state::StateError),
+    /// The driver could not be set up.
+    #[error("driver: {0}")]
+    Driver(#[from] driver::DriverError),
+}
+
+/// Runs an agent until `shutdown` is cancelled.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    match &config.driver {
+        DriverConfig::Process {
+            search_path,
+            bind_host,
+        } => {
+            let mut dc = ProcessDriverConfig::new(&config.state_dir);
+            dc.search_path = search_path.clone();
+            dc.bind_host = *bind_host;
+            let mut config = config.clone();
+            config.supervisor.probe_host = Some(*bind_host);
+            run_with_driver(ProcessDriver::new(dc)?, config, shutdown).await
+        }
+    }
+}
+
+/// Runs an agent with a ready driver until `shutdown` is cancelled.
+pub async fn run_with_driver<D: Driver>(
+    driver: D,
+    config: AgentConfig,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let state = StateDir::open(&config.state_dir)?;
+    let agent_id = state.agent_id()?;
+    let kind = driver.kind();
+    let span = tracing::info_span!("agent", provider = %config.provider);
+    let _enter = span.enter();
+    let (sup, handle) = Supervisor::restore(
+        Arc::new(driver),
+        config.provider.clone(),
+        state,
+        config.supervisor.clone(),
+    )
+    .await?;
+    drop(_enter);
+    let sup_stop = CancellationToken::new();
+    let supervisor = tokio::spawn(sup.run(sup_stop.clone(), config.stop_replicas_on_exit));
+    let identity = session::Identity {
+        server: config.server.clone(),
+        provider: config.provider.clone(),
+        agent_id,
+        join_token: config.join_token.clone(),
+        driver: kind.to_string(),
+    };
+    session::run(identity, handle, shutdown.clone()).await;
+    sup_stop.cancel();
+    // The supervisor persists its state on the way out; wait for it.
+    let _ = supervisor.await;
+    Ok(())
+}

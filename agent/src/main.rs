@@ -1,1 +1,114 @@
-fn main() {}
+//! `skymirror-agent`: parses flags, sets up logging and runs the agent library.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use skymirror_agent::{AgentConfig, DriverConfig, run, supervisor::SupervisorConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Runs one provider's replicas for a skymirror daemon.
+#[derive(Debug, Parser)]
+#[command(name = "skymirror-agent", version)]
+struct Args {
+    /// Daemon URL.
+    #[arg(
+        long,
+        env = "SKYMIRROR_SERVER",
+        default_value = "http://127.0.0.1:7600"
+    )]
+    server: String,
+    /// Provider this agent runs (must be declared on the daemon).
+    #[arg(long, env = "SKYMIRROR_PROVIDER")]
+    provider: String,
+    /// Driver: `process`.
+    #[arg(long, default_value = "process")]
+    driver: String,
+    /// Directory for the agent's persistent state and replica files.
+    #[arg(long, env = "SKYMIRROR_STATE_DIR")]
+    state_dir: PathBuf,
+    /// Join token (or set SKYMIRROR_JOIN_TOKEN, or use --join-token-file).
+    #[arg(long, env = "SKYMIRROR_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// File holding the join token.
+    #[arg(long, conflicts_with = "join_token")]
+    join_token_file: Option<PathBuf>,
+    /// Extra directory searched for app commands (repeatable).
+    #[arg(long = "search-path")]
+    search_path: Vec<PathBuf>,
+    /// Host replicas bind and are reported at (process driver).
+    #[arg(long, default_value = "127.0.0.1")]
+    bind_host: IpAddr,
+    /// Log filter, e.g. `info` or `skymirror_agent=debug`.
+    #[arg(long, env = "SKYMIRROR_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = real_main().await {
+        eprintln!("skymirror-agent: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn real_main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter: tracing_subscriber::filter::Targets = args.log.parse().context("--log")?;
+    use tracing_subscriber::prelude::*;
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .init();
+    let join_token = match (args.join_token, args.join_token_file) {
+        (Some(t), _) => t,
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the join token from {}", path.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => anyhow::bail!(
+            "a join token is needed: --join-token, SKYMIRROR_JOIN_TOKEN or --join-token-file"
+        ),
+    };
+    let driver = match args.driver.as_str() {
+        "process" => DriverConfig::Process {
+            search_path: args.search_path,
+            bind_host: args.bind_host,
+        },
+        other => anyhow::bail!("unknown driver {other:?}; this build supports: process"),
+    };
+    let config = AgentConfig {
+        server: args.server,
+        provider: args.provider,
+        state_dir: args.state_dir,
+        join_token,
+        driver,
+        stop_replicas_on_exit: false,
+        supervisor: SupervisorConfig::default(),
+    };
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signal.cancel();
+    });
+    run(config, shutdown).await?;
+    Ok(())
+}
+
+/// SIGINT or SIGTERM. Replicas keep running: the next agent run adopts them.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The `Driver` extension point: one implementation per runtime.
+//!
+//! A driver starts, re-attaches to, inspects, stops and destroys *one replica* at
+//! a time. It knows nothing of assignments, generations, restarts or health
+//! thresholds: the supervisor decides, the driver acts. Every running replica is
+//! described by a [`Handle`], which the agent persists so that after an agent
+//! restart [`Driver::recover`] re-attaches to what is already running instead of
+//! starting it again.
+//!
+//! Invariant: a driver never restarts a replica on its own; the supervisor is the
+//! single source of truth for what should run.
+
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Stable identity of a replica on one provider: `app/index`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ReplicaKey {
+    /// App name.
+    pub app: String,
+    /// 0-based index within the app on this provider.
+    pub index: u32,
+}
+
+impl std::fmt::Display for ReplicaKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.app, self.index)
+    }
+}
+
+/// What to run for one replica, in the agent's own terms (no protobuf).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    /// Container image, for image-based drivers.
+    pub image: Option<String>,
+    /// Program to run (process driver) or entrypoint override.
+    pub command: Option<String>,
+    /// Arguments for `command`.
+    pub args: Vec<String>,
+    /// Environment variables, sorted by name.
+    pub env: Vec<(String, String)>,
+    /// Named ports the app listens on.
+    pub ports: Vec<PortSpec>,
+    /// Working directory; `None` means the replica's own directory.
+    pub working_dir: Option<PathBuf>,
+    /// Time between SIGTERM and SIGKILL when the replica is stopped.
+    pub stop_grace: Duration,
+    /// CPU limit in thousandths of a core, if any.
+    pub cpu_millis: Option<u32>,
+    /// Memory limit in MiB, if any.
+    pub memory_mib: Option<u32>,
+}
+
+/// One named port of a workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    /// Unique name within the app, e.g. `http`.
+    pub name: String,
+    /// Port inside the container for image-based drivers; ignored by the process driver.
+    pub container_port: Option<u16>,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+}
+
+/// Everything a driver needs to start one replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaSpec {
+    /// Which replica this is.
+    pub key: ReplicaKey,
+    /// Provider the agent runs for; part of the replica's identity `app/provider/index`.
+    pub provider: String,
+    /// What to run.
+    pub workload: Workload,
+    /// Generation of the app at which `workload` last changed.
+    pub workload_generation: u64,
+}
+
+/// Opaque, persisted reference to a running replica instance.
+///
+/// The agent stores it verbatim and hands it back to the driver that made it;
+/// only that driver interprets `data`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Handle {
+    /// Driver kind that created the handle, e.g. `process`.
+    pub driver: String,
+    /// Driver's identifier of the instance: a pid, a container id.
+    pub instance_id: String,
+    /// Address users reach the first port at, `host:port`, if the replica has ports.
+    pub address: Option<String>,
+    /// Host port per named port.
+    pub ports: BTreeMap<String, u16>,
+    /// When the instance started, ms since the Unix epoch.
+    pub started_at_ms: i64,
+    /// Driver-specific data needed to re-attach.
+    pub data: serde_json::Value,
+}
+
+/// What a driver sees of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inspection {
+    /// The instance is running.
+    Running,
+    /// The instance exited; the status is known only for instances the driver
+    /// itself saw exit.
+    Exited {
+        /// Exit code, if it exited normally and the status is known.
+        code: Option<i32>,
+        /// Signal that ended it, if known.
+        signal: Option<i32>,
+    },
+}
+
+/// Optional features of a driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capabilities {
+    /// Can re-attach to instances after an agent restart.
+    pub recover: bool,
+    /// Can run a command in a replica's environment (exec health checks).
+    pub exec: bool,
+    /// Keeps the replica's output where `logs` can read it.
+    pub logs: bool,
+}
+
+/// Why a driver operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The workload cannot run as specified (missing command or image, bad
+    /// spec). Not retryable: retrying gives the same answer until the spec changes.
+    #[error("{0}")]
+    InvalidWorkload(String),
+    /// The runtime failed; retrying later may succeed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the driver was doing.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The runtime refused or failed the operation; retrying later may succeed.
+    #[error("{0}")]
+    Runtime(String),
+    /// The driver does not support the operation (see [`Capabilities`]).
+    #[error("the {driver} driver does not support {operation}")]
+    Unsupported {
+        /// Driver kind.
+        driver: &'static str,
+        /// Operation asked for.
+        operation: &'static str,
+    },
+}
+
+impl DriverError {
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, DriverError::Io { .. } | DriverError::Runtime(_))
+    }
+
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        DriverError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// A runtime that runs replicas. See the module docs for the contract.
+pub trait Driver: Send + Sync + 'static {
+    /// Driver kind, e.g. `process`; stored in every handle it makes.
+    fn kind(&self) -> &'static str;
+
+    /// Optional features this driver has.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Starts one instance of the replica and returns its handle once the
+    /// runtime has accepted it (not once it is healthy).
+    fn start(&self, spec: &ReplicaSpec)
+    -> impl Future<Output = Result<Handle, DriverError>> + Send;
+
+    /// Re-attaches to an instance started by an earlier agent run, from its
+    /// persisted handle, and says whether it still runs.
+    fn recover(
+        &self,
+        handle: &Handle,
+    ) -> impl Future<Output = Result<Inspection, DriverError>> + Send;
+
+    /// Says whether the instance still runs.
+    fn inspect(
+        &self,
+        handle: &Handle,
+    ) -> impl Future<Output = Result<Inspection, DriverError>> + Send;
+
+    /// Stops the instance: a polite signal, then a forced kill after `grace`.
+    /// Stopping an instance that already exited succeeds.
+    fn stop(
+        &self,
+        handle: &Handle,
+        grace: Duration,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Releases everything the instance held (files, containers). Called after
+    /// `stop` when the replica is no longer wanted.
+    fn destroy(&self, handle: &Handle) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Runs `command` in the instance's environment and returns its exit code;
+    /// `None` if it did not finish within `timeout`.
+    fn exec(
+        &self,
+        handle: &Handle,
+        command: &[String],
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Option<i32>, DriverError>> + Send;
+}

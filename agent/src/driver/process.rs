@@ -1,0 +1,1032 @@
+//! The `process` driver: runs each replica as a plain child process of the host.
+//!
+//! Every replica gets a directory `state_dir/replicas/<app>-<index>/` holding its
+//! `stdout.log` and `stderr.log` (and serving as its working directory unless the
+//! workload names one). The replica runs in its own session, so it outlives the
+//! agent and is not hit by signals sent to the agent's terminal; after an agent
+//! restart [`Driver::recover`] re-attaches to it through `/proc`.
+//!
+//! A pid alone does not identify a process for long: pids are reused. The handle
+//! therefore records the process start time (field 22 of `/proc/<pid>/stat`), and
+//! the driver treats a pid whose start time differs as a process that is gone.
+//!
+//! Invariant: the driver never signals a pid whose start time does not match
+//! the handle it was given.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
+use tokio::time::Instant;
+
+use super::{Capabilities, Driver, DriverError, Handle, Inspection, ReplicaKey, ReplicaSpec};
+
+/// Driver kind stored in every handle this driver makes.
+const KIND: &str = "process";
+/// How often `stop` looks whether the replica is gone.
+const POLL: Duration = Duration::from_millis(50);
+/// How long `stop` waits for the kernel to finish a SIGKILLed replica.
+const KILL_WAIT: Duration = Duration::from_secs(2);
+
+/// Settings of a [`ProcessDriver`].
+#[derive(Debug, Clone)]
+pub struct ProcessDriverConfig {
+    /// Directory the driver owns; replica directories go under `replicas/`.
+    pub state_dir: PathBuf,
+    /// Directories searched for a workload's command before `PATH`, and
+    /// prepended to the replica's `PATH` (so bundled tools win over the host's).
+    pub search_path: Vec<PathBuf>,
+    /// Host replicas are told to bind and reported at.
+    pub bind_host: IpAddr,
+}
+
+impl ProcessDriverConfig {
+    /// A config with no extra search path that binds replicas to 127.0.0.1.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        ProcessDriverConfig {
+            state_dir: state_dir.into(),
+            search_path: Vec::new(),
+            bind_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
+}
+
+/// Runs replicas as host processes. See the module docs.
+#[derive(Debug)]
+pub struct ProcessDriver {
+    /// Settings, with `state_dir` made absolute so handles stay valid if the
+    /// agent's working directory changes.
+    config: ProcessDriverConfig,
+    /// `setsid` program, if the host has one: it puts the replica in a new
+    /// session without `pre_exec` (which would need `unsafe`).
+    setsid: Option<PathBuf>,
+    /// Children this driver spawned, by pid. Only the reaper sees a child's exit
+    /// status, so it leaves it here for `inspect`.
+    children: Arc<Mutex<HashMap<u32, ChildRecord>>>,
+}
+
+/// What the driver knows of a child it spawned.
+#[derive(Debug, Clone, Copy)]
+struct ChildRecord {
+    /// Start time of the child, to tell it from a later process with its pid.
+    start_time: u64,
+    /// Exit status once the reaper has collected it.
+    exit: Option<ExitStatus>,
+}
+
+/// What the driver keeps in [`Handle::data`]: enough to re-attach and to
+/// `exec` in the replica's environment after an agent restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ProcessData {
+    /// Pid of the replica, also its process group and session id.
+    pid: u32,
+    /// Start time of the replica in clock ticks since boot (`/proc/<pid>/stat` field 22).
+    start_time: u64,
+    /// The replica's own directory.
+    replica_dir: PathBuf,
+    /// Working directory the replica runs in.
+    working_dir: PathBuf,
+    /// Variables set on top of the agent's environment. The agent's own
+    /// environment is not persisted: it may hold secrets.
+    env: Vec<(String, String)>,
+}
+
+/// The fields of `/proc/<pid>/stat` the driver uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ProcStat {
+    /// Executable name, as the kernel truncates it (15 bytes).
+    comm: String,
+    /// State letter: `R`, `S`, `Z`, ...
+    state: char,
+    /// Process group id.
+    pgrp: i32,
+    /// Session id.
+    session: i32,
+    /// Start time in clock ticks since boot.
+    start_time: u64,
+}
+
+impl ProcessDriver {
+    /// Creates the driver and its state directory.
+    pub fn new(mut config: ProcessDriverConfig) -> Result<Self, DriverError> {
+        config.state_dir = std::path::absolute(&config.state_dir).map_err(|e| {
+            DriverError::io(format!("state directory {}", config.state_dir.display()), e)
+        })?;
+        let replicas = config.state_dir.join("replicas");
+        std::fs::create_dir_all(&replicas)
+            .map_err(|e| DriverError::io(format!("create {}", replicas.display()), e))?;
+        let setsid = Some(PathBuf::from("/usr/bin/setsid"))
+            .filter(|p| is_executable(p))
+            .or_else(|| find_in(std::env::var_os("PATH").as_deref(), "setsid"));
+        Ok(ProcessDriver {
+            config,
+            setsid,
+            children: Arc::default(),
+        })
+    }
+
+    /// Directory of one replica: `state_dir/replicas/<app>-<index>`.
+    pub fn replica_dir(&self, key: &ReplicaKey) -> PathBuf {
+        self.config
+            .state_dir
+            .join("replicas")
+            .join(format!("{}-{}", key.app, key.index))
+    }
+
+    /// Locks the child table; a panic elsewhere cannot leave it inconsistent
+    /// (every update is a single insert or remove), so poisoning is ignored.
+    fn children(&self) -> std::sync::MutexGuard<'_, HashMap<u32, ChildRecord>> {
+        self.children.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Drops what the reaper recorded for the replica of `data`: once it is
+    /// stopped or destroyed nobody asks for its exit status again. Without this
+    /// the table would grow by one entry per replica ever started.
+    fn forget(&self, data: &ProcessData) {
+        let mut children = self.children();
+        if children
+            .get(&data.pid)
+            .is_some_and(|r| r.start_time == data.start_time)
+        {
+            children.remove(&data.pid);
+        }
+    }
+
+    /// Whether the process of `data` still runs: for a child of this driver,
+    /// until the reaper saw it exit; for any other, while `/proc` shows a
+    /// non-zombie with the recorded start time.
+    fn inspect_data(&self, data: &ProcessData) -> Inspection {
+        if let Some(record) = self.children().get(&data.pid)
+            && record.start_time == data.start_time
+        {
+            return match record.exit {
+                Some(status) => Inspection::Exited {
+                    code: status.code(),
+                    signal: status.signal(),
+                },
+                None => Inspection::Running,
+            };
+        }
+        match read_stat(data.pid) {
+            Ok(stat) if stat.start_time == data.start_time && !matches!(stat.state, 'Z' | 'X') => {
+                Inspection::Running
+            }
+            _ => Inspection::Exited {
+                code: None,
+                signal: None,
+            },
+        }
+    }
+
+    /// Sends `signal` to the replica's process group, after checking the pid
+    /// still belongs to it. Returns whether a signal was sent.
+    fn signal(&self, data: &ProcessData, signal: Signal) -> Result<bool, DriverError> {
+        let Ok(stat) = read_stat(data.pid) else {
+            return Ok(false);
+        };
+        if stat.start_time != data.start_time {
+            return Ok(false);
+        }
+        let pid = Pid::from_raw(to_raw_pid(data.pid)?);
+        // The replica leads its own group, so this reaches anything it started
+        // too; the fallback covers a process whose group was changed under us.
+        let sent = if stat.pgrp == pid.as_raw() {
+            killpg(pid, signal)
+        } else {
+            kill(pid, signal)
+        };
+        match sent {
+            Ok(()) => Ok(true),
+            Err(Errno::ESRCH) => Ok(false),
+            Err(e) => Err(DriverError::Runtime(format!(
+                "send {signal} to process {}: {e}",
+                data.pid
+            ))),
+        }
+    }
+
+    /// Waits until the replica is gone or `deadline` passes; returns whether it is gone.
+    async fn wait_gone(&self, data: &ProcessData, deadline: Instant) -> bool {
+        loop {
+            if matches!(self.inspect_data(data), Inspection::Exited { .. }) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            tokio::time::sleep(POLL.min(deadline - now)).await;
+        }
+    }
+
+    /// Builds the replica's environment on top of the agent's.
+    fn replica_env(
+        &self,
+        spec: &ReplicaSpec,
+        ports: &[(String, u16)],
+    ) -> Result<Vec<(String, String)>, DriverError> {
+        let key = &spec.key;
+        let mut env = spec.workload.env.clone();
+        if let Some((_, port)) = ports.first() {
+            env.push(("PORT".into(), port.to_string()));
+        }
+        for (name, port) in ports {
+            let var = format!("PORT_{}", name.to_ascii_uppercase().replace('-', "_"));
+            env.push((var, port.to_string()));
+        }
+        env.push(("SKYMIRROR_APP".into(), key.app.clone()));
+        env.push(("SKYMIRROR_PROVIDER".into(), spec.provider.clone()));
+        env.push(("SKYMIRROR_INDEX".into(), key.index.to_string()));
+        env.push((
+            "SKYMIRROR_REPLICA".into(),
+            format!("{}/{}/{}", key.app, spec.provider, key.index),
+        ));
+        if !self.config.search_path.is_empty() {
+            // The workload's own PATH, if it sets one, is what the search path extends.
+            let base = match spec.workload.env.iter().rev().find(|(k, _)| k == "PATH") {
+                Some((_, path)) => Some(OsString::from(path)),
+                None => std::env::var_os("PATH"),
+            };
+            let mut dirs = self.config.search_path.clone();
+            dirs.extend(base.iter().flat_map(std::env::split_paths));
+            let path = std::env::join_paths(dirs).map_err(|e| {
+                DriverError::InvalidWorkload(format!("app {}: search path: {e}", key.app))
+            })?;
+            let path = path.into_string().map_err(|p| {
+                DriverError::InvalidWorkload(format!("app {}: PATH is not UTF-8: {p:?}", key.app))
+            })?;
+            env.push(("PATH".into(), path));
+        }
+        Ok(env)
+    }
+}
+
+impl Driver for ProcessDriver {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            recover: true,
+            exec: true,
+            logs: true,
+        }
+    }
+
+    async fn start(&self, spec: &ReplicaSpec) -> Result<Handle, DriverError> {
+        let key = &spec.key;
+        let workload = &spec.workload;
+        let command = workload.command.as_deref().ok_or_else(|| {
+            DriverError::InvalidWorkload(format!(
+                "app {}: the process driver needs `command`",
+                key.app
+            ))
+        })?;
+        // The app name becomes a path component; keep it from escaping `replicas/`.
+        if key.app.is_empty() || key.app.starts_with('.') || key.app.contains(['/', '\0']) {
+            return Err(DriverError::InvalidWorkload(format!(
+                "app {:?}: not usable as a directory name",
+                key.app
+            )));
+        }
+
+        let replica_dir = self.replica_dir(key);
+        tokio::fs::create_dir_all(&replica_dir)
+            .await
+            .map_err(|e| DriverError::io(format!("create {}", replica_dir.display()), e))?;
+        let working_dir = match &workload.working_dir {
+            Some(dir) => std::path::absolute(dir)
+                .map_err(|e| DriverError::io(format!("working directory {}", dir.display()), e))?,
+            None => replica_dir.clone(),
+        };
+        if !working_dir.is_dir() {
+            return Err(DriverError::InvalidWorkload(format!(
+                "app {}: working directory {} does not exist",
+                key.app,
+                working_dir.display()
+            )));
+        }
+
+        let ports = pick_ports(self.config.bind_host, workload)?;
+        let env = self.replica_env(spec, &ports)?;
+        let child_path = env.iter().rev().find(|(k, _)| k == "PATH").map(|(_, v)| v);
+        let program = resolve_command(command, &working_dir, child_path.map(OsString::from))
+            .ok_or_else(|| {
+                DriverError::InvalidWorkload(format!(
+                    "app {}: command `{command}` not found in PATH or search path",
+                    key.app
+                ))
+            })?;
+
+        let log = |name: &str| {
+            let path = replica_dir.join(name);
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| DriverError::io(format!("open {}", path.display()), e))
+        };
+        let (stdout, stderr) = (log("stdout.log")?, log("stderr.log")?);
+
+        let mut cmd = match &self.setsid {
+            // The child is not a group leader, so setsid execs in place and the
+            // pid we get is the replica's own.
+            Some(setsid) => {
+                let mut cmd = Command::new(setsid);
+                cmd.arg("--").arg(&program);
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new(&program);
+                cmd.process_group(0);
+                cmd
+            }
+        };
+        cmd.args(&workload.args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&working_dir)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|e| {
+            DriverError::io(format!("app {}: spawn {}", key.app, program.display()), e)
+        })?;
+        let started_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+
+        // Until reaped the child stays at least a zombie, so its stat is readable.
+        let stat = child
+            .id()
+            .ok_or_else(|| io::Error::other("child exited before its pid was read"))
+            .and_then(|pid| Ok((pid, read_stat(pid)?)));
+        let (pid, start_time) = match stat {
+            Ok((pid, stat)) => (pid, stat.start_time),
+            Err(e) => {
+                let _ = child.start_kill();
+                tokio::spawn(async move { child.wait().await });
+                return Err(DriverError::io(
+                    format!("app {}: read its /proc entry", key.app),
+                    e,
+                ));
+            }
+        };
+
+        self.children().insert(
+            pid,
+            ChildRecord {
+                start_time,
+                exit: None,
+            },
+        );
+        let children = Arc::clone(&self.children);
+        let replica = key.to_string();
+        tokio::spawn(async move {
+            let exit = match child.wait().await {
+                Ok(status) => {
+                    tracing::debug!(%replica, pid, %status, "replica exited");
+                    Some(status)
+                }
+                Err(e) => {
+                    tracing::warn!(%replica, pid, error = %e, "waiting for replica failed");
+                    None
+                }
+            };
+            let mut children = children.lock().unwrap_or_else(PoisonError::into_inner);
+            // Only the entry of this very child: stop may have dropped it already.
+            if children
+                .get(&pid)
+                .is_some_and(|record| record.start_time == start_time)
+            {
+                match exit {
+                    Some(status) => {
+                        children.insert(
+                            pid,
+                            ChildRecord {
+                                start_time,
+                                exit: Some(status),
+                            },
+                        );
+                    }
+                    // Status unknown: forget the child so inspect falls back to /proc.
+                    None => {
+                        children.remove(&pid);
+                    }
+                }
+            }
+        });
+        tracing::info!(replica = %key, pid, program = %program.display(), "replica started");
+
+        let data = ProcessData {
+            pid,
+            start_time,
+            replica_dir,
+            working_dir,
+            env,
+        };
+        Ok(Handle {
+            driver: KIND.to_string(),
+            instance_id: pid.to_string(),
+            address: ports
+                .first()
+                .map(|(_, port)| SocketAddr::new(self.config.bind_host, *port).to_string()),
+            ports: ports.into_iter().collect::<BTreeMap<_, _>>(),
+            started_at_ms,
+            data: serde_json::to_value(&data)
+                .map_err(|e| DriverError::Runtime(format!("encode handle data: {e}")))?,
+        })
+    }
+
+    async fn recover(&self, handle: &Handle) -> Result<Inspection, DriverError> {
+        Ok(self.inspect_data(&decode(handle)?))
+    }
+
+    async fn inspect(&self, handle: &Handle) -> Result<Inspection, DriverError> {
+        Ok(self.inspect_data(&decode(handle)?))
+    }
+
+    async fn stop(&self, handle: &Handle, grace: Duration) -> Result<(), DriverError> {
+        let data = decode(handle)?;
+        if matches!(self.inspect_data(&data), Inspection::Exited { .. }) {
+            self.forget(&data);
+            return Ok(());
+        }
+        self.signal(&data, Signal::SIGTERM)?;
+        if !self.wait_gone(&data, Instant::now() + grace).await {
+            tracing::info!(
+                pid = data.pid,
+                ?grace,
+                "replica ignored SIGTERM; killing it"
+            );
+            self.signal(&data, Signal::SIGKILL)?;
+            if !self.wait_gone(&data, Instant::now() + KILL_WAIT).await {
+                return Err(DriverError::Runtime(format!(
+                    "process {} still runs {KILL_WAIT:?} after SIGKILL",
+                    data.pid
+                )));
+            }
+        }
+        self.forget(&data);
+        Ok(())
+    }
+
+    async fn destroy(&self, handle: &Handle) -> Result<(), DriverError> {
+        let data = decode(handle)?;
+        let replicas = self.config.state_dir.join("replicas");
+        // The handle is persisted data: never delete outside our own directory.
+        if !data.replica_dir.starts_with(&replicas) || data.replica_dir == replicas {
+            return Err(DriverError::Runtime(format!(
+                "refusing to remove {}: not a replica directory under {}",
+                data.replica_dir.display(),
+                replicas.display()
+            )));
+        }
+        self.forget(&data);
+        match tokio::fs::remove_dir_all(&data.replica_dir).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DriverError::io(
+                format!("remove {}", data.replica_dir.display()),
+                e,
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    async fn exec(
+        &self,
+        handle: &Handle,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<Option<i32>, DriverError> {
+        let data = decode(handle)?;
+        let (program, args) = command
+            .split_first()
+            .ok_or_else(|| DriverError::InvalidWorkload("exec: empty command".into()))?;
+        // Its own group, so a timeout kills whatever the command started too.
+        let mut child = Command::new(program)
+            .args(args)
+            .envs(data.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&data.working_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| DriverError::io(format!("exec `{}`", command.join(" ")), e))?;
+        match tokio::time::timeout(timeout, child.wait()).await {
+            // A command killed by a signal reports 128 + signal, as shells do.
+            Ok(Ok(status)) => Ok(Some(
+                status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+            )),
+            Ok(Err(e)) => Err(DriverError::io(
+                format!("wait for `{}`", command.join(" ")),
+                e,
+            )),
+            Err(_) => {
+                // The child is unreaped, so its pid is still ours to signal.
+                if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                let _ = tokio::time::timeout(KILL_WAIT, child.wait()).await;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Reads the driver's data out of a handle.
+fn decode(handle: &Handle) -> Result<ProcessData, DriverError> {
+    if handle.driver != KIND {
+        return Err(DriverError::Runtime(format!(
+            "handle of the {} driver given to the {KIND} driver",
+            handle.driver
+        )));
+    }
+    serde_json::from_value(handle.data.clone()).map_err(|e| {
+        DriverError::Runtime(format!(
+            "handle of process {}: bad data: {e}",
+            handle.instance_id
+        ))
+    })
+}
+
+/// Converts a pid for nix.
+fn to_raw_pid(pid: u32) -> Result<i32, DriverError> {
+    i32::try_from(pid).map_err(|_| DriverError::Runtime(format!("pid {pid} out of range")))
+}
+
+/// Picks a free host port per named port by binding port 0 and releasing it.
+/// All sockets stay open until every port is picked, so no two ports collide.
+fn pick_ports(host: IpAddr, workload: &super::Workload) -> Result<Vec<(String, u16)>, DriverError> {
+    enum Held {
+        Tcp(TcpListener),
+        Udp(UdpSocket),
+    }
+    let mut held = Vec::with_capacity(workload.ports.len());
+    for port in &workload.ports {
+        let addr = SocketAddr::new(host, 0);
+        let socket = if port.protocol.eq_ignore_ascii_case("udp") {
+            UdpSocket::bind(addr).map(Held::Udp)
+        } else {
+            TcpListener::bind(addr).map(Held::Tcp)
+        };
+        let local = socket.and_then(|s| {
+            let local = match &s {
+                Held::Tcp(l) => l.local_addr(),
+                Held::Udp(u) => u.local_addr(),
+            }?;
+            Ok((s, local.port()))
+        });
+        let (socket, number) = local.map_err(|e| {
+            DriverError::io(format!("pick a port for `{}` on {host}", port.name), e)
+        })?;
+        held.push((port.name.clone(), number, socket));
+    }
+    Ok(held
+        .into_iter()
+        .map(|(name, number, _)| (name, number))
+        .collect())
+}
+
+/// Finds the program to run: a name with a '/' is a path relative to
+/// `working_dir`; a bare name is looked up in `path` (the child's `PATH`, which
+/// already starts with the search path) or else the agent's `PATH`.
+fn resolve_command(command: &str, working_dir: &Path, path: Option<OsString>) -> Option<PathBuf> {
+    if command.contains('/') {
+        let candidate = working_dir.join(command);
+        return is_executable(&candidate).then_some(candidate);
+    }
+    let path = path.or_else(|| std::env::var_os("PATH"));
+    find_in(path.as_deref(), command).and_then(|found| std::path::absolute(found).ok())
+}
+
+/// First executable `name` in the directories of a `PATH`-style list.
+fn find_in(path: Option<&std::ffi::OsStr>, name: &str) -> Option<PathBuf> {
+    std::env::split_paths(path?)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+/// Whether `path` is a regular file with an execute bit set.
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Reads `/proc/<pid>/stat`. procfs reads are served from memory, so a
+/// blocking read is fine even on the async path.
+fn read_stat(pid: u32) -> io::Result<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("/proc/{pid}/stat: unexpected format"),
+        )
+    })
+}
+
+/// Parses a `/proc/<pid>/stat` line. The command name may hold spaces and
+/// parentheses, so the fields after it are found from the *last* `)`.
+fn parse_stat(text: &str) -> Option<ProcStat> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text.get(open + 1..close)?.to_string();
+    // Fields from 3 (state) on; field n is at index n - 3.
+    let fields: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+    Some(ProcStat {
+        comm,
+        state: fields.first()?.chars().next()?,
+        pgrp: fields.get(2)?.parse().ok()?,
+        session: fields.get(3)?.parse().ok()?,
+        start_time: fields.get(19)?.parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::{PortSpec, Workload};
+
+    /// Kills a test's replica group when the test ends, even by panicking.
+    struct KillOnDrop(i32);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = killpg(Pid::from_raw(self.0), Signal::SIGKILL);
+        }
+    }
+
+    fn workload(command: &str, args: &[&str]) -> Workload {
+        Workload {
+            image: None,
+            command: Some(command.to_string()),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: vec![("GREETING".into(), "hi".into())],
+            ports: vec![],
+            working_dir: None,
+            stop_grace: Duration::from_secs(5),
+            cpu_millis: None,
+            memory_mib: None,
+        }
+    }
+
+    fn spec(app: &str, workload: Workload) -> ReplicaSpec {
+        ReplicaSpec {
+            key: ReplicaKey {
+                app: app.to_string(),
+                index: 0,
+            },
+            provider: "local".into(),
+            workload,
+            workload_generation: 1,
+        }
+    }
+
+    fn driver(dir: &tempfile::TempDir) -> ProcessDriver {
+        ProcessDriver::new(ProcessDriverConfig::new(dir.path())).expect("driver")
+    }
+
+    async fn start(driver: &ProcessDriver, spec: &ReplicaSpec) -> (Handle, KillOnDrop) {
+        let handle = driver.start(spec).await.expect("start");
+        let pid = handle.instance_id.parse().expect("pid");
+        (handle, KillOnDrop(pid))
+    }
+
+    /// Waits, with a deadline, until the replica exits.
+    async fn wait_exit(driver: &ProcessDriver, handle: &Handle) -> Inspection {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let inspection = driver.inspect(handle).await.expect("inspect");
+            if inspection != Inspection::Running {
+                return inspection;
+            }
+            assert!(Instant::now() < deadline, "replica did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits, with a deadline, until `/proc` shows `comm` for `pid` (setsid
+    /// execs the command a moment after the spawn returns).
+    async fn wait_comm(pid: u32, comm: &str) -> ProcStat {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let stat = read_stat(pid).expect("stat");
+            if stat.comm == comm {
+                return stat;
+            }
+            assert!(Instant::now() < deadline, "pid {pid} runs {:?}", stat.comm);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[test]
+    fn parses_stat_with_awkward_command_names() {
+        let line =
+            "4242 (a) b) (c) S 1 4242 4242 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 987654 1 2\n";
+        let stat = parse_stat(line).expect("parse");
+        assert_eq!(stat.comm, "a) b) (c");
+        assert_eq!(stat.state, 'S');
+        assert_eq!((stat.pgrp, stat.session), (4242, 4242));
+        assert_eq!(stat.start_time, 987654);
+        assert_eq!(parse_stat("4242 (truncated) S 1"), None);
+    }
+
+    #[tokio::test]
+    async fn start_inspect_stop_in_own_session() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = driver(&dir);
+        let (handle, _guard) = start(&driver, &spec("sleepy", workload("sleep", &["60"]))).await;
+        let pid: u32 = handle.instance_id.parse().expect("pid");
+        assert_eq!(handle.driver, "process");
+        assert_eq!(handle.address, None);
+
+        let stat = wait_comm(pid, "sleep").await;
+        assert_eq!(stat.session, pid as i32, "own session");
+        assert_eq!(stat.pgrp, pid as i32, "own process group");
+        assert_eq!(
+            driver.inspect(&handle).await.expect("inspect"),
+            Inspection::Running
+        );
+
+        driver
+            .stop(&handle, Duration::from_secs(5))
+            .await
+            .expect("stop");
+        assert!(matches!(
+            driver.inspect(&handle).await.expect("inspect"),
+            Inspection::Exited { .. }
+        ));
+        driver.destroy(&handle).await.expect("destroy");
+        assert!(
+            !driver
+                .replica_dir(&spec("sleepy", workload("x", &[])).key)
+                .exists()
+        );
+        driver.destroy(&handle).await.expect("destroy twice");
+    }
+
+    #[tokio::test]
+    async fn environment_ports_and_stdout_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).expect("mkdir");
+        let mut config = ProcessDriverConfig::new(dir.path().join("state"));
+        config.search_path = vec![bin.clone()];
+        let driver = ProcessDriver::new(config).expect("driver");
+
+        let mut workload = workload(
+            "sh",
+            &[
+                "-c",
+                "echo PORT=$PORT; echo PORT_HTTP=$PORT_HTTP; echo PORT_ADMIN_API=$PORT_ADMIN_API; \
+                 echo REPLICA=$SKYMIRROR_REPLICA; echo GREETING=$GREETING; echo PATH=$PATH; \
+                 echo oops >&2",
+            ],
+        );
+        workload.ports = ["http", "admin-api"]
+            .into_iter()
+            .map(|name| PortSpec {
+                name: name.into(),
+                container_port: None,
+                protocol: "tcp".into(),
+            })
+            .collect();
+        let spec = spec("web", workload);
+        let (handle, _guard) = start(&driver, &spec).await;
+        assert_eq!(
+            wait_exit(&driver, &handle).await,
+            Inspection::Exited {
+                code: Some(0),
+                signal: None
+            }
+        );
+
+        let http = handle.ports["http"];
+        let admin = handle.ports["admin-api"];
+        assert_ne!(http, admin);
+        assert_eq!(handle.address, Some(format!("127.0.0.1:{http}")));
+        let replica_dir = driver.replica_dir(&spec.key);
+        let out = std::fs::read_to_string(replica_dir.join("stdout.log")).expect("stdout.log");
+        assert!(out.contains(&format!("PORT={http}\n")), "{out}");
+        assert!(out.contains(&format!("PORT_HTTP={http}\n")), "{out}");
+        assert!(out.contains(&format!("PORT_ADMIN_API={admin}\n")), "{out}");
+        assert!(out.contains("REPLICA=web/local/0\n"), "{out}");
+        assert!(out.contains("GREETING=hi\n"), "{out}");
+        assert!(out.contains(&format!("PATH={}:", bin.display())), "{out}");
+        let err = std::fs::read_to_string(replica_dir.join("stderr.log")).expect("stderr.log");
+        assert_eq!(err, "oops\n");
+    }
+
+    #[tokio::test]
+    async fn crash_reports_exit_code() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = driver(&dir);
+        let (handle, _guard) =
+            start(&driver, &spec("crash", workload("sh", &["-c", "exit 3"]))).await;
+        assert_eq!(
+            wait_exit(&driver, &handle).await,
+            Inspection::Exited {
+                code: Some(3),
+                signal: None
+            }
+        );
+        driver
+            .stop(&handle, Duration::from_secs(1))
+            .await
+            .expect("stop an exited replica");
+    }
+
+    #[tokio::test]
+    async fn missing_or_absent_command_is_invalid_workload() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = driver(&dir);
+        let err = driver
+            .start(&spec("nope", workload("skymirror-no-such-command", &[])))
+            .await
+            .expect_err("not found");
+        assert!(matches!(err, DriverError::InvalidWorkload(_)), "{err:?}");
+        assert!(
+            err.to_string().contains("not found in PATH or search path"),
+            "{err}"
+        );
+        assert!(!err.is_retryable());
+
+        let err = driver
+            .start(&spec("nope", workload("./missing.sh", &[])))
+            .await
+            .expect_err("not found");
+        assert!(matches!(err, DriverError::InvalidWorkload(_)), "{err:?}");
+
+        let mut no_command = workload("x", &[]);
+        no_command.command = None;
+        let err = driver
+            .start(&spec("nope", no_command))
+            .await
+            .expect_err("no command");
+        assert_eq!(
+            err.to_string(),
+            "app nope: the process driver needs `command`"
+        );
+    }
+
+    #[tokio::test]
+    async fn stop_escalates_to_sigkill_for_the_whole_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = driver(&dir);
+        let script = "trap '' TERM; sleep 60 & wait; sleep 60";
+        let (handle, _guard) =
+            start(&driver, &spec("stubborn", workload("sh", &["-c", script]))).await;
+        let pid: u32 = handle.instance_id.parse().expect("pid");
+        wait_comm(pid, "sh").await;
+        // Give the shell time to install its trap before it is signalled.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let grace = Duration::from_millis(300);
+        let begun = Instant::now();
+        driver.stop(&handle, grace).await.expect("stop");
+        let took = begun.elapsed();
+        assert!(
+            took >= grace,
+            "stopped in {took:?}: SIGTERM was not ignored"
+        );
+        assert!(took < grace + Duration::from_secs(2), "stop took {took:?}");
+        assert!(matches!(
+            driver.inspect(&handle).await.expect("inspect"),
+            Inspection::Exited { .. }
+        ));
+        // The backgrounded sleep was in the group and died with it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while group_members(pid as i32) > 0 {
+            assert!(Instant::now() < deadline, "group {pid} survived SIGKILL");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Live (non-zombie) processes in process group `pgrp`.
+    fn group_members(pgrp: i32) -> usize {
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter_map(|pid| read_stat(pid).ok())
+            .filter(|s| s.pgrp == pgrp && s.state != 'Z')
+            .count()
+    }
+
+    #[tokio::test]
+    async fn wrong_start_time_is_never_signalled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = driver(&dir);
+        let (handle, _guard) = start(&driver, &spec("reused", workload("sleep", &["60"]))).await;
+        let mut stale = handle.clone();
+        let mut data = decode(&handle).expect("data");
+        data.start_time += 1;
+        stale.data = serde_json::to_value(&data).expect("encode");
+
+        let fresh = ProcessDriver::new(ProcessDriverConfig::new(dir.path())).expect("driver");
+        for d in [&driver, &fresh] {
+            assert_eq!(
+                d.recover(&stale).await.expect("recover"),
+                Inspection::Exited {
+                    code: None,
+                    signal: None
+                }
+            );
+            d.stop(&stale, Duration::from_millis(100))
+                .await
+                .expect("stop");
+        }
+        assert_eq!(
+            driver.inspect(&handle).await.expect("inspect"),
+            Inspection::Running
+        );
+        driver
+            .stop(&handle, Duration::from_secs(5))
+            .await
+            .expect("stop");
+    }
+
+    #[tokio::test]
+    async fn a_restarted_agent_recovers_and_stops() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = driver(&dir);
+        let (handle, _guard) = start(&first, &spec("survivor", workload("sleep", &["60"]))).await;
+        let persisted = serde_json::to_string(&handle).expect("persist");
+        drop(first);
+
+        let second = driver(&dir);
+        let handle: Handle = serde_json::from_str(&persisted).expect("load");
+        assert_eq!(
+            second.recover(&handle).await.expect("recover"),
+            Inspection::Running
+        );
+        assert_eq!(
+            second
+                .exec(&handle, &["true".into()], Duration::from_secs(5))
+                .await
+                .expect("exec"),
+            Some(0)
+        );
+        second
+            .stop(&handle, Duration::from_secs(5))
+            .await
+            .expect("stop");
+        assert_eq!(
+            second.inspect(&handle).await.expect("inspect"),
+            Inspection::Exited {
+                code: None,
+                signal: None
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn exec_uses_the_replica_environment_and_times_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = driver(&dir);
+        let (handle, _guard) = start(&driver, &spec("execs", workload("sleep", &["60"]))).await;
+        let run = |script: &str| vec!["sh".to_string(), "-c".to_string(), script.to_string()];
+        let check =
+            run("test \"$GREETING\" = hi && test \"$SKYMIRROR_APP\" = execs && test -f stdout.log");
+        assert_eq!(
+            driver
+                .exec(&handle, &check, Duration::from_secs(5))
+                .await
+                .expect("exec"),
+            Some(0)
+        );
+        assert_eq!(
+            driver
+                .exec(&handle, &run("exit 7"), Duration::from_secs(5))
+                .await
+                .expect("exec"),
+            Some(7)
+        );
+
+        let begun = Instant::now();
+        let slow = driver
+            .exec(&handle, &run("sleep 30"), Duration::from_millis(200))
+            .await;
+        assert_eq!(slow.expect("exec"), None);
+        assert!(begun.elapsed() < Duration::from_secs(3));
+        driver
+            .stop(&handle, Duration::from_secs(5))
+            .await
+            .expect("stop");
+    }
+}

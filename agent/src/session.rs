@@ -1,0 +1,197 @@
+//! The agent's side of `AgentService.Session`: dial the daemon, say hello,
+//! heartbeat, report status, receive assignments; reconnect with backoff.
+//!
+//! Boundary: the session never touches replicas; it hands assignments to the
+//! supervisor and forwards what the supervisor publishes. Losing the daemon
+//! therefore changes nothing that runs.
+
+use std::time::Duration;
+
+use skymirror_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::convert::DesiredSet;
+use crate::supervisor::SupervisorHandle;
+
+/// Who the agent is, for the hello.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Daemon URL, e.g. `http://127.0.0.1:7600`.
+    pub server: String,
+    /// Provider name.
+    pub provider: String,
+    /// Stable agent id.
+    pub agent_id: String,
+    /// Join token.
+    pub join_token: String,
+    /// Driver kind.
+    pub driver: String,
+}
+
+/// Reconnect delays: start, cap.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Heartbeat period until the daemon's welcome says otherwise.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// Keeps a session with the daemon until `shutdown`.
+pub async fn run(identity: Identity, supervisor: SupervisorHandle, shutdown: CancellationToken) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        let started = tokio::time::Instant::now();
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = session(&identity, &supervisor) => r,
+        };
+        match outcome {
+            Ok(reason) => {
+                tracing::warn!(reason = %reason, "session with the daemon ended; reconnecting")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot hold a session with the daemon")
+            }
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = BACKOFF_START;
+        }
+        // Jitter spreads reconnects of many agents after a daemon restart.
+        let jitter = Duration::from_millis(u64::from(std::process::id() % 100));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff + jitter) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Why a session could not be held.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The daemon URL is malformed. Not retryable.
+    #[error("invalid server URL {url:?}: {source}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// Cannot connect. Retryable.
+    #[error("connect to {url}: {source}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The daemon refused the session (bad token, unknown provider). Retried,
+    /// since the operator may fix it on the daemon's side.
+    #[error("the daemon refused the session: {}", .0.message())]
+    Refused(tonic::Status),
+}
+
+async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, SessionError> {
+    let endpoint = Endpoint::from_shared(id.server.clone())
+        .map_err(|source| SessionError::Url {
+            url: id.server.clone(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| SessionError::Connect {
+            url: id.server.clone(),
+            source,
+        })?;
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+
+    // Outbound queue: heartbeats and reports are produced only when there is
+    // room (the producer awaits), so a slow daemon slows reporting, not memory.
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(32);
+    // Subscribe before the snapshot: a change in between then wakes the loop
+    // (at worst for an empty delta) instead of waiting for the next change.
+    let mut changes = sup.board.subscribe();
+    let (replicas, revision) = sup.board.snapshot();
+    let hello = pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Hello(pb::Hello {
+            provider: id.provider.clone(),
+            agent_id: id.agent_id.clone(),
+            join_token: id.join_token.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            driver: id.driver.clone(),
+            replicas,
+            applied_revision: revision,
+        })),
+    };
+    if tx.send(hello).await.is_err() {
+        return Ok("outbound queue closed".into());
+    }
+    let response = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .map_err(SessionError::Refused)?;
+    let mut inbound = response.into_inner();
+    tracing::info!(server = %id.server, provider = %id.provider, "session established");
+
+    let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(pb::DaemonMessage { message: Some(pb::daemon_message::Message::Welcome(w)) })) => {
+                    let every = Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(50)));
+                    heartbeat = tokio::time::interval(every);
+                    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    tracing::info!(daemon_id = %w.daemon_id, heartbeat = ?every, "welcomed");
+                }
+                Ok(Some(pb::DaemonMessage { message: Some(pb::daemon_message::Message::Assignment(a)) })) => {
+                    match DesiredSet::try_from(a.clone()) {
+                        Ok(set) => sup.assign(set, a).await,
+                        Err(e) => tracing::error!(error = %e, "rejected an invalid assignment; keeping the current one"),
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok("the daemon closed the stream".into()),
+                Err(status) => return Ok(format!("stream failed: {}", status.message())),
+            },
+            _ = heartbeat.tick() => {
+                let hb = pb::Heartbeat { time_ms: now_ms(), applied_revision: sup.board.snapshot_revision() };
+                if tx.send(pb::AgentMessage { message: Some(pb::agent_message::Message::Heartbeat(hb)) }).await.is_err() {
+                    return Ok("outbound queue closed".into());
+                }
+            }
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return Ok("supervisor stopped".into());
+                }
+                let delta = sup.board.drain();
+                if delta.replicas.is_empty() && delta.removed.is_empty() {
+                    continue;
+                }
+                let report = pb::StatusReport {
+                    replicas: delta.replicas,
+                    full: false,
+                    removed: delta.removed,
+                    applied_revision: delta.revision,
+                };
+                if tx.send(pb::AgentMessage { message: Some(pb::agent_message::Message::Status(report)) }).await.is_err() {
+                    return Ok("outbound queue closed".into());
+                }
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,1095 @@
+//! The supervisor: converges the replicas a driver runs to the desired set.
+//!
+//! It is one task that owns all replica state (an actor). Inputs arrive on a
+//! bounded channel: new assignments from the session, results of driver
+//! operations (which run in their own tasks, so a slow stop never blocks the
+//! loop), health probe results and periodic ticks. After every input the
+//! supervisor runs [`plan`], a pure diff of desired against observed, and
+//! applies it item by item; a failed item is logged and retried, never aborts
+//! the pass.
+//!
+//! Invariants: at most one driver operation is in flight per replica; a
+//! replica is never torn down because the daemon is unreachable; every
+//! instance handle is persisted before the replica is reported running.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use skymirror_proto::v1 as pb;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::convert::{DesiredApp, DesiredSet};
+use crate::driver::{Driver, DriverError, Handle, Inspection, ReplicaKey, ReplicaSpec};
+use crate::health::{Health, HealthSpec, HealthTracker, probe_once};
+use crate::state::{PersistedReplica, StateDir};
+
+/// Tunables of the supervisor.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// How often running instances are inspected for exits.
+    pub tick: Duration,
+    /// First restart delay after a crash; doubles per consecutive crash.
+    pub backoff_base: Duration,
+    /// Longest restart delay (also the retry delay of a replica that cannot start).
+    pub backoff_max: Duration,
+    /// A run shorter than this counts as a crash in a row.
+    pub min_run: Duration,
+    /// Consecutive short runs after which a replica is reported crash-looping.
+    pub crash_loop_after: u32,
+    /// Probe period while a replica has not passed its first check, so a new
+    /// replica is seen healthy quickly.
+    pub startup_probe_interval: Duration,
+    /// Host network probes connect to (the driver's bind host).
+    pub probe_host: Option<IpAddr>,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            tick: Duration::from_millis(250),
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            min_run: Duration::from_secs(10),
+            crash_loop_after: 3,
+            startup_probe_interval: Duration::from_millis(100),
+            probe_host: None,
+        }
+    }
+}
+
+/// Replica statuses for the session to report, coalesced: the supervisor
+/// overwrites, the session drains. Bounded by the number of replicas.
+#[derive(Debug, Default)]
+pub struct StatusBoard {
+    inner: Mutex<BoardInner>,
+    changed: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct BoardInner {
+    current: BTreeMap<ReplicaKey, pb::ReplicaStatus>,
+    dirty: BTreeSet<ReplicaKey>,
+    removed: BTreeSet<ReplicaKey>,
+    revision: u64,
+}
+
+/// Changes since the last drain.
+#[derive(Debug, Default)]
+pub struct Delta {
+    /// Replicas whose status changed.
+    pub replicas: Vec<pb::ReplicaStatus>,
+    /// Replicas that are gone, as `app/index`.
+    pub removed: Vec<String>,
+    /// Revision being converged to.
+    pub revision: u64,
+}
+
+impl StatusBoard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BoardInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Subscribes to change notifications.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Every current status, and clears the pending changes (used for a hello).
+    pub fn snapshot(&self) -> (Vec<pb::ReplicaStatus>, u64) {
+        let mut b = self.lock();
+        b.dirty.clear();
+        b.removed.clear();
+        (b.current.values().cloned().collect(), b.revision)
+    }
+
+    /// Revision being converged to.
+    pub fn snapshot_revision(&self) -> u64 {
+        self.lock().revision
+    }
+
+    /// Pending changes.
+    pub fn drain(&self) -> Delta {
+        let mut b = self.lock();
+        let dirty = std::mem::take(&mut b.dirty);
+        let removed = std::mem::take(&mut b.removed);
+        Delta {
+            replicas: dirty
+                .iter()
+                .filter_map(|k| b.current.get(k).cloned())
+                .collect(),
+            removed: removed.iter().map(ToString::to_string).collect(),
+            revision: b.revision,
+        }
+    }
+
+    fn update(&self, statuses: BTreeMap<ReplicaKey, pb::ReplicaStatus>, revision: u64) {
+        let mut b = self.lock();
+        let mut changed = b.revision != revision;
+        b.revision = revision;
+        let gone: Vec<ReplicaKey> = b
+            .current
+            .keys()
+            .filter(|k| !statuses.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            b.current.remove(&k);
+            b.dirty.remove(&k);
+            b.removed.insert(k);
+            changed = true;
+        }
+        for (k, s) in statuses {
+            if b.current.get(&k) != Some(&s) {
+                b.removed.remove(&k);
+                b.dirty.insert(k.clone());
+                b.current.insert(k, s);
+                changed = true;
+            }
+        }
+        drop(b);
+        if changed {
+            self.changed.send_modify(|v| *v += 1);
+        }
+    }
+}
+
+/// What a replica is doing.
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    /// A start is in flight.
+    Starting,
+    /// An instance runs.
+    Running,
+    /// Exited; restart at the deadline.
+    Backoff { until: Instant },
+    /// Cannot start; retry at the deadline or when the workload changes.
+    Failed { until: Instant },
+    /// A stop is in flight; afterwards start again (`replace`) or forget it.
+    Stopping { replace: bool },
+}
+
+#[derive(Debug)]
+struct Replica {
+    generation: u64,
+    workload_generation: u64,
+    handle: Option<Handle>,
+    phase: Phase,
+    /// Bumped per driver operation; results of older operations are ignored.
+    op: u64,
+    health: Option<HealthTracker>,
+    probe: Option<CancellationToken>,
+    restarts: u32,
+    crashes_in_row: u32,
+    message: String,
+    started_at: Option<Instant>,
+    state_since_ms: i64,
+    last_state: pb::ReplicaState,
+}
+
+impl Replica {
+    fn new(generation: u64, workload_generation: u64) -> Self {
+        Replica {
+            generation,
+            workload_generation,
+            handle: None,
+            phase: Phase::Starting,
+            op: 0,
+            health: None,
+            probe: None,
+            restarts: 0,
+            crashes_in_row: 0,
+            message: String::new(),
+            started_at: None,
+            state_since_ms: 0,
+            last_state: pb::ReplicaState::Pending,
+        }
+    }
+
+    fn ready(&self, has_check: bool) -> bool {
+        self.phase == Phase::Running
+            && match &self.health {
+                Some(t) => t.state() == Health::Healthy,
+                None => !has_check,
+            }
+    }
+
+    fn stop_probe(&mut self) {
+        if let Some(t) = self.probe.take() {
+            t.cancel();
+        }
+    }
+}
+
+/// Inputs of the supervisor loop.
+#[derive(Debug)]
+pub enum Input {
+    /// A new desired set from the daemon.
+    Assign(DesiredSet, pb::Assignment),
+    /// A start finished.
+    Started {
+        key: ReplicaKey,
+        op: u64,
+        result: Result<Handle, DriverError>,
+    },
+    /// A stop finished.
+    Stopped { key: ReplicaKey, op: u64 },
+    /// A health probe finished.
+    Probe {
+        key: ReplicaKey,
+        op: u64,
+        result: Result<(), String>,
+    },
+}
+
+/// What [`plan`] decides for one pass.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Replicas to start (new, or due after a backoff).
+    pub start: Vec<ReplicaKey>,
+    /// Running replicas whose workload is outdated, to stop and start again.
+    pub replace: Vec<ReplicaKey>,
+    /// Replicas no longer wanted, to stop and forget.
+    pub remove: Vec<ReplicaKey>,
+}
+
+/// What [`plan`] needs to know of a replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// Workload generation it runs (or last ran).
+    pub workload_generation: u64,
+    /// A driver operation is in flight.
+    pub busy: bool,
+    /// Has a running instance.
+    pub running: bool,
+    /// Waiting to be started and the wait is over.
+    pub due: bool,
+    /// Ready to serve.
+    pub ready: bool,
+}
+
+/// The pure diff: what to start, replace and remove to reach `desired`.
+///
+/// Outdated replicas are replaced one at a time per app (the next only once
+/// every replica already on the new workload is ready), unless no replica of
+/// the app is ready, in which case all are replaced at once: there is no
+/// service left to protect.
+pub fn plan(
+    desired: &BTreeMap<String, DesiredApp>,
+    observed: &BTreeMap<ReplicaKey, Observed>,
+) -> Plan {
+    let mut out = Plan::default();
+    for (key, o) in observed {
+        let wanted = desired
+            .get(&key.app)
+            .is_some_and(|d| key.index < d.replicas);
+        if !wanted && !o.busy {
+            out.remove.push(key.clone());
+        }
+    }
+    for (name, d) in desired {
+        let mine: Vec<(ReplicaKey, Option<&Observed>)> = (0..d.replicas)
+            .map(|index| {
+                let key = ReplicaKey {
+                    app: name.clone(),
+                    index,
+                };
+                let o = observed.get(&key);
+                (key, o)
+            })
+            .collect();
+        let any_ready = mine.iter().any(|(_, o)| o.is_some_and(|o| o.ready));
+        // A replacement is in progress while a replica on the new workload is
+        // not ready yet (including one that crashes) or an old one is stopping.
+        let mut rolling_busy = mine.iter().any(|(_, o)| {
+            o.is_some_and(|o| {
+                (o.workload_generation == d.workload_generation && !o.ready)
+                    || (o.busy && o.workload_generation < d.workload_generation)
+            })
+        });
+        for (key, o) in mine {
+            match o {
+                None => out.start.push(key),
+                Some(o) if o.busy => {}
+                Some(o) if o.workload_generation < d.workload_generation => {
+                    if !o.running {
+                        out.start.push(key);
+                    } else if !any_ready || !rolling_busy {
+                        out.replace.push(key);
+                        rolling_busy = true;
+                    }
+                }
+                Some(o) if !o.running && o.due => out.start.push(key),
+                Some(_) => {}
+            }
+        }
+    }
+    out
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Handle to a running supervisor.
+#[derive(Debug, Clone)]
+pub struct SupervisorHandle {
+    inbox: mpsc::Sender<Input>,
+    /// Statuses for the session.
+    pub board: Arc<StatusBoard>,
+}
+
+impl SupervisorHandle {
+    /// Hands a new assignment to the supervisor.
+    pub async fn assign(&self, set: DesiredSet, raw: pb::Assignment) {
+        // The supervisor only stops with the agent; a closed inbox means shutdown.
+        let _ = self.inbox.send(Input::Assign(set, raw)).await;
+    }
+}
+
+/// The supervisor task's state.
+pub struct Supervisor<D: Driver> {
+    driver: Arc<D>,
+    provider: String,
+    state: StateDir,
+    config: SupervisorConfig,
+    desired: Option<DesiredSet>,
+    replicas: BTreeMap<ReplicaKey, Replica>,
+    inbox: mpsc::Receiver<Input>,
+    inbox_tx: mpsc::Sender<Input>,
+    board: Arc<StatusBoard>,
+    /// Handles changed since the last save.
+    dirty: bool,
+}
+
+impl<D: Driver> std::fmt::Debug for Supervisor<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Inbox bound: inputs beyond it wait (driver tasks and probes are few per replica).
+const INBOX: usize = 1024;
+
+impl<D: Driver> Supervisor<D> {
+    /// Restores persisted state and re-attaches to running instances.
+    pub async fn restore(
+        driver: Arc<D>,
+        provider: String,
+        state: StateDir,
+        config: SupervisorConfig,
+    ) -> Result<(Self, SupervisorHandle), crate::AgentError> {
+        let (inbox_tx, inbox) = mpsc::channel(INBOX);
+        let board = Arc::new(StatusBoard::default());
+        let desired = match state.load_assignment()? {
+            Some(raw) => match DesiredSet::try_from(raw) {
+                Ok(set) => Some(set),
+                Err(e) => {
+                    tracing::warn!(error = %e, "persisted assignment unusable; waiting for the daemon");
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut sup = Supervisor {
+            driver,
+            provider,
+            state,
+            config,
+            desired,
+            replicas: BTreeMap::new(),
+            inbox,
+            inbox_tx: inbox_tx.clone(),
+            board: board.clone(),
+            dirty: false,
+        };
+        for p in sup.state.load_replicas()? {
+            let mut r = Replica::new(p.generation, p.workload_generation);
+            r.restarts = p.restarts;
+            match sup.driver.recover(&p.handle).await {
+                Ok(Inspection::Running) => {
+                    tracing::info!(replica = %p.key, instance = %p.handle.instance_id, "adopted running replica");
+                    r.phase = Phase::Running;
+                    r.started_at = Some(Instant::now());
+                    r.message = "adopted after agent restart".into();
+                    r.handle = Some(p.handle);
+                    sup.replicas.insert(p.key.clone(), r);
+                    sup.start_probe(&p.key);
+                }
+                Ok(Inspection::Exited { .. }) | Err(_) => {
+                    tracing::info!(replica = %p.key, "replica exited while the agent was down; it will be restarted");
+                    r.phase = Phase::Backoff {
+                        until: Instant::now(),
+                    };
+                    r.message = "exited while the agent was not running".into();
+                    sup.replicas.insert(p.key, r);
+                    sup.dirty = true;
+                }
+            }
+        }
+        sup.converge();
+        sup.publish();
+        Ok((
+            sup,
+            SupervisorHandle {
+                inbox: inbox_tx,
+                board,
+            },
+        ))
+    }
+
+    /// Runs until `shutdown`; with `stop_all`, stops every replica before returning.
+    pub async fn run(mut self, shutdown: CancellationToken, stop_all: bool) {
+        let mut tick = tokio::time::interval(self.config.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(input) = self.inbox.recv() => self.handle(input),
+                _ = tick.tick() => self.inspect().await,
+            }
+            self.converge();
+            self.publish();
+            self.persist();
+        }
+        for r in self.replicas.values_mut() {
+            r.stop_probe();
+        }
+        if stop_all {
+            self.stop_everything().await;
+        }
+        self.persist();
+    }
+
+    async fn stop_everything(&mut self) {
+        let mut tasks = Vec::new();
+        for (key, r) in &mut self.replicas {
+            if let Some(h) = r.handle.take() {
+                let driver = self.driver.clone();
+                let grace = self
+                    .desired
+                    .as_ref()
+                    .and_then(|d| d.apps.get(&key.app))
+                    .map_or(Duration::from_secs(10), |d| d.workload.stop_grace);
+                tasks.push(tokio::spawn(async move {
+                    let _ = driver.stop(&h, grace).await;
+                    let _ = driver.destroy(&h).await;
+                }));
+            }
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.replicas.clear();
+        self.dirty = true;
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Assign(set, raw) => {
+                if self
+                    .desired
+                    .as_ref()
+                    .is_some_and(|d| set.revision < d.revision)
+                {
+                    tracing::warn!(
+                        revision = set.revision,
+                        "ignoring an assignment older than the current one"
+                    );
+                    return;
+                }
+                if let Err(e) = self.state.save_assignment(&raw) {
+                    tracing::error!(error = %e, "cannot persist the assignment");
+                }
+                tracing::info!(
+                    revision = set.revision,
+                    apps = set.apps.len(),
+                    "assignment received"
+                );
+                for (key, r) in &mut self.replicas {
+                    if let Some(d) = set.apps.get(&key.app) {
+                        if r.workload_generation == d.workload_generation {
+                            r.generation = d.generation;
+                        }
+                    }
+                }
+                self.desired = Some(set);
+            }
+            Input::Started { key, op, result } => {
+                let backoff_max = self.config.backoff_max;
+                let Some(r) = self.replicas.get_mut(&key).filter(|r| r.op == op) else {
+                    // The replica was removed meanwhile: stop what was started.
+                    if let Ok(h) = result {
+                        let driver = self.driver.clone();
+                        tokio::spawn(async move {
+                            let _ = driver.stop(&h, Duration::from_secs(5)).await;
+                            let _ = driver.destroy(&h).await;
+                        });
+                    }
+                    return;
+                };
+                match result {
+                    Ok(handle) => {
+                        tracing::info!(replica = %key, instance = %handle.instance_id, "replica started");
+                        r.phase = Phase::Running;
+                        r.started_at = Some(Instant::now());
+                        r.message.clear();
+                        r.handle = Some(handle);
+                        self.dirty = true;
+                        self.start_probe(&key);
+                    }
+                    Err(e) if e.is_retryable() => {
+                        tracing::warn!(replica = %key, error = %e, "start failed; retrying");
+                        let backoff = backoff(&self.config, r.crashes_in_row.saturating_add(1));
+                        r.crashes_in_row = r.crashes_in_row.saturating_add(1);
+                        r.phase = Phase::Backoff {
+                            until: Instant::now() + backoff,
+                        };
+                        r.message = format!("start failed: {e}; retrying in {}", human(backoff));
+                    }
+                    Err(e) => {
+                        tracing::warn!(replica = %key, error = %e, "replica cannot start");
+                        r.phase = Phase::Failed {
+                            until: Instant::now() + backoff_max,
+                        };
+                        r.message = e.to_string();
+                    }
+                }
+            }
+            Input::Stopped { key, op } => {
+                let Some(r) = self.replicas.get_mut(&key).filter(|r| r.op == op) else {
+                    return;
+                };
+                if let Phase::Stopping { replace: true } = r.phase {
+                    r.phase = Phase::Backoff {
+                        until: Instant::now(),
+                    };
+                    r.health = None;
+                    r.message = "replacing with a new workload".into();
+                } else {
+                    self.replicas.remove(&key);
+                }
+                self.dirty = true;
+            }
+            Input::Probe { key, op, result } => {
+                let Some(r) = self
+                    .replicas
+                    .get_mut(&key)
+                    .filter(|r| r.op == op && r.phase == Phase::Running)
+                else {
+                    return;
+                };
+                let Some(tracker) = r.health.as_mut() else {
+                    return;
+                };
+                let ok = result.is_ok();
+                if let Some(next) = tracker.record(ok) {
+                    tracing::info!(replica = %key, health = ?next, "health changed");
+                }
+                match result {
+                    Ok(()) => {
+                        if tracker.state() == Health::Healthy {
+                            r.message.clear();
+                        }
+                    }
+                    Err(msg) => r.message = msg,
+                }
+            }
+        }
+    }
+
+    /// Looks at every running instance; an exit is a crash (stops we asked for
+    /// are in `Stopping` and not inspected).
+    async fn inspect(&mut self) {
+        let now = Instant::now();
+        let keys: Vec<ReplicaKey> = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| r.phase == Phase::Running)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            let Some(handle) = self.replicas.get(&key).and_then(|r| r.handle.clone()) else {
+                continue;
+            };
+            let inspection = match self.driver.inspect(&handle).await {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(replica = %key, error = %e, "inspect failed");
+                    continue;
+                }
+            };
+            let config = self.config.clone();
+            let (min_run, loop_after) = (config.min_run, config.crash_loop_after);
+            let Some(r) = self.replicas.get_mut(&key) else {
+                continue;
+            };
+            match inspection {
+                Inspection::Running => {
+                    if r.crashes_in_row > 0
+                        && r.started_at
+                            .is_some_and(|s| now.duration_since(s) >= min_run)
+                    {
+                        r.crashes_in_row = 0;
+                    }
+                }
+                Inspection::Exited { code, signal } => {
+                    r.stop_probe();
+                    r.health = None;
+                    let ran = r
+                        .started_at
+                        .map_or(Duration::ZERO, |s| now.duration_since(s));
+                    r.crashes_in_row = if ran < min_run {
+                        r.crashes_in_row.saturating_add(1)
+                    } else {
+                        1
+                    };
+                    r.restarts = r.restarts.saturating_add(1);
+                    let delay = backoff(&config, r.crashes_in_row);
+                    let how = match (code, signal) {
+                        (Some(c), _) => format!("exited with code {c}"),
+                        (None, Some(s)) => format!("killed by signal {s}"),
+                        (None, None) => "exited".to_string(),
+                    };
+                    r.message =
+                        format!("{how} after {}; restarting in {}", human(ran), human(delay));
+                    if r.crashes_in_row >= loop_after {
+                        r.message.push_str(&format!(
+                            " (crash-looping: {} short runs in a row)",
+                            r.crashes_in_row
+                        ));
+                    }
+                    tracing::warn!(replica = %key, message = %r.message, "replica exited");
+                    r.phase = Phase::Backoff { until: now + delay };
+                    r.handle = None;
+                    r.started_at = None;
+                    self.dirty = true;
+                }
+            }
+        }
+    }
+
+    fn observed(&self) -> BTreeMap<ReplicaKey, Observed> {
+        let now = Instant::now();
+        self.replicas
+            .iter()
+            .map(|(k, r)| {
+                let has_check = self
+                    .desired
+                    .as_ref()
+                    .and_then(|d| d.apps.get(&k.app))
+                    .is_some_and(|d| d.health.is_some());
+                let o = Observed {
+                    workload_generation: r.workload_generation,
+                    busy: matches!(r.phase, Phase::Starting | Phase::Stopping { .. }),
+                    running: r.phase == Phase::Running,
+                    due: match r.phase {
+                        Phase::Backoff { until } | Phase::Failed { until } => now >= until,
+                        _ => false,
+                    },
+                    ready: r.ready(has_check),
+                };
+                (k.clone(), o)
+            })
+            .collect()
+    }
+
+    fn converge(&mut self) {
+        let Some(desired) = self.desired.clone() else {
+            return;
+        };
+        let p = plan(&desired.apps, &self.observed());
+        for key in p.remove {
+            self.stop(&key, false);
+        }
+        for key in p.replace {
+            self.stop(&key, true);
+        }
+        for key in p.start {
+            if let Some(d) = desired.apps.get(&key.app) {
+                self.start(&key, d);
+            }
+        }
+    }
+
+    fn start(&mut self, key: &ReplicaKey, d: &DesiredApp) {
+        let r = self
+            .replicas
+            .entry(key.clone())
+            .or_insert_with(|| Replica::new(d.generation, d.workload_generation));
+        r.op += 1;
+        r.phase = Phase::Starting;
+        r.generation = d.generation;
+        r.workload_generation = d.workload_generation;
+        r.health = None;
+        let spec = ReplicaSpec {
+            key: key.clone(),
+            provider: self.provider.clone(),
+            workload: d.workload.clone(),
+            workload_generation: d.workload_generation,
+        };
+        let (driver, tx, op, key) = (
+            self.driver.clone(),
+            self.inbox_tx.clone(),
+            r.op,
+            key.clone(),
+        );
+        tokio::spawn(async move {
+            let result = driver.start(&spec).await;
+            let _ = tx.send(Input::Started { key, op, result }).await;
+        });
+    }
+
+    fn stop(&mut self, key: &ReplicaKey, replace: bool) {
+        let grace = self
+            .desired
+            .as_ref()
+            .and_then(|d| d.apps.get(&key.app))
+            .map_or(Duration::from_secs(10), |d| d.workload.stop_grace);
+        let Some(r) = self.replicas.get_mut(key) else {
+            return;
+        };
+        r.op += 1;
+        r.stop_probe();
+        r.phase = Phase::Stopping { replace };
+        let handle = r.handle.take();
+        self.dirty = true;
+        let (driver, tx, op, key) = (
+            self.driver.clone(),
+            self.inbox_tx.clone(),
+            r.op,
+            key.clone(),
+        );
+        tokio::spawn(async move {
+            if let Some(h) = handle {
+                if let Err(e) = driver.stop(&h, grace).await {
+                    tracing::warn!(replica = %key, error = %e, "stop failed");
+                }
+                if !replace {
+                    if let Err(e) = driver.destroy(&h).await {
+                        tracing::warn!(replica = %key, error = %e, "destroy failed");
+                    }
+                }
+            }
+            let _ = tx.send(Input::Stopped { key, op }).await;
+        });
+    }
+
+    fn start_probe(&mut self, key: &ReplicaKey) {
+        let spec: Option<HealthSpec> = self
+            .desired
+            .as_ref()
+            .and_then(|d| d.apps.get(&key.app))
+            .and_then(|d| d.health.clone());
+        let Some(r) = self.replicas.get_mut(key) else {
+            return;
+        };
+        r.stop_probe();
+        let (Some(spec), Some(handle)) = (spec, r.handle.clone()) else {
+            r.health = None;
+            return;
+        };
+        r.health = Some(HealthTracker::new(&spec));
+        let token = CancellationToken::new();
+        r.probe = Some(token.clone());
+        let (driver, tx, op, key, host) = (
+            self.driver.clone(),
+            self.inbox_tx.clone(),
+            r.op,
+            key.clone(),
+            self.config.probe_host,
+        );
+        let fast = self.config.startup_probe_interval.min(spec.interval);
+        tokio::spawn(async move {
+            let mut passed = false;
+            loop {
+                let result = probe_once(driver.as_ref(), &handle, host, &spec)
+                    .await
+                    .map_err(|e| e.to_string());
+                passed |= result.is_ok();
+                if tx
+                    .send(Input::Probe {
+                        key: key.clone(),
+                        op,
+                        result,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let wait = if passed { spec.interval } else { fast };
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        });
+    }
+
+    fn status_of(&self, key: &ReplicaKey, r: &Replica) -> pb::ReplicaStatus {
+        let has_check = self
+            .desired
+            .as_ref()
+            .and_then(|d| d.apps.get(&key.app))
+            .is_some_and(|d| d.health.is_some());
+        let state = match r.phase {
+            Phase::Starting => pb::ReplicaState::Starting,
+            Phase::Running => match r.health.as_ref().map(HealthTracker::state) {
+                Some(Health::Healthy) => pb::ReplicaState::Healthy,
+                Some(Health::Unhealthy) => pb::ReplicaState::Unhealthy,
+                Some(Health::Unknown) => pb::ReplicaState::Starting,
+                None if has_check => pb::ReplicaState::Starting,
+                None => pb::ReplicaState::Running,
+            },
+            Phase::Backoff { .. } => pb::ReplicaState::Backoff,
+            Phase::Failed { .. } => pb::ReplicaState::Failed,
+            Phase::Stopping { .. } => pb::ReplicaState::Stopping,
+        };
+        let h = r.handle.as_ref();
+        pb::ReplicaStatus {
+            app: key.app.clone(),
+            index: key.index,
+            generation: r.generation,
+            workload_generation: r.workload_generation,
+            state: state as i32,
+            address: h.and_then(|h| h.address.clone()).unwrap_or_default(),
+            ports: h
+                .map(|h| {
+                    h.ports
+                        .iter()
+                        .map(|(k, v)| (k.clone(), u32::from(*v)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            instance_id: h.map(|h| h.instance_id.clone()).unwrap_or_default(),
+            restarts: r.restarts,
+            crash_looping: r.crashes_in_row >= self.config.crash_loop_after,
+            message: r.message.clone(),
+            started_at_ms: h.map_or(0, |h| h.started_at_ms),
+            state_since_ms: r.state_since_ms,
+            provider: self.provider.clone(),
+            // The daemon decides readiness from the state and the app's spec.
+            ready: false,
+        }
+    }
+
+    fn publish(&mut self) {
+        let now = now_ms();
+        let keys: Vec<ReplicaKey> = self.replicas.keys().cloned().collect();
+        let mut statuses = BTreeMap::new();
+        for key in keys {
+            let Some(r) = self.replicas.get(&key) else {
+                continue;
+            };
+            let mut s = self.status_of(&key, r);
+            let state = s.state();
+            if let Some(r) = self.replicas.get_mut(&key) {
+                if r.last_state != state || r.state_since_ms == 0 {
+                    r.last_state = state;
+                    r.state_since_ms = now;
+                }
+                s.state_since_ms = r.state_since_ms;
+            }
+            statuses.insert(key, s);
+        }
+        self.board
+            .update(statuses, self.desired.as_ref().map_or(0, |d| d.revision));
+    }
+
+    fn persist(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        let replicas = self
+            .replicas
+            .iter()
+            .filter_map(|(k, r)| {
+                Some(PersistedReplica {
+                    key: k.clone(),
+                    handle: r.handle.clone()?,
+                    generation: r.generation,
+                    workload_generation: r.workload_generation,
+                    restarts: r.restarts,
+                })
+            })
+            .collect();
+        match self.state.save_replicas(replicas) {
+            Ok(()) => self.dirty = false,
+            Err(e) => tracing::error!(error = %e, "cannot persist replica handles"),
+        }
+    }
+}
+
+/// Restart delay after `crashes` crashes in a row: doubling from the base, capped.
+fn backoff(config: &SupervisorConfig, crashes: u32) -> Duration {
+    let factor = 2u32.saturating_pow(crashes.saturating_sub(1).min(16));
+    config
+        .backoff_base
+        .saturating_mul(factor)
+        .min(config.backoff_max)
+}
+
+fn human(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::Workload;
+
+    fn app(name: &str, replicas: u32, wg: u64) -> (String, DesiredApp) {
+        (
+            name.to_string(),
+            DesiredApp {
+                app: name.into(),
+                generation: wg,
+                workload_generation: wg,
+                replicas,
+                workload: Workload {
+                    image: None,
+                    command: Some("x".into()),
+                    args: vec![],
+                    env: vec![],
+                    ports: vec![],
+                    working_dir: None,
+                    stop_grace: Duration::from_secs(1),
+                    cpu_millis: None,
+                    memory_mib: None,
+                },
+                health: None,
+            },
+        )
+    }
+
+    fn key(app: &str, index: u32) -> ReplicaKey {
+        ReplicaKey {
+            app: app.into(),
+            index,
+        }
+    }
+
+    fn running(wg: u64, ready: bool) -> Observed {
+        Observed {
+            workload_generation: wg,
+            busy: false,
+            running: true,
+            due: false,
+            ready,
+        }
+    }
+
+    #[test]
+    fn starts_missing_and_removes_unwanted() {
+        let desired: BTreeMap<_, _> = [app("web", 2, 1)].into();
+        let observed: BTreeMap<_, _> = [
+            (key("web", 1), running(1, true)),
+            (key("web", 2), running(1, true)),
+            (key("old", 0), running(1, true)),
+        ]
+        .into();
+        let p = plan(&desired, &observed);
+        assert_eq!(p.start, vec![key("web", 0)]);
+        assert_eq!(p.remove, vec![key("old", 0), key("web", 2)]);
+        assert!(p.replace.is_empty());
+    }
+
+    #[test]
+    fn busy_replicas_are_left_alone() {
+        let desired: BTreeMap<_, _> = [app("web", 1, 2)].into();
+        let busy = Observed {
+            busy: true,
+            running: false,
+            ..running(1, false)
+        };
+        let observed: BTreeMap<_, _> =
+            [(key("web", 0), busy.clone()), (key("web", 5), busy)].into();
+        assert_eq!(plan(&desired, &observed), Plan::default());
+    }
+
+    #[test]
+    fn replaces_one_at_a_time_while_the_app_serves() {
+        let desired: BTreeMap<_, _> = [app("web", 3, 2)].into();
+        let observed: BTreeMap<_, _> = (0..3).map(|i| (key("web", i), running(1, true))).collect();
+        assert_eq!(plan(&desired, &observed).replace, vec![key("web", 0)]);
+        // The first replacement is up but not ready yet: wait.
+        let mut observed = observed;
+        observed.insert(key("web", 0), running(2, false));
+        assert!(plan(&desired, &observed).replace.is_empty());
+        // Ready: next one.
+        observed.insert(key("web", 0), running(2, true));
+        assert_eq!(plan(&desired, &observed).replace, vec![key("web", 1)]);
+    }
+
+    #[test]
+    fn replaces_everything_when_nothing_serves() {
+        let desired: BTreeMap<_, _> = [app("web", 2, 2)].into();
+        let observed: BTreeMap<_, _> = (0..2).map(|i| (key("web", i), running(1, false))).collect();
+        assert_eq!(
+            plan(&desired, &observed).replace,
+            vec![key("web", 0), key("web", 1)]
+        );
+    }
+
+    #[test]
+    fn restarts_only_when_the_backoff_is_over() {
+        let desired: BTreeMap<_, _> = [app("web", 2, 1)].into();
+        let waiting = Observed {
+            running: false,
+            due: false,
+            ..running(1, false)
+        };
+        let due = Observed {
+            due: true,
+            ..waiting.clone()
+        };
+        let observed: BTreeMap<_, _> = [(key("web", 0), waiting), (key("web", 1), due)].into();
+        assert_eq!(plan(&desired, &observed).start, vec![key("web", 1)]);
+    }
+
+    #[test]
+    fn outdated_stopped_replicas_start_at_once() {
+        let desired: BTreeMap<_, _> = [app("web", 1, 3)].into();
+        let failed = Observed {
+            running: false,
+            due: false,
+            ..running(1, false)
+        };
+        let observed: BTreeMap<_, _> = [(key("web", 0), failed)].into();
+        assert_eq!(plan(&desired, &observed).start, vec![key("web", 0)]);
+    }
+
+    #[test]
+    fn board_coalesces_and_reports_removals() {
+        let board = StatusBoard::default();
+        let s = |state: pb::ReplicaState| pb::ReplicaStatus {
+            app: "web".into(),
+            state: state as i32,
+            ..Default::default()
+        };
+        board.update([(key("web", 0), s(pb::ReplicaState::Starting))].into(), 1);
+        board.update([(key("web", 0), s(pb::ReplicaState::Healthy))].into(), 1);
+        let d = board.drain();
+        assert_eq!(d.replicas.len(), 1);
+        assert_eq!(d.replicas[0].state(), pb::ReplicaState::Healthy);
+        board.update(BTreeMap::new(), 2);
+        let d = board.drain();
+        assert_eq!(d.removed, vec!["web/0".to_string()]);
+        assert_eq!(d.revision, 2);
+    }
+}

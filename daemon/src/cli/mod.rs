@@ -1,0 +1,838 @@
+//! The `skymirror` command line: kubectl-like verbs over `ControlService`,
+//! plus `daemon` and `dev`, which run the control plane itself.
+//!
+//! Boundary: the CLI talks to the daemon only through the gRPC API, like any
+//! other client; it shares the spec types with the daemon to print YAML.
+
+pub mod output;
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use skymirror_proto::v1 as pb;
+use tonic::transport::Channel;
+
+use crate::spec;
+use output::{AppView, EventView, Format, ProviderView, ReplicaView};
+
+/// Default address of the daemon's API.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7600";
+
+/// skymirror keeps identical replicas of an app on several providers and moves
+/// traffic and replicas to the survivors when one of them fails.
+#[derive(Debug, Parser)]
+#[command(name = "skymirror", version, propagate_version = true)]
+pub struct Cli {
+    /// Daemon API URL.
+    #[arg(
+        long,
+        global = true,
+        env = "SKYMIRROR_SERVER",
+        default_value = "http://127.0.0.1:7600"
+    )]
+    pub server: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (control plane).
+    Daemon(DaemonArgs),
+    /// All-in-one local mode: a daemon, three local providers and the example app.
+    Dev(DevArgs),
+    /// Create or update objects from a YAML file (all or nothing).
+    Apply {
+        /// File with one or more documents; `-` reads standard input.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Validate and show the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// List apps, providers or replicas.
+    Get {
+        #[arg(value_enum)]
+        what: Resource,
+        /// Only this object (for replicas: this app).
+        name: Option<String>,
+        /// Replicas: only this provider.
+        #[arg(long)]
+        provider: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Show one app or provider in detail.
+    Describe {
+        #[arg(value_enum)]
+        what: Resource,
+        name: String,
+    },
+    /// Delete objects named in a file, or one object by kind and name.
+    Delete {
+        /// File whose documents name the objects; `-` reads standard input.
+        #[arg(short = 'f', long = "filename", conflicts_with_all = ["what", "name"])]
+        file: Option<PathBuf>,
+        #[arg(value_enum, requires = "name")]
+        what: Option<Resource>,
+        name: Option<String>,
+        /// Succeed even if an object does not exist.
+        #[arg(long)]
+        ignore_not_found: bool,
+    },
+    /// Status of one app, or an overview of the daemon, providers and apps.
+    Status {
+        app: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Print the event log; with --follow, keep printing new events.
+    Events {
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only events about this app.
+        #[arg(long)]
+        app: Option<String>,
+        /// Only events about this provider.
+        #[arg(long)]
+        provider: Option<String>,
+        /// Only the last N events of the log.
+        #[arg(long)]
+        tail: Option<u32>,
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Format,
+    },
+}
+
+/// Object kinds the verbs take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Resource {
+    #[value(alias = "app")]
+    Apps,
+    #[value(alias = "provider")]
+    Providers,
+    #[value(alias = "replica")]
+    Replicas,
+}
+
+/// `skymirror daemon` flags.
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// Directory of the embedded store.
+    #[arg(long, env = "SKYMIRROR_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Address of the gRPC API (control and agents).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Token agents must present; default: generated once into DATA_DIR/join-token.
+    #[arg(long, env = "SKYMIRROR_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// Allow listening on a non-loopback address although the control API has
+    /// no authentication yet.
+    #[arg(long)]
+    pub insecure_listen_anywhere: bool,
+    /// Log filter, e.g. `info` or `skymirror=debug`.
+    #[arg(long, env = "SKYMIRROR_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// `skymirror dev` flags.
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// Keep state here (default: a temporary directory removed on exit).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the daemon's API.
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// App spec to run instead of the bundled example.
+    #[arg(short = 'f', long = "filename")]
+    pub file: Option<PathBuf>,
+    /// Log filter.
+    #[arg(long, env = "SKYMIRROR_LOG", default_value = "warn")]
+    pub log: String,
+}
+
+/// Reads a file argument, `-` meaning standard input; returns (source name, text).
+fn read_source(path: &PathBuf) -> anyhow::Result<(String, String)> {
+    if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading standard input")?;
+        return Ok(("<stdin>".into(), s));
+    }
+    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    if meta.len() > spec::MAX_SOURCE_BYTES as u64 {
+        bail!(
+            "{}: file is {} bytes, over the {}-byte limit",
+            path.display(),
+            meta.len(),
+            spec::MAX_SOURCE_BYTES
+        );
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    Ok((path.display().to_string(), text))
+}
+
+/// A client error for people: the daemon's message, or how to reach it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach the daemon at {url}: {reason} (is `skymirror daemon` or `skymirror dev` running? set --server or SKYMIRROR_SERVER)"
+    )]
+    Unreachable { url: String, reason: String },
+    #[error("{}", .0.message())]
+    Status(tonic::Status),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Status(s)
+    }
+}
+
+async fn connect(
+    url: &str,
+) -> Result<pb::control_service_client::ControlServiceClient<Channel>, ClientError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| ClientError::Unreachable {
+            url: url.into(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(std::time::Duration::from_secs(3));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| ClientError::Unreachable {
+            url: url.into(),
+            reason: std::error::Error::source(&e)
+                .map_or_else(|| e.to_string(), ToString::to_string),
+        })?;
+    Ok(
+        pb::control_service_client::ControlServiceClient::new(channel)
+            .max_decoding_message_size(64 * 1024 * 1024),
+    )
+}
+
+/// Prints JSON, or YAML when asked for (callers print tables themselves).
+fn print_structured<T: serde::Serialize>(format: Format, value: &T) -> anyhow::Result<()> {
+    match format {
+        Format::Yaml => print!("{}", serde_yaml_ng::to_string(value)?),
+        Format::Json | Format::Table => println!("{}", serde_json::to_string_pretty(value)?),
+    }
+    Ok(())
+}
+
+fn action_name(a: pb::ApplyAction) -> &'static str {
+    match a {
+        pb::ApplyAction::Created => "created",
+        pb::ApplyAction::Configured => "configured",
+        pb::ApplyAction::Unchanged => "unchanged",
+        pb::ApplyAction::Deleted => "deleted",
+        pb::ApplyAction::NotFound => "not found",
+        pb::ApplyAction::Unspecified => "unknown",
+    }
+}
+
+/// JSON shape of `apply -o json`.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ApplyView {
+    dry_run: bool,
+    results: Vec<ResultView>,
+    plan: Vec<PlanView>,
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResultView {
+    kind: String,
+    name: String,
+    /// created, configured, unchanged, deleted, not found.
+    action: String,
+    generation: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PlanView {
+    app: String,
+    provider: String,
+    replicas_before: u32,
+    replicas_after: u32,
+    replace: bool,
+}
+
+fn app_view(app: &pb::App, summary: Option<&pb::AppSummary>) -> anyhow::Result<AppView> {
+    let meta = app.metadata.clone().unwrap_or_default();
+    let domain =
+        spec::App::try_from(app.clone()).map_err(|e| anyhow::anyhow!("app {}: {e}", meta.name))?;
+    let doc = serde_json::to_value(spec::Document::App(domain.clone()))?;
+    Ok(AppView {
+        name: meta.name.clone(),
+        generation: meta.generation,
+        mode: domain.spec.placement.mode.as_str().to_string(),
+        desired_replicas: summary.map_or(0, |s| s.desired_replicas),
+        ready_replicas: summary.map_or(0, |s| s.ready_replicas),
+        providers: summary.map_or_else(Vec::new, |s| s.providers.clone()),
+        created_at_ms: meta.created_at_ms,
+        updated_at_ms: meta.updated_at_ms,
+        spec: doc,
+    })
+}
+
+/// Runs a client verb (everything but `daemon` and `dev`).
+pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Daemon(_) | Command::Dev(_) => bail!("not a client command"),
+        Command::Apply {
+            file,
+            dry_run,
+            output,
+        } => {
+            let (source, content) = read_source(&file)?;
+            let mut client = connect(server).await?;
+            let resp = client
+                .apply(pb::ApplyRequest {
+                    source,
+                    content,
+                    dry_run,
+                })
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            if output != Format::Table {
+                return print_structured(
+                    output,
+                    &ApplyView {
+                        dry_run,
+                        results: resp
+                            .results
+                            .iter()
+                            .map(|r| ResultView {
+                                kind: r.kind.clone(),
+                                name: r.name.clone(),
+                                action: action_name(r.action()).into(),
+                                generation: r.generation,
+                            })
+                            .collect(),
+                        plan: resp
+                            .plan
+                            .iter()
+                            .map(|p| PlanView {
+                                app: p.app.clone(),
+                                provider: p.provider.clone(),
+                                replicas_before: p.replicas_before,
+                                replicas_after: p.replicas_after,
+                                replace: p.replace,
+                            })
+                            .collect(),
+                    },
+                );
+            }
+            let suffix = if dry_run { " (dry run)" } else { "" };
+            for r in &resp.results {
+                println!(
+                    "{}/{} {}{suffix}",
+                    r.kind.to_lowercase(),
+                    r.name,
+                    action_name(r.action())
+                );
+            }
+            for p in &resp.plan {
+                let what = if p.replace && p.replicas_before == p.replicas_after {
+                    format!("replace {} replicas", p.replicas_after)
+                } else if p.replace {
+                    format!(
+                        "{} → {} replicas (replaced)",
+                        p.replicas_before, p.replicas_after
+                    )
+                } else {
+                    format!("{} → {} replicas", p.replicas_before, p.replicas_after)
+                };
+                println!("  plan: {} on {}: {what}", p.app, p.provider);
+            }
+            Ok(())
+        }
+        Command::Get {
+            what,
+            name,
+            provider,
+            output,
+        } => {
+            let mut client = connect(server).await?;
+            match what {
+                Resource::Apps => {
+                    let resp = client
+                        .list_apps(pb::ListAppsRequest {
+                            name: name.unwrap_or_default(),
+                        })
+                        .await
+                        .map_err(ClientError::from)?
+                        .into_inner();
+                    match output {
+                        Format::Yaml => {
+                            let mut out = Vec::new();
+                            for app in &resp.apps {
+                                let domain = spec::App::try_from(app.clone())
+                                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                                out.push(spec::Document::App(domain).to_yaml());
+                            }
+                            print!("{}", out.join("---\n"));
+                        }
+                        Format::Json => {
+                            let views = resp
+                                .apps
+                                .iter()
+                                .zip(resp.summaries.iter())
+                                .map(|(a, s)| app_view(a, Some(s)))
+                                .collect::<anyhow::Result<Vec<_>>>()?;
+                            print_structured(output, &views)?;
+                        }
+                        Format::Table => {
+                            let rows = resp
+                                .apps
+                                .iter()
+                                .zip(resp.summaries.iter())
+                                .map(|(a, s)| {
+                                    let meta = a.metadata.clone().unwrap_or_default();
+                                    let mode = a
+                                        .spec
+                                        .as_ref()
+                                        .and_then(|s| s.placement.as_ref())
+                                        .map_or("mirror", |p| match p.mode() {
+                                            pb::PlacementMode::ActivePassive => "active-passive",
+                                            pb::PlacementMode::Spread => "spread",
+                                            _ => "mirror",
+                                        });
+                                    vec![
+                                        meta.name,
+                                        mode.to_string(),
+                                        format!("{}/{}", s.ready_replicas, s.desired_replicas),
+                                        s.providers.join(","),
+                                        meta.generation.to_string(),
+                                        output::age(meta.created_at_ms),
+                                    ]
+                                })
+                                .collect();
+                            println!(
+                                "{}",
+                                output::table(
+                                    &["APP", "MODE", "READY", "PROVIDERS", "GEN", "AGE"],
+                                    rows
+                                )
+                            );
+                        }
+                    }
+                }
+                Resource::Providers => {
+                    let resp = client
+                        .list_providers(pb::ListProvidersRequest {
+                            name: name.unwrap_or_default(),
+                        })
+                        .await
+                        .map_err(ClientError::from)?
+                        .into_inner();
+                    let views: Vec<ProviderView> = resp
+                        .providers
+                        .iter()
+                        .zip(resp.statuses.iter())
+                        .map(|(p, s)| ProviderView::new(p, s))
+                        .collect();
+                    match output {
+                        Format::Table => println!("{}", output::provider_table(&views)),
+                        _ => print_structured(output, &views)?,
+                    }
+                }
+                Resource::Replicas => {
+                    let resp = client
+                        .list_replicas(pb::ListReplicasRequest {
+                            app: name.unwrap_or_default(),
+                            provider: provider.unwrap_or_default(),
+                        })
+                        .await
+                        .map_err(ClientError::from)?
+                        .into_inner();
+                    match output {
+                        Format::Table => println!("{}", output::replica_table(&resp.replicas)),
+                        _ => print_structured(
+                            output,
+                            &resp
+                                .replicas
+                                .iter()
+                                .map(ReplicaView::from)
+                                .collect::<Vec<_>>(),
+                        )?,
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Describe { what, name } => {
+            let mut client = connect(server).await?;
+            match what {
+                Resource::Apps => {
+                    let status = client
+                        .get_app_status(pb::GetAppStatusRequest { name: name.clone() })
+                        .await
+                        .map_err(ClientError::from)?
+                        .into_inner();
+                    print_app_status(&status)?;
+                }
+                Resource::Providers => {
+                    let resp = client
+                        .list_providers(pb::ListProvidersRequest { name: name.clone() })
+                        .await
+                        .map_err(ClientError::from)?
+                        .into_inner();
+                    for (p, s) in resp.providers.iter().zip(resp.statuses.iter()) {
+                        let v = ProviderView::new(p, s);
+                        println!("Provider:     {}", v.name);
+                        println!("Driver:       {}", v.driver);
+                        println!("State:        {}", v.state);
+                        println!("Priority:     {}", v.priority);
+                        println!(
+                            "Capacity:     {}",
+                            if v.capacity == 0 {
+                                "unlimited".into()
+                            } else {
+                                v.capacity.to_string()
+                            }
+                        );
+                        println!(
+                            "Labels:       {}",
+                            v.labels
+                                .iter()
+                                .map(|(k, v)| format!("{k}={v}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                        println!(
+                            "Agent:        {} (version {})",
+                            if v.agent_id.is_empty() {
+                                "-"
+                            } else {
+                                &v.agent_id
+                            },
+                            v.agent_version
+                        );
+                        println!("Last seen:    {} ago", output::age(v.last_heartbeat_ms));
+                        println!(
+                            "Replicas:     {} ready of {} assigned",
+                            v.ready_replicas, v.assigned_replicas
+                        );
+                        println!(
+                            "Assignment:   revision {} sent, {} applied",
+                            v.assignment_revision, v.applied_revision
+                        );
+                    }
+                    let replicas = client
+                        .list_replicas(pb::ListReplicasRequest {
+                            app: String::new(),
+                            provider: name,
+                        })
+                        .await
+                        .map_err(ClientError::from)?
+                        .into_inner();
+                    println!("\n{}", output::replica_table(&replicas.replicas));
+                }
+                Resource::Replicas => bail!(
+                    "describe takes `app` or `provider`; for replicas use `get replicas -o yaml`"
+                ),
+            }
+            Ok(())
+        }
+        Command::Delete {
+            file,
+            what,
+            name,
+            ignore_not_found,
+        } => {
+            let req = match (file, what, name) {
+                (Some(file), _, _) => {
+                    let (source, content) = read_source(&file)?;
+                    pb::DeleteRequest {
+                        source,
+                        content,
+                        ..Default::default()
+                    }
+                }
+                (None, Some(what), Some(name)) => {
+                    let kind = match what {
+                        Resource::Apps => "App",
+                        Resource::Providers => "Provider",
+                        Resource::Replicas => {
+                            bail!("replicas are deleted by scaling or deleting their app")
+                        }
+                    };
+                    pb::DeleteRequest {
+                        kind: kind.into(),
+                        name,
+                        ..Default::default()
+                    }
+                }
+                _ => bail!("delete needs -f FILE, or a kind and a name (e.g. `delete app web`)"),
+            };
+            let mut client = connect(server).await?;
+            let resp = client
+                .delete(req)
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            let mut missing = Vec::new();
+            for r in &resp.results {
+                println!(
+                    "{}/{} {}",
+                    r.kind.to_lowercase(),
+                    r.name,
+                    action_name(r.action())
+                );
+                if r.action() == pb::ApplyAction::NotFound {
+                    missing.push(format!("{}/{}", r.kind.to_lowercase(), r.name));
+                }
+            }
+            if !missing.is_empty() && !ignore_not_found {
+                bail!("not found: {}", missing.join(", "));
+            }
+            Ok(())
+        }
+        Command::Status { app, output } => {
+            let mut client = connect(server).await?;
+            if let Some(app) = app {
+                let status = client
+                    .get_app_status(pb::GetAppStatusRequest { name: app })
+                    .await
+                    .map_err(ClientError::from)?
+                    .into_inner();
+                if output == Format::Table {
+                    return print_app_status(&status);
+                }
+                return print_structured(output, &AppStatusView::new(&status)?);
+            }
+            let daemon = client
+                .get_daemon_status(pb::GetDaemonStatusRequest {})
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            let providers = client
+                .list_providers(pb::ListProvidersRequest::default())
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            let apps = client
+                .list_apps(pb::ListAppsRequest::default())
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            let provider_views: Vec<ProviderView> = providers
+                .providers
+                .iter()
+                .zip(providers.statuses.iter())
+                .map(|(p, s)| ProviderView::new(p, s))
+                .collect();
+            let app_views = apps
+                .apps
+                .iter()
+                .zip(apps.summaries.iter())
+                .map(|(a, s)| app_view(a, Some(s)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if output != Format::Table {
+                return print_structured(
+                    output,
+                    &OverviewView {
+                        daemon: DaemonView::from(&daemon),
+                        providers: provider_views,
+                        apps: app_views,
+                    },
+                );
+            }
+            println!(
+                "Daemon {} up {}, {} apps, {} providers ({} agents connected), {} replicas reported",
+                daemon.version,
+                output::age(daemon.started_at_ms),
+                daemon.apps,
+                daemon.providers,
+                daemon.connected_agents,
+                daemon.replicas_reported
+            );
+            println!(
+                "Reconcile: {} passes, last {} µs, mean {} µs, max {} µs; store {} KiB\n",
+                daemon.reconcile_passes,
+                daemon.last_reconcile_micros,
+                daemon.mean_reconcile_micros,
+                daemon.max_reconcile_micros,
+                daemon.store_bytes / 1024
+            );
+            println!("{}\n", output::provider_table(&provider_views));
+            println!(
+                "{}",
+                output::table(
+                    &["APP", "MODE", "READY", "PROVIDERS"],
+                    app_views
+                        .iter()
+                        .map(|a| vec![
+                            a.name.clone(),
+                            a.mode.clone(),
+                            format!("{}/{}", a.ready_replicas, a.desired_replicas),
+                            a.providers.join(",")
+                        ])
+                        .collect()
+                )
+            );
+            Ok(())
+        }
+        Command::Events {
+            follow,
+            app,
+            provider,
+            tail,
+            output,
+        } => {
+            let mut client = connect(server).await?;
+            let mut stream = client
+                .watch_events(pb::WatchEventsRequest {
+                    after_seq: 0,
+                    tail: tail.unwrap_or(0),
+                    follow,
+                    app: app.unwrap_or_default(),
+                    provider: provider.unwrap_or_default(),
+                })
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            use std::io::Write;
+            let mut stdout = std::io::stdout();
+            while let Some(e) = stream.message().await.map_err(ClientError::from)? {
+                let line = match output {
+                    Format::Table => output::event_line(&e),
+                    Format::Json => serde_json::to_string(&EventView::from(&e))?,
+                    Format::Yaml => {
+                        format!("---\n{}", serde_yaml_ng::to_string(&EventView::from(&e))?)
+                    }
+                };
+                if writeln!(stdout, "{line}")
+                    .and_then(|()| stdout.flush())
+                    .is_err()
+                {
+                    // The reader went away (e.g. `| head`): not an error.
+                    return Ok(());
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// JSON shape of `status` without an app.
+#[derive(Debug, serde::Serialize)]
+struct OverviewView {
+    daemon: DaemonView,
+    providers: Vec<ProviderView>,
+    apps: Vec<AppView>,
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DaemonView {
+    version: String,
+    apps: u32,
+    providers: u32,
+    connected_agents: u32,
+    replicas_reported: u32,
+    reconcile_passes: u64,
+    last_reconcile_micros: u64,
+    mean_reconcile_micros: u64,
+    max_reconcile_micros: u64,
+    store_bytes: u64,
+    started_at_ms: i64,
+    last_event_seq: u64,
+}
+
+impl From<&pb::DaemonStatus> for DaemonView {
+    fn from(d: &pb::DaemonStatus) -> Self {
+        DaemonView {
+            version: d.version.clone(),
+            apps: d.apps,
+            providers: d.providers,
+            connected_agents: d.connected_agents,
+            replicas_reported: d.replicas_reported,
+            reconcile_passes: d.reconcile_passes,
+            last_reconcile_micros: d.last_reconcile_micros,
+            mean_reconcile_micros: d.mean_reconcile_micros,
+            max_reconcile_micros: d.max_reconcile_micros,
+            store_bytes: d.store_bytes,
+            started_at_ms: d.started_at_ms,
+            last_event_seq: d.last_event_seq,
+        }
+    }
+}
+
+/// JSON shape of `status APP`.
+#[derive(Debug, serde::Serialize)]
+struct AppStatusView {
+    app: AppView,
+    placements: Vec<PlacementView>,
+    replicas: Vec<ReplicaView>,
+    events: Vec<EventView>,
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PlacementView {
+    provider: String,
+    replicas: u32,
+    provider_state: String,
+}
+
+impl AppStatusView {
+    fn new(s: &pb::AppStatus) -> anyhow::Result<Self> {
+        let app = s
+            .app
+            .as_ref()
+            .context("the daemon sent a status without the app")?;
+        Ok(AppStatusView {
+            app: app_view(app, s.summary.as_ref())?,
+            placements: s
+                .placements
+                .iter()
+                .map(|p| PlacementView {
+                    provider: p.provider.clone(),
+                    replicas: p.replicas,
+                    provider_state: output::provider_state_name(p.provider_state()).into(),
+                })
+                .collect(),
+            replicas: s.replicas.iter().map(ReplicaView::from).collect(),
+            events: s.recent_events.iter().map(EventView::from).collect(),
+        })
+    }
+}
+
+fn print_app_status(s: &pb::AppStatus) -> anyhow::Result<()> {
+    let view = AppStatusView::new(s)?;
+    let a = &view.app;
+    println!("App:        {} (generation {})", a.name, a.generation);
+    println!("Placement:  {}", a.mode);
+    println!("Ready:      {}/{}", a.ready_replicas, a.desired_replicas);
+    println!(
+        "Providers:  {}",
+        view.placements
+            .iter()
+            .map(|p| format!("{} ×{} ({})", p.provider, p.replicas, p.provider_state))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("\n{}", output::replica_table(&s.replicas));
+    if !s.recent_events.is_empty() {
+        println!("\nEvents:");
+        for e in &s.recent_events {
+            println!("  {}", output::event_line(e));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! `skymirror dev`: the all-in-one local mode.
+//!
+//! One process runs a daemon on a temporary (or given) sled store, three
+//! providers whose agents use the process driver, and the bundled example app
+//! mirrored on all three. The agents run in-process but talk to the daemon over
+//! its real gRPC socket, exactly as remote agents do. On Ctrl-C everything is
+//! stopped, replicas included, and a temporary data directory is removed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use skymirror_agent::supervisor::SupervisorConfig;
+use skymirror_agent::{AgentConfig, DriverConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::DevArgs;
+use crate::daemon::{Daemon, DaemonConfig};
+use crate::store::SledStore;
+
+const PROVIDERS: &str = include_str!("../../deploy/examples/local-providers.yaml");
+const EXAMPLE_APP: &str = include_str!("../../deploy/examples/hello.yaml");
+const PROVIDER_NAMES: [&str; 3] = ["local-a", "local-b", "local-c"];
+
+/// Runs the all-in-one mode until Ctrl-C.
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let (data_dir, temporary) = match &args.data_dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("skymirror-dev-{}", std::process::id())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let result = run_in(&args, &data_dir).await;
+    if temporary {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    result
+}
+
+async fn run_in(args: &DevArgs, data_dir: &Path) -> anyhow::Result<()> {
+    let token = crate::random_token();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is another skymirror running? use --listen)",
+                args.listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let server = format!("http://{addr}");
+    let store = SledStore::open(&data_dir.join("store"))?;
+    let daemon = Daemon::new(
+        Arc::new(store),
+        DaemonConfig::new(data_dir.join("store"), token.clone()),
+    )?;
+
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let daemon_task = tokio::spawn(crate::daemon::serve(daemon.clone(), listener, async move {
+        stop.cancelled().await;
+    }));
+
+    daemon
+        .apply("local-providers.yaml", PROVIDERS, false)
+        .await?;
+    let (app_source, app_text) = match &args.file {
+        Some(f) => (
+            f.display().to_string(),
+            std::fs::read_to_string(f).with_context(|| f.display().to_string())?,
+        ),
+        None => ("hello.yaml".to_string(), EXAMPLE_APP.to_string()),
+    };
+    daemon.apply(&app_source, &app_text, false).await?;
+
+    // The example app ships next to the skymirror binary.
+    let search_path: Vec<PathBuf> = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .into_iter()
+        .collect();
+    let agents_stop = CancellationToken::new();
+    let mut agents = Vec::new();
+    for name in PROVIDER_NAMES {
+        let config = AgentConfig {
+            server: server.clone(),
+            provider: name.to_string(),
+            state_dir: data_dir.join("agents").join(name),
+            join_token: token.clone(),
+            driver: DriverConfig::Process {
+                search_path: search_path.clone(),
+                bind_host: std::net::Ipv4Addr::LOCALHOST.into(),
+            },
+            stop_replicas_on_exit: true,
+            supervisor: SupervisorConfig::default(),
+        };
+        agents.push(tokio::spawn(skymirror_agent::run(
+            config,
+            agents_stop.child_token(),
+        )));
+    }
+
+    println!(
+        "skymirror dev: daemon on {server}, data in {}",
+        data_dir.display()
+    );
+    println!("providers: {} (process driver)", PROVIDER_NAMES.join(", "));
+    let ready = wait_ready(&daemon, Duration::from_secs(30)).await;
+    match ready {
+        Ok(n) => println!("example app `hello` is up: {n} replicas healthy across 3 providers\n"),
+        Err(e) => println!(
+            "the app is not healthy yet: {e}\n(see `skymirror get replicas` and `skymirror events`)\n"
+        ),
+    }
+    let port = addr.port();
+    let flag = if port == 7600 {
+        String::new()
+    } else {
+        format!(" --server {server}")
+    };
+    println!("Try, in another terminal:");
+    println!(
+        "  skymirror{flag} get replicas          # where each replica runs, its address and health"
+    );
+    println!("  skymirror{flag} status hello          # placement, readiness and recent events");
+    println!("  skymirror{flag} events --follow       # the event stream");
+    println!("  curl http://<a replica address>/      # the app answers with its replica identity");
+    println!("  skymirror{flag} apply -f deploy/examples/hello.yaml --dry-run");
+    println!("\nPress Ctrl-C to stop everything.");
+
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    println!("\nstopping: replicas, agents, daemon");
+    agents_stop.cancel();
+    for a in agents {
+        match a.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("agent: {e}"),
+            Err(e) => eprintln!("agent task: {e}"),
+        }
+    }
+    shutdown.cancel();
+    daemon_task.await.context("daemon task")??;
+    Ok(())
+}
+
+/// Waits until every assigned replica is ready; returns how many.
+async fn wait_ready(daemon: &Daemon, timeout: Duration) -> anyhow::Result<u32> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let (ready, desired) = daemon.readiness()?;
+        if desired > 0 && ready == desired {
+            return Ok(ready);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "{ready} of {desired} replicas ready after {}s",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

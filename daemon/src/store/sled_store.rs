@@ -1,0 +1,408 @@
+//! The embedded [`Store`]: one sled database in the daemon's data directory.
+//!
+//! Trees: `meta` (schema version), `apps`, `providers`, `assignments` (keyed by
+//! name), `replicas` (keyed by `provider \0 app \0 index`), `events` (keyed by
+//! the big-endian sequence number, so iteration is in log order). The event log
+//! keeps the newest [`SledStore::EVENT_RETENTION`] entries.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use super::{
+    Batch, NewEvent, SCHEMA_VERSION, Store, StoreError, StoredApp, StoredAssignment, StoredEvent,
+    StoredProvider, StoredReplica, decode, encode, now_ms,
+};
+
+/// sled-backed [`Store`].
+#[derive(Debug)]
+pub struct SledStore {
+    db: sled::Db,
+    apps: sled::Tree,
+    providers: sled::Tree,
+    assignments: sled::Tree,
+    replicas: sled::Tree,
+    events: sled::Tree,
+    /// Serializes event appends so sequence numbers are committed in order and a
+    /// reader that has seen `seq` never later finds a smaller one appear.
+    event_lock: Mutex<u64>,
+}
+
+fn backend(e: sled::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn replica_key(provider: &str, app: &str, index: u32) -> Vec<u8> {
+    let mut key = Vec::with_capacity(provider.len() + app.len() + 6);
+    key.extend_from_slice(provider.as_bytes());
+    key.push(0);
+    key.extend_from_slice(app.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&index.to_be_bytes());
+    key
+}
+
+fn provider_prefix(provider: &str) -> Vec<u8> {
+    let mut key = provider.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+impl SledStore {
+    /// Events kept in the log; older ones are dropped as new ones arrive.
+    pub const EVENT_RETENTION: u64 = 10_000;
+
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            // The working set is small (specs, a few thousand replica records);
+            // sled's 1 GiB default cache would only inflate the daemon's memory.
+            .cache_capacity(16 * 1024 * 1024)
+            .flush_every_ms(Some(200))
+            .open()
+            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", dir.display())))?;
+        let meta = db.open_tree("meta").map_err(backend)?;
+        match meta.get("schema_version").map_err(backend)? {
+            Some(raw) => {
+                let found = std::str::from_utf8(&raw)
+                    .ok()
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .unwrap_or(0);
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::Schema { found });
+                }
+            }
+            None => {
+                meta.insert("schema_version", SCHEMA_VERSION.to_string().as_bytes())
+                    .map_err(backend)?;
+                db.flush().map_err(backend)?;
+            }
+        }
+        let events = db.open_tree("events").map_err(backend)?;
+        let last_seq = match events.last().map_err(backend)? {
+            Some((key, _)) => seq_from_key(&key)?,
+            None => 0,
+        };
+        Ok(SledStore {
+            apps: db.open_tree("apps").map_err(backend)?,
+            providers: db.open_tree("providers").map_err(backend)?,
+            assignments: db.open_tree("assignments").map_err(backend)?,
+            replicas: db.open_tree("replicas").map_err(backend)?,
+            events,
+            event_lock: Mutex::new(last_seq),
+            db,
+        })
+    }
+
+    fn values<T: serde::de::DeserializeOwned>(
+        tree: &sled::Tree,
+        what: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        tree.iter()
+            .values()
+            .map(|v| decode(what, &v.map_err(backend)?))
+            .collect()
+    }
+
+    /// Assigns sequence numbers to `events`, runs `write` with the encoded
+    /// entries while holding the event lock, and trims the log.
+    fn with_events<R>(
+        &self,
+        events: Vec<NewEvent>,
+        write: impl FnOnce(&[(u64, Vec<u8>)]) -> Result<R, StoreError>,
+    ) -> Result<(R, Vec<StoredEvent>), StoreError> {
+        let mut last = self
+            .event_lock
+            .lock()
+            .map_err(|_| StoreError::Backend("event lock poisoned".into()))?;
+        let time_ms = now_ms();
+        let mut stored = Vec::with_capacity(events.len());
+        let mut encoded = Vec::with_capacity(events.len());
+        let mut seq = *last;
+        for event in events {
+            seq += 1;
+            let event = StoredEvent {
+                seq,
+                time_ms,
+                event,
+            };
+            encoded.push((seq, encode(&event)?));
+            stored.push(event);
+        }
+        let result = write(&encoded)?;
+        *last = seq;
+        if seq > Self::EVENT_RETENTION {
+            let cutoff = (seq - Self::EVENT_RETENTION + 1).to_be_bytes();
+            // Trimming is housekeeping: a failure leaves a longer log, not a wrong one.
+            let old: Vec<_> = self
+                .events
+                .range(..cutoff)
+                .keys()
+                .filter_map(Result::ok)
+                .collect();
+            for key in old {
+                let _ = self.events.remove(key);
+            }
+        }
+        Ok((result, stored))
+    }
+}
+
+fn seq_from_key(key: &[u8]) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] = key.try_into().map_err(|_| StoreError::Decode {
+        what: "event key".into(),
+        reason: format!("expected 8 bytes, found {}", key.len()),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+impl Store for SledStore {
+    fn apps(&self) -> Result<Vec<StoredApp>, StoreError> {
+        Self::values(&self.apps, "app")
+    }
+
+    fn app(&self, name: &str) -> Result<Option<StoredApp>, StoreError> {
+        self.apps
+            .get(name)
+            .map_err(backend)?
+            .map(|v| decode(&format!("app {name}"), &v))
+            .transpose()
+    }
+
+    fn providers(&self) -> Result<Vec<StoredProvider>, StoreError> {
+        Self::values(&self.providers, "provider")
+    }
+
+    fn assignments(&self) -> Result<Vec<StoredAssignment>, StoreError> {
+        Self::values(&self.assignments, "assignment")
+    }
+
+    fn commit(&self, batch: Batch, durable: bool) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut apps = Vec::new();
+        for app in &batch.put_apps {
+            apps.push((app.app.metadata.name.clone(), encode(app)?));
+        }
+        let mut providers = Vec::new();
+        for p in &batch.put_providers {
+            providers.push((p.provider.metadata.name.clone(), encode(p)?));
+        }
+        let mut assignments = Vec::new();
+        for a in &batch.put_assignments {
+            assignments.push((a.provider.clone(), encode(a)?));
+        }
+        let ((), stored) = self.with_events(batch.events, |events| {
+            (&self.apps, &self.providers, &self.assignments, &self.events)
+                .transaction(|(t_apps, t_providers, t_assignments, t_events)| {
+                    for (name, value) in &apps {
+                        t_apps.insert(name.as_bytes(), value.as_slice())?;
+                    }
+                    for name in &batch.delete_apps {
+                        t_apps.remove(name.as_bytes())?;
+                    }
+                    for (name, value) in &providers {
+                        t_providers.insert(name.as_bytes(), value.as_slice())?;
+                    }
+                    for name in &batch.delete_providers {
+                        t_providers.remove(name.as_bytes())?;
+                    }
+                    for (name, value) in &assignments {
+                        t_assignments.insert(name.as_bytes(), value.as_slice())?;
+                    }
+                    for (seq, value) in events {
+                        t_events.insert(&seq.to_be_bytes(), value.as_slice())?;
+                    }
+                    Ok::<(), ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| match e {
+                    TransactionError::Storage(e) => backend(e),
+                    TransactionError::Abort(()) => {
+                        StoreError::Backend("transaction aborted".into())
+                    }
+                })
+        })?;
+        if durable {
+            self.db.flush().map_err(backend)?;
+        }
+        Ok(stored)
+    }
+
+    fn replicas(&self) -> Result<Vec<StoredReplica>, StoreError> {
+        Self::values(&self.replicas, "replica")
+    }
+
+    fn put_replicas(
+        &self,
+        replace_provider: Option<&str>,
+        replicas: &[StoredReplica],
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        if let Some(provider) = replace_provider {
+            for key in self.replicas.scan_prefix(provider_prefix(provider)).keys() {
+                batch.remove(key.map_err(backend)?);
+            }
+        }
+        for r in replicas {
+            batch.insert(replica_key(&r.provider, &r.app, r.index), encode(r)?);
+        }
+        self.replicas.apply_batch(batch).map_err(backend)
+    }
+
+    fn delete_replicas(&self, provider: &str, keys: &[(String, u32)]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (app, index) in keys {
+            batch.remove(replica_key(provider, app, *index));
+        }
+        self.replicas.apply_batch(batch).map_err(backend)
+    }
+
+    fn append_events(&self, events: Vec<NewEvent>) -> Result<Vec<StoredEvent>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ((), stored) = self.with_events(events, |encoded| {
+            let mut batch = sled::Batch::default();
+            for (seq, value) in encoded {
+                batch.insert(&seq.to_be_bytes(), value.as_slice());
+            }
+            self.events.apply_batch(batch).map_err(backend)
+        })?;
+        Ok(stored)
+    }
+
+    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let start = after.saturating_add(1).to_be_bytes();
+        self.events
+            .range(start..)
+            .values()
+            .take(limit)
+            .map(|v| decode("event", &v.map_err(backend)?))
+            .collect()
+    }
+
+    fn last_events(&self, count: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut events: Vec<StoredEvent> = self
+            .events
+            .iter()
+            .values()
+            .rev()
+            .take(count)
+            .map(|v| decode("event", &v.map_err(backend)?))
+            .collect::<Result<_, _>>()?;
+        events.reverse();
+        Ok(events)
+    }
+
+    fn last_event_seq(&self) -> Result<u64, StoreError> {
+        self.event_lock
+            .lock()
+            .map(|seq| *seq)
+            .map_err(|_| StoreError::Backend("event lock poisoned".into()))
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.db.size_on_disk().map_err(backend)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(reason: &str) -> NewEvent {
+        NewEvent {
+            reason: reason.into(),
+            kind: "App".into(),
+            object: "web".into(),
+            ..NewEvent::default()
+        }
+    }
+
+    fn replica(provider: &str, app: &str, index: u32) -> StoredReplica {
+        StoredReplica {
+            provider: provider.into(),
+            app: app.into(),
+            index,
+            generation: 1,
+            workload_generation: 1,
+            state: super::super::ReplicaState::Healthy,
+            ready: true,
+            address: "127.0.0.1:1".into(),
+            ports: Default::default(),
+            instance_id: "1".into(),
+            restarts: 0,
+            crash_looping: false,
+            message: String::new(),
+            started_at_ms: 0,
+            state_since_ms: 0,
+        }
+    }
+
+    #[test]
+    fn events_are_ordered_retained_and_survive_reopen() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Backend(e.to_string()))?;
+        {
+            let store = SledStore::open(dir.path())?;
+            let stored = store.append_events(vec![event("A"), event("B")])?;
+            assert_eq!(stored.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+            store.commit(
+                Batch {
+                    events: vec![event("C")],
+                    ..Batch::default()
+                },
+                true,
+            )?;
+            assert_eq!(store.events_after(1, 10)?.len(), 2);
+            assert_eq!(store.last_events(1)?[0].event.reason, "C");
+        }
+        let store = SledStore::open(dir.path())?;
+        assert_eq!(store.last_event_seq()?, 3);
+        let next = store.append_events(vec![event("D")])?;
+        assert_eq!(next[0].seq, 4);
+        Ok(())
+    }
+
+    #[test]
+    fn full_report_replaces_only_that_provider() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Backend(e.to_string()))?;
+        let store = SledStore::open(dir.path())?;
+        store.put_replicas(
+            None,
+            &[
+                replica("a", "web", 0),
+                replica("a", "web", 1),
+                replica("ab", "web", 0),
+            ],
+        )?;
+        store.put_replicas(Some("a"), &[replica("a", "web", 1)])?;
+        let ids: Vec<_> = store.replicas()?.iter().map(StoredReplica::id).collect();
+        assert_eq!(ids, vec!["web/a/1", "web/ab/0"]);
+        store.delete_replicas("a", &[("web".into(), 1)])?;
+        assert_eq!(store.replicas()?.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_other_schema_versions() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Backend(e.to_string()))?;
+        {
+            let db = sled::open(dir.path()).map_err(backend)?;
+            db.open_tree("meta")
+                .map_err(backend)?
+                .insert("schema_version", "99")
+                .map_err(backend)?;
+            db.flush().map_err(backend)?;
+        }
+        assert!(matches!(
+            SledStore::open(dir.path()),
+            Err(StoreError::Schema { found: 99 })
+        ));
+        Ok(())
+    }
+}
