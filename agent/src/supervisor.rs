@@ -517,10 +517,10 @@ impl<D: Driver> Supervisor<D> {
                     "assignment received"
                 );
                 for (key, r) in &mut self.replicas {
-                    if let Some(d) = set.apps.get(&key.app) {
-                        if r.workload_generation == d.workload_generation {
-                            r.generation = d.generation;
-                        }
+                    if let Some(d) = set.apps.get(&key.app)
+                        && r.workload_generation == d.workload_generation
+                    {
+                        r.generation = d.generation;
                     }
                 }
                 self.desired = Some(set);
@@ -775,10 +775,8 @@ impl<D: Driver> Supervisor<D> {
                 if let Err(e) = driver.stop(&h, grace).await {
                     tracing::warn!(replica = %key, error = %e, "stop failed");
                 }
-                if !replace {
-                    if let Err(e) = driver.destroy(&h).await {
-                        tracing::warn!(replica = %key, error = %e, "destroy failed");
-                    }
+                if !replace && let Err(e) = driver.destroy(&h).await {
+                    tracing::warn!(replica = %key, error = %e, "destroy failed");
                 }
             }
             let _ = tx.send(Input::Stopped { key, op }).await;

@@ -316,11 +316,7 @@ impl pb::control_service_server::ControlService for ControlApi {
             replicas_reported: u32::try_from(self.replicas().len()).unwrap_or(u32::MAX),
             reconcile_passes: stats.passes,
             last_reconcile_micros: micros(stats.last),
-            mean_reconcile_micros: if stats.passes == 0 {
-                0
-            } else {
-                micros(stats.total) / stats.passes
-            },
+            mean_reconcile_micros: micros(stats.total).checked_div(stats.passes).unwrap_or(0),
             max_reconcile_micros: micros(stats.max),
             store_bytes: d.store.size_on_disk().map_err(DaemonError::from)?,
             started_at_ms: d.started_at_ms,

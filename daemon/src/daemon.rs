@@ -83,6 +83,9 @@ pub(crate) struct AgentConn {
     pub applied_revision: u64,
 }
 
+/// Reported replicas: provider → (app, index) → replica.
+pub(crate) type ReportedReplicas = BTreeMap<String, BTreeMap<(String, u32), StoredReplica>>;
+
 /// What the daemon remembers of a provider's agent after it disconnects.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct AgentSeen {
@@ -116,7 +119,7 @@ pub struct Daemon {
     pub(crate) seen: Mutex<BTreeMap<String, AgentSeen>>,
     /// Reported replicas per provider, mirrored from the store to diff reports
     /// against without reading the store on every report.
-    pub(crate) replicas: Mutex<BTreeMap<String, BTreeMap<(String, u32), StoredReplica>>>,
+    pub(crate) replicas: Mutex<ReportedReplicas>,
     /// New events for followers; lagging followers re-read the store.
     pub(crate) events: broadcast::Sender<StoredEvent>,
     wake: Notify,
@@ -733,7 +736,7 @@ fn plan_changes(
             let b = count(before, &app, &provider);
             let a = count(after, &app, &provider);
             let replace = b > 0 && a > 0 && wg(old_apps, &app) != wg(new_apps, &app);
-            (b != a || replace).then(|| pb::PlacementChange {
+            (b != a || replace).then_some(pb::PlacementChange {
                 app,
                 provider,
                 replicas_before: b,

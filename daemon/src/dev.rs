@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::Context as _;
 use skymirror_agent::supervisor::SupervisorConfig;
 use skymirror_agent::{AgentConfig, DriverConfig};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,7 @@ const PROVIDERS: &str = include_str!("../../deploy/examples/local-providers.yaml
 const EXAMPLE_APP: &str = include_str!("../../deploy/examples/hello.yaml");
 const PROVIDER_NAMES: [&str; 3] = ["local-a", "local-b", "local-c"];
 
-/// Runs the all-in-one mode until Ctrl-C.
+/// Runs the all-in-one mode until Ctrl-C or SIGTERM.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let (data_dir, temporary) = match &args.data_dir {
         Some(d) => (d.clone(), false),

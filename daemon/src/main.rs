@@ -96,21 +96,6 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     // Tests and scripts read this line to learn the port when `--listen` ends in :0.
     println!("skymirror daemon listening on {addr}");
     let config = DaemonConfig::new(args.data_dir.join("store"), token);
-    skymirror::daemon::run(config, listener, shutdown_signal()).await?;
+    skymirror::daemon::run(config, listener, skymirror::shutdown_signal()).await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -146,7 +146,7 @@ pub fn schedule(apps: &[StoredApp], providers: &[StoredProvider]) -> Schedule {
             ),
             PlacementMode::ActivePassive => {
                 // Highest priority first; ties by placement order (stable sort).
-                cands.sort_by(|a, b| b.priority.cmp(&a.priority));
+                cands.sort_by_key(|c| std::cmp::Reverse(c.priority));
                 let standby = spec.placement.standby_replicas.min(spec.replicas);
                 (0..cands.len())
                     .map(|i| if i == 0 { spec.replicas } else { standby })

@@ -1,1 +1,588 @@
-//! placeholder
+//! Harness for skymirror's end-to-end tests and benchmarks: it runs the real
+//! `skymirror` and `skymirror-agent` binaries over real sockets, with real
+//! replica processes, and cleans up every process it started, even when a
+//! test fails.
+//!
+//! The binaries are found next to the test executable's `target/<profile>`
+//! directory; they are built by the test command (`cargo build --workspace`
+//! before the tests), never from inside a test.
+//!
+//! Waiting is driven by the daemon's event stream: [`Cluster::wait_until`]
+//! re-checks its condition whenever an event arrives (and at least once a
+//! second), up to a deadline, and reports the last observation on timeout.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// Paths of the binaries under test.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    /// `skymirror` (daemon and CLI).
+    pub skymirror: PathBuf,
+    /// `skymirror-agent`.
+    pub agent: PathBuf,
+    /// `skymirror-example`, the test app.
+    pub example: PathBuf,
+}
+
+impl Bins {
+    /// Locates the binaries of the current build profile.
+    pub fn locate() -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        // target/<profile>/deps/<test> or target/<profile>/<bin>
+        let mut dir = exe
+            .parent()
+            .context("test executable has no directory")?
+            .to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let bins = Bins {
+            skymirror: dir.join("skymirror"),
+            agent: dir.join("skymirror-agent"),
+            example: dir.join("skymirror-example"),
+        };
+        for b in [&bins.skymirror, &bins.agent, &bins.example] {
+            if !b.exists() {
+                bail!(
+                    "{} is missing: build the binaries first (`cargo build --workspace`, as tests/scripts/test.sh does)",
+                    b.display()
+                );
+            }
+        }
+        Ok(bins)
+    }
+
+    /// The directory holding the binaries (agents search it for app commands).
+    pub fn dir(&self) -> PathBuf {
+        self.skymirror
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+}
+
+/// Env var set on every process a cluster starts; replicas inherit it, which
+/// is how [`Cluster`]'s drop finds and kills them.
+pub const MARKER_VAR: &str = "SKYMIRROR_TEST_MARKER";
+
+/// A daemon, agents, and the replicas they run, for one test.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Binaries.
+    pub bins: Bins,
+    /// Scratch directory (data dir, agent state dirs, spec files).
+    pub dir: tempfile::TempDir,
+    /// Daemon address.
+    pub addr: SocketAddr,
+    /// Join token.
+    pub token: String,
+    marker: String,
+    daemon: Option<Child>,
+    agents: BTreeMap<String, Child>,
+    events: Option<EventFeed>,
+}
+
+#[derive(Debug)]
+struct EventFeed {
+    child: Child,
+    rx: mpsc::Receiver<Value>,
+}
+
+fn random_marker() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| format!("{}-{:?}", std::process::id(), Instant::now()))
+}
+
+impl Cluster {
+    /// Starts a daemon on a free loopback port.
+    pub fn start() -> Result<Self> {
+        let bins = Bins::locate()?;
+        // SKYMIRROR_KEEP_TEST_DIRS=1 keeps the scratch directory (logs, state) for a post-mortem.
+        let dir = tempfile::Builder::new()
+            .prefix("skymirror-e2e-")
+            .disable_cleanup(std::env::var_os("SKYMIRROR_KEEP_TEST_DIRS").is_some())
+            .tempdir()?;
+        let mut cluster = Cluster {
+            bins,
+            dir,
+            addr: "127.0.0.1:0".parse()?,
+            token: random_marker(),
+            marker: random_marker(),
+            daemon: None,
+            agents: BTreeMap::new(),
+            events: None,
+        };
+        cluster.start_daemon()?;
+        Ok(cluster)
+    }
+
+    /// The daemon URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The daemon's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("daemon")
+    }
+
+    /// Starts (or restarts, on the same port) the daemon and waits until it listens.
+    pub fn start_daemon(&mut self) -> Result<()> {
+        let mut child = Command::new(&self.bins.skymirror)
+            .args(["daemon", "--data-dir"])
+            .arg(self.data_dir())
+            .args([
+                "--listen",
+                &self.addr.to_string(),
+                "--join-token",
+                &self.token,
+                "--log",
+                "info",
+            ])
+            .env(MARKER_VAR, &self.marker)
+            .stdout(Stdio::piped())
+            .stderr(log_file(self.dir.path(), "daemon.log")?)
+            .spawn()
+            .context("starting the daemon")?;
+        let stdout = child.stdout.take().context("daemon stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines
+            .next()
+            .context("the daemon exited before listening (see daemon.log)")??;
+        let addr = line
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("unexpected first line from the daemon: {line:?}"))?;
+        self.addr = addr;
+        self.daemon = Some(child);
+        self.events = None;
+        Ok(())
+    }
+
+    /// `kill -9` the daemon.
+    pub fn kill_daemon(&mut self) -> Result<()> {
+        if let Some(mut d) = self.daemon.take() {
+            d.kill()?;
+            d.wait()?;
+        }
+        self.events = None;
+        Ok(())
+    }
+
+    /// Pid of the daemon process.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
+    /// The state directory of a provider's agent.
+    pub fn agent_dir(&self, provider: &str) -> PathBuf {
+        self.dir.path().join("agents").join(provider)
+    }
+
+    /// Starts the agent of `provider` (process driver).
+    pub fn start_agent(&mut self, provider: &str) -> Result<()> {
+        let child = Command::new(&self.bins.agent)
+            .args([
+                "--server",
+                &self.url(),
+                "--provider",
+                provider,
+                "--driver",
+                "process",
+                "--state-dir",
+            ])
+            .arg(self.agent_dir(provider))
+            .arg("--search-path")
+            .arg(self.bins.dir())
+            .env("SKYMIRROR_JOIN_TOKEN", &self.token)
+            .env(MARKER_VAR, &self.marker)
+            .stdout(Stdio::null())
+            .stderr(log_file(self.dir.path(), &format!("agent-{provider}.log"))?)
+            .spawn()
+            .with_context(|| format!("starting the agent of {provider}"))?;
+        self.agents.insert(provider.to_string(), child);
+        Ok(())
+    }
+
+    /// `kill -9` the agent of `provider` (its replicas keep running).
+    pub fn kill_agent(&mut self, provider: &str) -> Result<()> {
+        if let Some(mut a) = self.agents.remove(provider) {
+            a.kill()?;
+            a.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Runs the CLI against this cluster.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Command::new(&self.bins.skymirror)
+            .arg("--server")
+            .arg(self.url())
+            .args(args)
+            .env(MARKER_VAR, &self.marker)
+            .stdin(Stdio::null())
+            .output()
+            .context("running the CLI")
+    }
+
+    /// Runs the CLI and returns its stdout; fails with its stderr if it fails.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!(
+                "`skymirror {}` failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Writes `yaml` to a file named `name` in the scratch dir and returns its path.
+    pub fn write_spec(&self, name: &str, yaml: &str) -> Result<PathBuf> {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, yaml)?;
+        Ok(path)
+    }
+
+    /// `skymirror apply -f` of `yaml` (written to `name`); returns the CLI output.
+    pub fn apply(&self, name: &str, yaml: &str) -> Result<Output> {
+        let path = self.write_spec(name, yaml)?;
+        self.cli(&["apply", "-f", &path.to_string_lossy()])
+    }
+
+    /// Like [`Cluster::apply`], failing unless the CLI succeeds; returns stdout.
+    pub fn apply_ok(&self, name: &str, yaml: &str) -> Result<String> {
+        let path = self.write_spec(name, yaml)?;
+        self.cli_ok(&["apply", "-f", &path.to_string_lossy()])
+    }
+
+    /// `get replicas -o json`.
+    pub fn replicas(&self) -> Result<Vec<Value>> {
+        Ok(serde_json::from_str(
+            &self.cli_ok(&["get", "replicas", "-o", "json"])?,
+        )?)
+    }
+
+    /// `get providers -o json`.
+    pub fn providers(&self) -> Result<Vec<Value>> {
+        Ok(serde_json::from_str(&self.cli_ok(&[
+            "get",
+            "providers",
+            "-o",
+            "json",
+        ])?)?)
+    }
+
+    /// `get apps -o json`.
+    pub fn apps(&self) -> Result<Vec<Value>> {
+        Ok(serde_json::from_str(
+            &self.cli_ok(&["get", "apps", "-o", "json"])?,
+        )?)
+    }
+
+    /// All events in the log (`events -o json`).
+    pub fn events(&self) -> Result<Vec<Value>> {
+        self.cli_ok(&["events", "-o", "json"])?
+            .lines()
+            .map(|l| serde_json::from_str(l).map_err(Into::into))
+            .collect()
+    }
+
+    fn feed(&mut self) -> Result<&EventFeed> {
+        let alive = match self.events.as_mut() {
+            Some(f) => f.child.try_wait()?.is_none(),
+            None => false,
+        };
+        if !alive {
+            let mut child = Command::new(&self.bins.skymirror)
+                .args([
+                    "--server",
+                    &self.url(),
+                    "events",
+                    "--follow",
+                    "--tail",
+                    "1",
+                    "-o",
+                    "json",
+                ])
+                .env(MARKER_VAR, &self.marker)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let stdout = child.stdout.take().context("events stdout")?;
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { return };
+                    if let Ok(v) = serde_json::from_str::<Value>(&line)
+                        && tx.send(v).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            if let Some(mut old) = self.events.replace(EventFeed { child, rx }) {
+                let _ = old.child.kill();
+                let _ = old.child.wait();
+            }
+        }
+        self.events.as_ref().context("event feed")
+    }
+
+    /// Waits until `check` returns `Ok(Some(value))`, re-checking on every event
+    /// from the daemon and at least once a second, up to `timeout`. `check`
+    /// returning `Err` is taken as "not yet" (e.g. the daemon is restarting);
+    /// on timeout, the last error or observation is reported.
+    pub fn wait_until<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Cluster) -> Result<Option<T>>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match check(self) {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => "condition not met".to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                bail!("timed out after {timeout:?} waiting for {what}: {last}");
+            }
+            let wait = (deadline - now).min(Duration::from_secs(1));
+            match self.feed() {
+                Ok(feed) => {
+                    // Any event (or the timeout) triggers a re-check; drain the burst.
+                    if feed.rx.recv_timeout(wait).is_ok() {
+                        while feed.rx.try_recv().is_ok() {}
+                    }
+                }
+                // No daemon to follow right now: fall back to the periodic check.
+                Err(_) => std::thread::sleep(wait.min(Duration::from_millis(200))),
+            }
+        }
+    }
+
+    /// Waits until the replicas of `app` are exactly `count` per provider in
+    /// `providers`, all ready, on workload generation at least `min_generation`.
+    pub fn wait_ready(
+        &mut self,
+        app: &str,
+        providers: &[&str],
+        count: usize,
+        min_generation: u64,
+        timeout: Duration,
+    ) -> Result<Vec<Value>> {
+        let app = app.to_string();
+        let providers: Vec<String> = providers.iter().map(ToString::to_string).collect();
+        self.wait_until(
+            &format!("{count} ready replicas of {app} on each of {providers:?}"),
+            timeout,
+            |c| {
+                let all: Vec<Value> = c
+                    .replicas()?
+                    .into_iter()
+                    .filter(|r| r["app"] == app.as_str())
+                    .collect();
+                for p in &providers {
+                    let mine: Vec<&Value> =
+                        all.iter().filter(|r| r["provider"] == p.as_str()).collect();
+                    let ready = mine
+                        .iter()
+                        .filter(|r| {
+                            r["ready"] == true
+                                && r["workloadGeneration"].as_u64().unwrap_or(0) >= min_generation
+                        })
+                        .count();
+                    if mine.len() != count || ready != count {
+                        return Ok(None);
+                    }
+                }
+                if all.len() != count * providers.len() {
+                    return Ok(None);
+                }
+                Ok(Some(all))
+            },
+        )
+    }
+
+    /// Pids of every replica process of this cluster still alive, by `SKYMIRROR_REPLICA`.
+    pub fn replica_processes(&self) -> BTreeMap<String, Vec<u32>> {
+        let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for (pid, env) in processes_with(MARKER_VAR, &self.marker) {
+            if let Some(id) = env.get("SKYMIRROR_REPLICA") {
+                out.entry(id.clone()).or_default().push(pid);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut f) = self.events.take() {
+            let _ = f.child.kill();
+            let _ = f.child.wait();
+        }
+        for (_, mut a) in std::mem::take(&mut self.agents) {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        // Replicas live in their own sessions and survive their agent: find
+        // them by the marker they inherited.
+        for (pid, _) in processes_with(MARKER_VAR, &self.marker) {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))?)
+}
+
+/// Processes whose environment has `var=value`, with their environment.
+pub fn processes_with(var: &str, value: &str) -> Vec<(u32, BTreeMap<String, String>)> {
+    let needle = format!("{var}={value}");
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect();
+        if !vars.contains(&needle) {
+            continue;
+        }
+        // Zombies keep their environ readable until reaped; skip them.
+        if let Ok(stat) = std::fs::read_to_string(entry.path().join("stat"))
+            && stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        {
+            continue;
+        }
+        let env = vars
+            .into_iter()
+            .filter_map(|v| {
+                v.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        out.push((pid, env));
+    }
+    out
+}
+
+/// Whether a process with this pid is alive (and not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// One HTTP/1.1 GET over a fresh connection; returns (status, body).
+pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    let addr: SocketAddr = addr.parse().with_context(|| format!("address {addr:?}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad response from {addr}: {raw:?}"))?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// YAML of three process providers named `names`.
+pub fn providers_yaml(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| {
+            format!(
+                "apiVersion: skymirror.dev/v1\nkind: Provider\nmetadata:\n  name: {n}\n  labels: {{cloud: local}}\nspec:\n  driver: process\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// YAML of an app running `skymirror-example` with an HTTP health check.
+pub fn app_yaml(name: &str, replicas: u32, greeting: &str, extra_env: &[(&str, &str)]) -> String {
+    let mut env = format!("    GREETING: \"{greeting}\"\n");
+    for (k, v) in extra_env {
+        env.push_str(&format!("    {k}: \"{v}\"\n"));
+    }
+    format!(
+        "apiVersion: skymirror.dev/v1
+kind: App
+metadata:
+  name: {name}
+spec:
+  command: skymirror-example
+  env:
+{env}  ports:
+    - name: http
+  replicas: {replicas}
+  stopGracePeriod: 2s
+  placement:
+    mode: mirror
+  health:
+    http: {{path: /healthz, port: http}}
+    interval: 500ms
+    timeout: 400ms
+    failureThreshold: 2
+"
+    )
+}

@@ -426,3 +426,219 @@ fn secs_u32(d: Duration) -> u32 {
 fn millis_u32(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::super::{Document, parse_documents};
+    use super::*;
+
+    const TEXT: &str = "\
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: aws-east, labels: {cloud: aws}}
+spec: {driver: ec2, priority: -5, capacity: 7, description: us-east-1}
+---
+apiVersion: skymirror.dev/v1
+kind: App
+metadata: {name: hello, labels: {team: web}}
+spec:
+  image: example/hello:1
+  args: [a, b]
+  env: {B: '2', A: '1'}
+  ports: [{name: http, containerPort: 8080}, {name: dns, protocol: udp}]
+  resources: {cpuMillis: 250}
+  stopGracePeriod: 1m
+  replicas: 3
+  placement:
+    mode: active-passive
+    standbyReplicas: 1
+    providers: [{name: aws-east, priority: 3}, {selector: {cloud: gcp}, weight: 2}]
+  health: {exec: {command: [true]}, interval: 1500ms, timeout: 500ms, failureThreshold: 5}
+  failover: {spill: false, maxExtraReplicas: 4, failbackAfter: 0s, singleton: true}
+  routing: {listen: '0.0.0.0:80', port: http, protocol: tcp}
+---
+apiVersion: skymirror.dev/v1
+kind: App
+metadata: {name: minimal}
+spec: {command: run, replicas: 1}
+";
+
+    fn documents() -> Vec<Document> {
+        parse_documents("t.yaml", TEXT)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.document)
+            .collect()
+    }
+
+    #[test]
+    fn round_trips_through_protobuf() {
+        for doc in documents() {
+            match doc {
+                Document::Provider(p) => {
+                    let wire = pb::Provider::from(&p);
+                    assert_eq!(Provider::try_from(wire), Ok(p));
+                }
+                Document::App(a) => {
+                    let wire = pb::App::from(&a);
+                    assert_eq!(App::try_from(wire), Ok(a));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn wire_values() {
+        let docs = documents();
+        let Document::App(app) = &docs[1] else {
+            panic!()
+        };
+        let wire = pb::App::from(app);
+        let spec = wire.spec.unwrap();
+        assert_eq!(wire.metadata.unwrap().generation, 0);
+        let w = spec.workload.unwrap();
+        assert_eq!(
+            w.env.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            ["A", "B"]
+        );
+        assert_eq!(w.stop_grace_seconds, 60);
+        assert_eq!(
+            (w.ports[1].container_port, w.ports[1].protocol.as_str()),
+            (0, "udp")
+        );
+        assert_eq!(w.command, "");
+        let p = spec.placement.unwrap();
+        assert_eq!(p.mode, pb::PlacementMode::ActivePassive as i32);
+        assert_eq!(p.providers[1].name, "");
+        let h = spec.health.unwrap();
+        assert_eq!(
+            (
+                h.interval_ms,
+                h.timeout_ms,
+                h.failure_threshold,
+                h.success_threshold
+            ),
+            (1500, 500, 5, 1)
+        );
+        assert_eq!(spec.failover.unwrap().failback_after_seconds, 0);
+        assert_eq!(spec.routing.unwrap().protocol, "tcp");
+    }
+
+    #[test]
+    fn zero_means_default() {
+        let wire = pb::App {
+            metadata: Some(pb::ObjectMeta {
+                name: "a".into(),
+                ..Default::default()
+            }),
+            spec: Some(pb::AppSpec {
+                workload: Some(pb::Workload {
+                    command: "run".into(),
+                    ports: vec![pb::Port {
+                        name: "http".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                replicas: 1,
+                placement: Some(pb::Placement {
+                    providers: vec![pb::PlacementTarget {
+                        name: "p".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                health: Some(pb::HealthCheck {
+                    probe: Some(pb::health_check::Probe::Tcp(pb::TcpProbe {
+                        port: "http".into(),
+                    })),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        let app = App::try_from(wire).unwrap();
+        assert_eq!(app.spec.workload.stop_grace_period, DEFAULT_STOP_GRACE);
+        assert_eq!(app.spec.placement.mode, PlacementMode::Mirror);
+        assert_eq!(app.spec.placement.providers[0].weight, 1);
+        assert_eq!(
+            app.spec.health,
+            Some(HealthCheck::new(Probe::Tcp {
+                port: "http".into()
+            }))
+        );
+        assert_eq!(app.spec.failover, FailoverPolicy::default());
+        assert_eq!(app.spec.workload.resources, Resources::default());
+    }
+
+    #[test]
+    fn rejects_missing_and_invalid_fields() {
+        assert_eq!(
+            Provider::try_from(pb::Provider::default()),
+            Err(ConvertError::Missing { field: "metadata" })
+        );
+        let meta = Some(pb::ObjectMeta {
+            name: "p".into(),
+            ..Default::default()
+        });
+        let err = Provider::try_from(pb::Provider {
+            metadata: meta.clone(),
+            spec: Some(pb::ProviderSpec {
+                driver: "vmware".into(),
+                ..Default::default()
+            }),
+        })
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid field `spec.driver`: unknown driver \"vmware\", expected process, docker, kubernetes or ec2"
+        );
+        assert_eq!(
+            App::try_from(pb::App {
+                metadata: meta.clone(),
+                spec: Some(pb::AppSpec::default()),
+            }),
+            Err(ConvertError::Missing {
+                field: "spec.workload"
+            })
+        );
+        let err = App::try_from(pb::App {
+            metadata: Some(pb::ObjectMeta {
+                name: "Bad".into(),
+                ..Default::default()
+            }),
+            spec: Some(pb::AppSpec {
+                workload: Some(pb::Workload {
+                    command: "x".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        })
+        .unwrap_err();
+        assert!(
+            matches!(&err, ConvertError::Invalid { field, .. } if field == "metadata.name"),
+            "{err}"
+        );
+        let err = App::try_from(pb::App {
+            metadata: meta,
+            spec: Some(pb::AppSpec {
+                workload: Some(pb::Workload {
+                    command: "x".into(),
+                    ..Default::default()
+                }),
+                placement: Some(pb::Placement {
+                    mode: 42,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        })
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid field `spec.placement.mode`: unknown placement mode 42"
+        );
+    }
+}

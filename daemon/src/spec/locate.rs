@@ -217,7 +217,7 @@ spec:
         assert_eq!(at(1, &FieldPath::of(&["spec"])), Some((5, 3)));
         let port = FieldPath::of(&["spec", "ports"]).index(1);
         assert_eq!(at(1, &port), Some((8, 7)));
-        assert_eq!(at(1, &port.clone().key("containerPort")), Some((8, 35)));
+        assert_eq!(at(1, &port.clone().key("containerPort")), Some((8, 36)));
         assert_eq!(
             at(1, &FieldPath::of(&["spec", "ports"]).index(0).key("name")),
             Some((7, 13))
@@ -267,6 +267,11 @@ spec:
             locate_all(text, &[(1, &FieldPath::of(&["a"]))])[0],
             Some(Location { line: 1, column: 4 })
         );
-        assert_eq!(locate_all(text, &[(2, &FieldPath::of(&["b"]))])[0], None);
+        // The broken document is still walked as far as it goes.
+        assert_eq!(
+            locate_all(text, &[(2, &FieldPath::of(&["b"]))])[0],
+            Some(Location { line: 3, column: 4 })
+        );
+        assert_eq!(locate_all(text, &[(3, &FieldPath::default())])[0], None);
     }
 }

@@ -381,3 +381,577 @@ fn strip_path<'m>(message: &'m str, path: &serde_path_to_error::Path) -> &'m str
         .find_map(|prefix| message.strip_prefix(prefix.as_str())?.strip_prefix(": "))
         .unwrap_or(message)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use super::super::*;
+
+    const FULL: &str = "\
+# skymirror example
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: local-a, labels: {cloud: local}}
+spec: {driver: process, priority: 10, capacity: 100, description: \"laptop\"}
+---
+apiVersion: skymirror.dev/v1
+kind: App
+metadata: {name: hello}
+spec:
+  image: example/hello:1
+  command: skymirror-example
+  args: [\"--message\", \"hi\"]
+  env: {GREETING: hello}
+  workingDir: /tmp
+  ports: [{name: http, containerPort: 8080, protocol: tcp}]
+  resources: {cpuMillis: 500, memoryMiB: 128}
+  stopGracePeriod: 10s
+  replicas: 2
+  placement:
+    mode: mirror
+    standbyReplicas: 0
+    providers:
+      - name: local-a
+        weight: 1
+        priority: 10
+      - selector: {cloud: aws}
+  health:
+    http: {path: /healthz, port: http}
+    interval: 2s
+    timeout: 1s
+    failureThreshold: 3
+    successThreshold: 1
+  failover: {spill: true, maxExtraReplicas: 0, failbackAfter: 30s, singleton: false}
+  routing: {listen: \"127.0.0.1:8080\", hosts: [hello.local], port: http, protocol: http}
+---
+";
+
+    /// An App document whose `spec:` is followed by `spec` (lines from 6 on).
+    fn app(spec: &str) -> String {
+        format!("apiVersion: skymirror.dev/v1\nkind: App\nmetadata:\n  name: hello\nspec:\n{spec}")
+    }
+
+    fn errors(content: &str) -> Vec<String> {
+        match parse_documents("t.yaml", content) {
+            Ok(docs) => panic!("expected errors, parsed {docs:?}"),
+            Err(errs) => errs.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn error(content: &str) -> String {
+        let errs = errors(content);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        errs.into_iter().next().unwrap_or_default()
+    }
+
+    fn parse_app(content: &str) -> App {
+        let docs = parse_documents("t.yaml", content).unwrap();
+        match &docs[0].document {
+            Document::App(app) => app.clone(),
+            other => panic!("not an app: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_the_full_example() {
+        let docs = parse_documents("t.yaml", FULL).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!((docs[0].index, docs[0].line), (1, 2));
+        assert_eq!((docs[1].index, docs[1].line), (2, 7));
+        let Document::Provider(p) = &docs[0].document else {
+            panic!()
+        };
+        assert_eq!(
+            p.metadata.labels.get("cloud").map(String::as_str),
+            Some("local")
+        );
+        assert_eq!(p.spec.driver, DriverKind::Process);
+        assert_eq!((p.spec.priority, p.spec.capacity), (10, 100));
+        let Document::App(a) = &docs[1].document else {
+            panic!()
+        };
+        assert_eq!(docs[1].document.kind(), Kind::App);
+        assert_eq!(docs[1].document.name(), "hello");
+        let w = &a.spec.workload;
+        assert_eq!(w.image.as_deref(), Some("example/hello:1"));
+        assert_eq!(w.args, ["--message", "hi"]);
+        assert_eq!(w.working_dir.as_deref(), Some("/tmp"));
+        assert_eq!(w.ports[0].container_port, Some(8080));
+        assert_eq!(w.resources.memory_mib, Some(128));
+        assert_eq!(a.spec.replicas, 2);
+        assert_eq!(a.spec.placement.providers.len(), 2);
+        assert_eq!(a.spec.placement.providers[0].priority, Some(10));
+        assert_eq!(a.spec.placement.providers[1].weight, 1);
+        let health = a.spec.health.as_ref().unwrap();
+        assert_eq!(
+            health.probe,
+            Probe::Http {
+                path: "/healthz".into(),
+                port: "http".into()
+            }
+        );
+        let routing = a.spec.routing.as_ref().unwrap();
+        assert_eq!(routing.hosts, ["hello.local"]);
+        assert_eq!(routing.protocol, RoutingProtocol::Http);
+    }
+
+    #[test]
+    fn to_yaml_round_trips() {
+        let docs = parse_documents("t.yaml", FULL).unwrap();
+        let text: Vec<String> = docs.iter().map(|d| d.document.to_yaml()).collect();
+        let again = parse_documents("again.yaml", &text.join("---\n")).unwrap();
+        let first: Vec<_> = docs.into_iter().map(|d| d.document).collect();
+        let second: Vec<_> = again.into_iter().map(|d| d.document).collect();
+        assert_eq!(first, second);
+        assert!(
+            text[1].starts_with("apiVersion: skymirror.dev/v1\nkind: App\n"),
+            "{}",
+            text[1]
+        );
+    }
+
+    #[test]
+    fn documents_round_trip_through_json() {
+        let docs = parse_documents("t.yaml", FULL).unwrap();
+        for doc in docs {
+            let json = serde_json::to_string(&doc.document).unwrap();
+            let back: Document = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, doc.document);
+        }
+    }
+
+    #[test]
+    fn generic_deserialize_validates() {
+        let bad = app("  command: x\n  replicas: 1\n  ports: [{name: a}, {name: a}]\n");
+        let err = serde_yaml_ng::from_str::<Document>(&bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spec.ports[1].name: duplicate port name"),
+            "{err}"
+        );
+        let bad = app("  command: x\n  replicas: 1\n  health: {interval: 1s}\n");
+        let err = serde_yaml_ng::from_str::<Document>(&bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("health: set one of `http`, `tcp` or `exec`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn defaults() {
+        let a = parse_app(&app(
+            "  command: run\n  replicas: 0\n  ports: [{name: http}]\n  placement: {providers: [{name: a}]}\n  health: {tcp: {port: http}}\n",
+        ));
+        assert_eq!(a.spec.replicas, 0);
+        let w = &a.spec.workload;
+        assert_eq!(w.image, None);
+        assert_eq!(w.stop_grace_period, Duration::from_secs(10));
+        assert_eq!(w.ports[0].protocol, Protocol::Tcp);
+        assert_eq!(w.ports[0].container_port, None);
+        assert_eq!(a.spec.placement.mode, PlacementMode::Mirror);
+        assert_eq!(a.spec.placement.providers[0].weight, 1);
+        assert_eq!(a.spec.placement.standby_replicas, 0);
+        assert_eq!(
+            a.spec.health,
+            Some(HealthCheck::new(Probe::Tcp {
+                port: "http".into()
+            }))
+        );
+        assert_eq!(
+            a.spec.health.as_ref().map(|h| h.interval),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(a.spec.failover, FailoverPolicy::default());
+        assert!(a.spec.failover.spill);
+        assert_eq!(a.spec.failover.failback_after, Duration::from_secs(30));
+        assert_eq!(a.spec.routing, None);
+
+        let docs = parse_documents("t.yaml", "apiVersion: skymirror.dev/v1\nkind: Provider\nmetadata: {name: p}\nspec: {driver: ec2}\n").unwrap();
+        let Document::Provider(p) = &docs[0].document else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                p.spec.priority,
+                p.spec.capacity,
+                p.spec.description.as_str()
+            ),
+            (0, 0, "")
+        );
+    }
+
+    #[test]
+    fn durations_accept_integers_as_seconds() {
+        let a = parse_app(&app(
+            "  command: run\n  replicas: 1\n  stopGracePeriod: 15\n  failover: {failbackAfter: 1m30s}\n",
+        ));
+        assert_eq!(a.spec.workload.stop_grace_period, Duration::from_secs(15));
+        assert_eq!(a.spec.failover.failback_after, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn syntax_error() {
+        assert_eq!(
+            error("apiVersion: skymirror.dev/v1\nkind: App\nmetadata: {name: x\nspec: {}\n"),
+            "t.yaml: document 1, line 4, column 5: invalid YAML: did not find expected ',' or '}', while parsing a flow mapping at line 3 column 11"
+        );
+    }
+
+    #[test]
+    fn syntax_error_in_a_later_document_keeps_earlier_errors() {
+        let text = format!("{}---\na: [\n", app("  replicas: -1\n  command: x\n"));
+        assert_eq!(
+            errors(&text),
+            [
+                "t.yaml: document 1, line 6, column 13: spec.replicas: expected a non-negative integer, found -1",
+                "t.yaml: document 2, line 10, column 1: invalid YAML: did not find expected node content, while parsing a flow node",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_field() {
+        assert_eq!(
+            error(&app("  command: x\n  replica: 2\n")),
+            "t.yaml: document 1, line 7, column 3: spec.replica: unknown field `replica`, expected one of `image`, `command`, `args`, `env`, `workingDir`, `ports`, `resources`, `stopGracePeriod`, `replicas`, `placement`, `health`, `failover`, `routing`"
+        );
+        assert_eq!(
+            error(&app(
+                "  command: x\n  replicas: 2\n  placement:\n    providers:\n      - name: a\n      - nmae: b\n"
+            )),
+            "t.yaml: document 1, line 11, column 9: spec.placement.providers[1].nmae: unknown field `nmae`, expected one of `name`, `selector`, `weight`, `priority`"
+        );
+    }
+
+    #[test]
+    fn wrong_types() {
+        assert_eq!(
+            error(&app("  command: x\n  replicas: -1\n")),
+            "t.yaml: document 1, line 7, column 13: spec.replicas: expected a non-negative integer, found -1"
+        );
+        assert_eq!(
+            error(&app("  command: x\n  replicas: two\n")),
+            "t.yaml: document 1, line 7, column 13: spec.replicas: expected a non-negative integer, found \"two\""
+        );
+        assert_eq!(
+            error(&app("  command: x\n  replicas: 1.5\n")),
+            "t.yaml: document 1, line 7, column 13: spec.replicas: expected a non-negative integer, found 1.5"
+        );
+        assert_eq!(
+            error(&app(
+                "  command: x\n  replicas: 1\n  ports: [{name: a, containerPort: 70000}]\n"
+            )),
+            "t.yaml: document 1, line 8, column 36: spec.ports[0].containerPort: expected an integer between 0 and 65535, found 70000"
+        );
+        assert_eq!(
+            error(&app("  command: x\n  replicas: 1\n  args: x\n")),
+            "t.yaml: document 1, line 8, column 9: spec.args: invalid type: string \"x\", expected a sequence"
+        );
+        assert_eq!(
+            error(&app("  command: x\n  replicas: 1\n  stopGracePeriod: 5x\n")),
+            "t.yaml: document 1, line 8, column 20: spec.stopGracePeriod: invalid duration \"5x\": unknown unit `x` (use h, m, s or ms)"
+        );
+        assert_eq!(
+            error(&app(
+                "  command: x\n  replicas: 1\n  placement: {mode: active}\n"
+            )),
+            "t.yaml: document 1, line 8, column 21: spec.placement.mode: unknown variant `active`, expected one of `mirror`, `active-passive`, `spread`"
+        );
+    }
+
+    #[test]
+    fn missing_required_fields() {
+        assert_eq!(
+            error(
+                "apiVersion: skymirror.dev/v1\nkind: Provider\nmetadata: {name: p}\nspec:\n  priority: 1\n"
+            ),
+            "t.yaml: document 1, line 5, column 3: spec: missing field `driver`"
+        );
+        assert_eq!(
+            error(&app("  command: x\n")),
+            "t.yaml: document 1, line 6, column 3: spec: missing field `replicas`"
+        );
+        assert_eq!(
+            error("apiVersion: skymirror.dev/v1\nkind: App\nmetadata: {name: x}\n"),
+            "t.yaml: document 1, line 1, column 1: missing field `spec`"
+        );
+        assert_eq!(
+            error("apiVersion: skymirror.dev/v1\nkind: App\nmetadata: {labels: {}}\nspec: {}\n"),
+            "t.yaml: document 1, line 3, column 11: metadata: missing field `name`"
+        );
+        assert_eq!(
+            error("kind: App\nmetadata: {name: x}\nspec: {command: x, replicas: 1}\n"),
+            "t.yaml: document 1, line 1, column 1: missing field `apiVersion`"
+        );
+    }
+
+    #[test]
+    fn api_version_and_kind() {
+        assert_eq!(
+            error("apiVersion: v2\nkind: App\nmetadata: {name: x}\nspec: {}\n"),
+            "t.yaml: document 1, line 1, column 13: apiVersion: unsupported apiVersion \"v2\", expected \"skymirror.dev/v1\""
+        );
+        assert_eq!(
+            error("apiVersion: skymirror.dev/v1\nkind: Deployment\n"),
+            "t.yaml: document 1, line 2, column 7: kind: unknown kind \"Deployment\", expected one of: Provider, App"
+        );
+        assert_eq!(
+            error("apiVersion: skymirror.dev/v1\nkind: [App]\n"),
+            "t.yaml: document 1, line 2, column 7: kind: expected a string, one of: Provider, App"
+        );
+        assert_eq!(
+            error("apiVersion: skymirror.dev/v1\nmetadata: {name: x}\n"),
+            "t.yaml: document 1, line 1, column 1: missing field `kind` (one of: Provider, App)"
+        );
+        assert_eq!(
+            error("\n- a\n- b\n"),
+            "t.yaml: document 1, line 2, column 1: expected a mapping with apiVersion, kind, metadata and spec, found a sequence"
+        );
+    }
+
+    #[test]
+    fn replicas_limit() {
+        assert_eq!(
+            error(&app("  command: x\n  replicas: 1001\n")),
+            "t.yaml: document 1, line 7, column 13: spec.replicas: must be at most 1000, found 1001"
+        );
+    }
+
+    #[test]
+    fn names_and_labels() {
+        let doc = |meta: &str| {
+            format!(
+                "apiVersion: skymirror.dev/v1\nkind: Provider\nmetadata:\n{meta}spec: {{driver: docker}}\n"
+            )
+        };
+        assert_eq!(
+            error(&doc("  name: Local_A\n")),
+            "t.yaml: document 1, line 4, column 9: metadata.name: \"Local_A\" contains 'L': names are 1 to 63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+        );
+        assert_eq!(
+            error(&doc("  name: -a\n")),
+            "t.yaml: document 1, line 4, column 9: metadata.name: \"-a\" starts or ends with '-': names are 1 to 63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+        );
+        assert_eq!(
+            error(&doc(&format!("  name: {}\n", "a".repeat(64)))),
+            "t.yaml: document 1, line 4, column 9: metadata.name: is 64 characters long: names are 1 to 63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+        );
+        assert_eq!(
+            error(&doc("  name: \"\"\n")),
+            "t.yaml: document 1, line 4, column 9: metadata.name: must not be empty: names are 1 to 63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+        );
+        assert_eq!(
+            errors(&doc(&format!("  name: a\n  labels:\n    cloud: \"\"\n    {}: x\n", "k".repeat(64)))),
+            [
+                "t.yaml: document 1, line 6, column 12: metadata.labels.cloud: label values must not be empty",
+                format!("t.yaml: document 1, line 7, column 71: metadata.labels.{}: label key is 64 characters long, at most 63 are allowed", "k".repeat(64)).as_str(),
+            ]
+        );
+    }
+
+    #[test]
+    fn workload_checks() {
+        assert_eq!(
+            error(&app("  replicas: 1\n")),
+            "t.yaml: document 1, line 6, column 3: spec: at least one of `image` or `command` is required"
+        );
+        assert_eq!(
+            errors(&app(
+                "  command: x\n  replicas: 1\n  env: {1BAD: x, GOOD_1: y}\n  ports:\n    - {name: http, containerPort: 0}\n    - {name: HTTP}\n    - {name: http}\n    - {name: a-very-long-port-name}\n"
+            )),
+            [
+                "t.yaml: document 1, line 8, column 15: spec.env.1BAD: invalid environment variable name \"1BAD\": use letters, digits and '_', not starting with a digit",
+                "t.yaml: document 1, line 10, column 35: spec.ports[0].containerPort: must be between 1 and 65535, found 0",
+                "t.yaml: document 1, line 11, column 14: spec.ports[1].name: invalid port name \"HTTP\": use 1 to 15 lowercase letters, digits and '-'",
+                "t.yaml: document 1, line 12, column 14: spec.ports[2].name: duplicate port name \"http\": already used by spec.ports[0]",
+                "t.yaml: document 1, line 13, column 14: spec.ports[3].name: invalid port name \"a-very-long-port-name\": use 1 to 15 lowercase letters, digits and '-'",
+            ]
+        );
+        assert_eq!(
+            error(&app(
+                "  command: x\n  replicas: 1\n  stopGracePeriod: 1500ms\n"
+            )),
+            "t.yaml: document 1, line 8, column 20: spec.stopGracePeriod: must be a whole number of seconds, found 1500ms"
+        );
+    }
+
+    #[test]
+    fn health_checks() {
+        let base = "  command: x\n  replicas: 1\n  ports: [{name: http}]\n  health:\n";
+        assert_eq!(
+            error(&app(&format!("{base}    interval: 1s\n"))),
+            "t.yaml: document 1, line 10, column 5: spec.health: set one of `http`, `tcp` or `exec` to say how to probe"
+        );
+        assert_eq!(
+            error(&app(&format!(
+                "{base}    http: {{path: /, port: http}}\n    tcp: {{port: http}}\n"
+            ))),
+            "t.yaml: document 1, line 11, column 10: spec.health.tcp: only one of `http`, `tcp` or `exec` may be set"
+        );
+        assert_eq!(
+            errors(&app(&format!(
+                "{base}    http: {{path: healthz, port: web}}\n    interval: 1s\n    timeout: 2s\n    failureThreshold: 0\n"
+            ))),
+            [
+                "t.yaml: document 1, line 10, column 18: spec.health.http.path: must start with '/', found \"healthz\"",
+                "t.yaml: document 1, line 10, column 33: spec.health.http.port: unknown port \"web\": the app's ports are http",
+                "t.yaml: document 1, line 12, column 14: spec.health.timeout: must not be longer than the interval (1s), found 2s",
+                "t.yaml: document 1, line 13, column 23: spec.health.failureThreshold: must be at least 1",
+            ]
+        );
+        assert_eq!(
+            errors(&app(&format!(
+                "{base}    exec: {{command: []}}\n    interval: 0s\n    successThreshold: 0\n"
+            ))),
+            [
+                "t.yaml: document 1, line 10, column 21: spec.health.exec.command: must not be empty",
+                "t.yaml: document 1, line 11, column 15: spec.health.interval: must be greater than 0",
+                "t.yaml: document 1, line 12, column 23: spec.health.successThreshold: must be at least 1",
+            ]
+        );
+        assert_eq!(
+            error(&app(
+                "  command: x\n  replicas: 1\n  health: {tcp: {port: http}}\n"
+            )),
+            "t.yaml: document 1, line 8, column 24: spec.health.tcp.port: unknown port \"http\": the app declares no ports (spec.ports)"
+        );
+    }
+
+    #[test]
+    fn placement_checks() {
+        assert_eq!(
+            errors(&app(
+                "  command: x\n  replicas: 1\n  placement:\n    providers:\n      - {name: a, selector: {cloud: aws}}\n      - {weight: 2}\n      - name: b\n        weight: 0\n      - name: b\n      - selector: {cloud: \"\"}\n"
+            )),
+            [
+                "t.yaml: document 1, line 10, column 9: spec.placement.providers[0]: set either `name` or `selector`, not both",
+                "t.yaml: document 1, line 11, column 9: spec.placement.providers[1]: set either `name` or `selector`",
+                "t.yaml: document 1, line 13, column 17: spec.placement.providers[2].weight: must be at least 1",
+                "t.yaml: document 1, line 14, column 15: spec.placement.providers[3].name: provider \"b\" is already listed at spec.placement.providers[2]",
+                "t.yaml: document 1, line 15, column 27: spec.placement.providers[4].selector.cloud: selector values must not be empty",
+            ]
+        );
+    }
+
+    #[test]
+    fn routing_checks() {
+        assert_eq!(
+            errors(&app(
+                "  command: x\n  replicas: 1\n  ports: [{name: http}]\n  routing: {listen: \"localhost:80\", port: web}\n"
+            )),
+            [
+                "t.yaml: document 1, line 9, column 21: spec.routing.listen: invalid listen address \"localhost:80\": expected an IP address and port such as 127.0.0.1:8080",
+                "t.yaml: document 1, line 9, column 43: spec.routing.port: unknown port \"web\": the app's ports are http",
+            ]
+        );
+    }
+
+    #[test]
+    fn size_and_document_limits() {
+        let big = format!("# {}\n", "x".repeat(MAX_SOURCE_BYTES));
+        assert_eq!(
+            error(&big),
+            format!(
+                "t.yaml: file is {} bytes, over the 1048576-byte limit",
+                MAX_SOURCE_BYTES + 3
+            )
+        );
+        let provider = |i: usize| {
+            format!(
+                "apiVersion: skymirror.dev/v1\nkind: Provider\nmetadata: {{name: p{i}}}\nspec: {{driver: process}}\n"
+            )
+        };
+        let many: Vec<String> = (0..=MAX_DOCUMENTS).map(provider).collect();
+        assert_eq!(
+            error(&many.join("---\n")),
+            "t.yaml: document 1001: too many documents: at most 1000 are allowed"
+        );
+        let enough: Vec<String> = (0..MAX_DOCUMENTS).map(provider).collect();
+        assert_eq!(
+            parse_documents("t.yaml", &enough.join("---\n---\n"))
+                .unwrap()
+                .len(),
+            MAX_DOCUMENTS
+        );
+    }
+
+    #[test]
+    fn empty_documents_are_skipped() {
+        let text = format!(
+            "# header\n---\n---\n{}\n---\n# trailing\n",
+            FULL.trim_end_matches("---\n")
+        );
+        let docs = parse_documents("t.yaml", &text).unwrap();
+        assert_eq!(
+            docs.iter().map(|d| (d.index, d.line)).collect::<Vec<_>>(),
+            [(2, 5), (3, 10)]
+        );
+        assert_eq!(error(""), "t.yaml: no documents");
+        assert_eq!(error("# only a comment\n"), "t.yaml: no documents");
+        assert_eq!(error("---\n---\n"), "t.yaml: no documents");
+    }
+
+    #[test]
+    fn errors_are_collected_across_documents() {
+        let text = format!(
+            "{}---\n{}---\napiVersion: skymirror.dev/v1\nkind: Provider\nmetadata: {{name: ok}}\nspec: {{driver: process}}\n---\n{}",
+            app("  replicas: 1\n  command: x\n  bogus: 1\n"),
+            app("  replicas: 1\n"),
+            app("  command: y\n  replicas: 1\n  ports: [{name: a}, {name: a}]\n"),
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "t.yaml: document 1, line 8, column 3: spec.bogus: unknown field `bogus`, expected one of `image`, `command`, `args`, `env`, `workingDir`, `ports`, `resources`, `stopGracePeriod`, `replicas`, `placement`, `health`, `failover`, `routing`",
+                "t.yaml: document 2, line 15, column 3: spec: at least one of `image` or `command` is required",
+                "t.yaml: document 4, line 29, column 29: spec.ports[1].name: duplicate port name \"a\": already used by spec.ports[0]",
+            ]
+        );
+    }
+
+    #[test]
+    fn references() {
+        let text = format!(
+            "{}---\n{}---\n{}",
+            app(
+                "  command: x\n  replicas: 1\n  placement:\n    providers: [{name: local-a}, {name: far}, {selector: {a: b}}]\n"
+            ),
+            "apiVersion: skymirror.dev/v1\nkind: Provider\nmetadata: {name: local-a}\nspec: {driver: process}\n",
+            app("  command: x\n  replicas: 1\n"),
+        );
+        let docs = parse_documents("t.yaml", &text).unwrap();
+        let none = BTreeSet::new();
+        let err = validate_references("t.yaml", &text, &docs, &none).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "t.yaml: document 3, line 19, column 9: metadata.name: duplicate App \"hello\": already defined in document 1\n\
+             t.yaml: document 1, line 9, column 41: spec.placement.providers[1].name: unknown provider \"far\": not in this input and not applied before"
+        );
+        let known: BTreeSet<String> = ["far".to_owned()].into();
+        let err = validate_references("t.yaml", &text, &docs[..2], &known);
+        assert_eq!(err, Ok(()));
+    }
+
+    #[test]
+    fn kind_from_str() {
+        for (text, kind) in [
+            ("app", Kind::App),
+            ("Apps", Kind::App),
+            ("PROVIDER", Kind::Provider),
+            ("providers", Kind::Provider),
+        ] {
+            assert_eq!(text.parse::<Kind>(), Ok(kind));
+        }
+        assert_eq!(
+            "pods".parse::<Kind>().unwrap_err().to_string(),
+            "unknown kind `pods`, expected one of: Provider, App"
+        );
+        assert_eq!(Kind::App.to_string(), "App");
+    }
+}

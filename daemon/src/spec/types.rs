@@ -23,6 +23,8 @@ use super::{API_VERSION, duration, validate};
 ///
 /// Serializes as the YAML document (`apiVersion`, `kind`, `metadata`, `spec`).
 /// Deserializing also validates what can be checked from the object alone.
+// Not boxed: documents are few and short-lived, and plain variants keep matching simple.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Document {
     /// A place where replicas run.
@@ -82,6 +84,7 @@ impl Serialize for Document {
 }
 
 /// The YAML shape of a document for [`Document`]'s `Deserialize`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Deserialize)]
 #[serde(tag = "kind", deny_unknown_fields)]
 enum DocumentRepr {

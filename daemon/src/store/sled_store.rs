@@ -26,8 +26,16 @@ pub struct SledStore {
     replicas: sled::Tree,
     events: sled::Tree,
     /// Serializes event appends so sequence numbers are committed in order and a
-    /// reader that has seen `seq` never later finds a smaller one appear.
-    event_lock: Mutex<u64>,
+    /// reader that has seen `seq` never later finds a smaller one appear. Holds
+    /// the last sequence number handed out and how many events the log holds.
+    event_lock: Mutex<EventLog>,
+}
+
+/// Position and size of the event log.
+#[derive(Debug)]
+struct EventLog {
+    last_seq: u64,
+    count: u64,
 }
 
 fn backend(e: sled::Error) -> StoreError {
@@ -86,13 +94,15 @@ impl SledStore {
             Some((key, _)) => seq_from_key(&key)?,
             None => 0,
         };
+        // One scan at start-up; afterwards the count is kept as events come and go.
+        let count = events.len() as u64;
         Ok(SledStore {
             apps: db.open_tree("apps").map_err(backend)?,
             providers: db.open_tree("providers").map_err(backend)?,
             assignments: db.open_tree("assignments").map_err(backend)?,
             replicas: db.open_tree("replicas").map_err(backend)?,
             events,
-            event_lock: Mutex::new(last_seq),
+            event_lock: Mutex::new(EventLog { last_seq, count }),
             db,
         })
     }
@@ -114,16 +124,20 @@ impl SledStore {
         events: Vec<NewEvent>,
         write: impl FnOnce(&[(u64, Vec<u8>)]) -> Result<R, StoreError>,
     ) -> Result<(R, Vec<StoredEvent>), StoreError> {
-        let mut last = self
+        let mut log = self
             .event_lock
             .lock()
             .map_err(|_| StoreError::Backend("event lock poisoned".into()))?;
         let time_ms = now_ms();
         let mut stored = Vec::with_capacity(events.len());
         let mut encoded = Vec::with_capacity(events.len());
-        let mut seq = *last;
+        let mut seq = log.last_seq;
         for event in events {
-            seq += 1;
+            // sled's id generator survives crashes without ever handing out an
+            // id twice (it skips ahead after an unclean stop), so an event seen
+            // by a client before a `kill -9` never has its number reused, even
+            // if the event itself had not reached the disk.
+            seq = self.db.generate_id().map_err(backend)?.max(seq) + 1;
             let event = StoredEvent {
                 seq,
                 time_ms,
@@ -133,18 +147,23 @@ impl SledStore {
             stored.push(event);
         }
         let result = write(&encoded)?;
-        *last = seq;
-        if seq > Self::EVENT_RETENTION {
-            let cutoff = (seq - Self::EVENT_RETENTION + 1).to_be_bytes();
-            // Trimming is housekeeping: a failure leaves a longer log, not a wrong one.
+        log.last_seq = seq;
+        log.count += encoded.len() as u64;
+        // Trim in batches so the log is not trimmed on every append.
+        if log.count > Self::EVENT_RETENTION + Self::EVENT_RETENTION / 10 {
+            let excess = usize::try_from(log.count - Self::EVENT_RETENTION).unwrap_or(usize::MAX);
             let old: Vec<_> = self
                 .events
-                .range(..cutoff)
+                .iter()
                 .keys()
+                .take(excess)
                 .filter_map(Result::ok)
                 .collect();
+            // Trimming is housekeeping: a failure leaves a longer log, not a wrong one.
             for key in old {
-                let _ = self.events.remove(key);
+                if matches!(self.events.remove(key), Ok(Some(_))) {
+                    log.count -= 1;
+                }
             }
         }
         Ok((result, stored))
@@ -298,7 +317,7 @@ impl Store for SledStore {
     fn last_event_seq(&self) -> Result<u64, StoreError> {
         self.event_lock
             .lock()
-            .map(|seq| *seq)
+            .map(|log| log.last_seq)
             .map_err(|_| StoreError::Backend("event lock poisoned".into()))
     }
 
@@ -364,7 +383,31 @@ mod tests {
         let store = SledStore::open(dir.path())?;
         assert_eq!(store.last_event_seq()?, 3);
         let next = store.append_events(vec![event("D")])?;
-        assert_eq!(next[0].seq, 4);
+        assert!(next[0].seq > 3, "sequence numbers never go back");
+        Ok(())
+    }
+
+    #[test]
+    fn retention_counts_events_not_sequence_numbers() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Backend(e.to_string()))?;
+        let store = SledStore::open(dir.path())?;
+        let total = SledStore::EVENT_RETENTION + SledStore::EVENT_RETENTION / 5;
+        for chunk in 0..total / 100 {
+            store.append_events(
+                (0..100)
+                    .map(|i| event(&format!("E{}", chunk * 100 + i)))
+                    .collect(),
+            )?;
+        }
+        let kept = store.events_after(0, usize::MAX)?;
+        assert!(kept.len() as u64 >= SledStore::EVENT_RETENTION);
+        assert!(
+            (kept.len() as u64) <= SledStore::EVENT_RETENTION + SledStore::EVENT_RETENTION / 10
+        );
+        assert_eq!(
+            kept.last().map(|e| e.event.reason.clone()),
+            Some(format!("E{}", total - 1))
+        );
         Ok(())
     }
 
