@@ -26,6 +26,8 @@ pub struct DesiredApp {
     pub workload: Workload,
     /// Health check, if any.
     pub health: Option<HealthSpec>,
+    /// At most one copy anywhere: runs only while the agent holds a lease.
+    pub singleton: bool,
 }
 
 /// The complete desired set for the provider.
@@ -141,6 +143,7 @@ impl TryFrom<pb::Assignment> for DesiredSet {
             let desired = DesiredApp {
                 workload: workload(&x.app, w)?,
                 health: x.health.map(|h| health(&x.app, h)).transpose()?,
+                singleton: x.singleton,
                 app: x.app.clone(),
                 generation: x.generation,
                 workload_generation: x.workload_generation,

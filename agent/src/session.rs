@@ -140,6 +140,11 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
     let mut inbound = response.into_inner();
     tracing::info!(server = %id.server, provider = %id.provider, "session established");
 
+    // Send times of recent heartbeats: a lease runs from when the acknowledged
+    // heartbeat was sent, so the agent's lease ends before the daemon's view of it.
+    let mut sent: std::collections::VecDeque<(u64, tokio::time::Instant)> =
+        std::collections::VecDeque::new();
+    let mut seq: u64 = 0;
     let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -157,12 +162,22 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
                         Err(e) => tracing::error!(error = %e, "rejected an invalid assignment; keeping the current one"),
                     }
                 }
+                Ok(Some(pb::DaemonMessage { message: Some(pb::daemon_message::Message::HeartbeatAck(ack)) })) => {
+                    if let Some((_, at)) = sent.iter().find(|(s, _)| *s == ack.seq) {
+                        sup.lease.renew(*at + Duration::from_millis(u64::from(ack.lease_ms)));
+                    }
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => return Ok("the daemon closed the stream".into()),
                 Err(status) => return Ok(format!("stream failed: {}", status.message())),
             },
             _ = heartbeat.tick() => {
-                let hb = pb::Heartbeat { time_ms: now_ms(), applied_revision: sup.board.snapshot_revision() };
+                seq += 1;
+                sent.push_back((seq, tokio::time::Instant::now()));
+                if sent.len() > 64 {
+                    sent.pop_front();
+                }
+                let hb = pb::Heartbeat { time_ms: now_ms(), applied_revision: sup.board.snapshot_revision(), seq };
                 if tx.send(pb::AgentMessage { message: Some(pb::agent_message::Message::Heartbeat(hb)) }).await.is_err() {
                     return Ok("outbound queue closed".into());
                 }

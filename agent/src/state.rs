@@ -139,6 +139,18 @@ impl StateDir {
         write_atomic(&self.dir.join("assignment.pb"), &a.encode_to_vec())
     }
 
+    /// The lease deadline on singletons, ms since the Unix epoch, if persisted.
+    pub fn load_lease(&self) -> Result<Option<i64>, StateError> {
+        let path = self.dir.join("lease");
+        Ok(read_optional(&path)?.and_then(|raw| String::from_utf8_lossy(&raw).trim().parse().ok()))
+    }
+
+    /// Persists the lease deadline so a restarted agent keeps, and no longer
+    /// than, the lease it had.
+    pub fn save_lease(&self, deadline_ms: i64) -> Result<(), StateError> {
+        write_atomic(&self.dir.join("lease"), deadline_ms.to_string().as_bytes())
+    }
+
     /// The persisted replica handles.
     pub fn load_replicas(&self) -> Result<Vec<PersistedReplica>, StateError> {
         let path = self.dir.join("replicas.json");

@@ -159,6 +159,38 @@ impl StatusBoard {
     }
 }
 
+/// The agent's lease on singleton replicas, renewed by heartbeat acks.
+#[derive(Debug, Default)]
+pub struct Lease {
+    deadline: Mutex<Option<Instant>>,
+}
+
+impl Lease {
+    /// Extends the lease to `deadline` (never shortens it).
+    pub fn renew(&self, deadline: Instant) {
+        let mut d = self
+            .deadline
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if d.is_none_or(|cur| deadline > cur) {
+            *d = Some(deadline);
+        }
+    }
+
+    /// When the lease ends, if the agent holds one.
+    pub fn deadline(&self) -> Option<Instant> {
+        *self
+            .deadline
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Singletons are stopped this long before the lease ends, and get at most
+/// this much of a stop grace, so they are gone before the lease is.
+const FENCE_EARLY: Duration = Duration::from_millis(500);
+const FENCE_GRACE: Duration = Duration::from_millis(400);
+
 /// What a replica is doing.
 #[derive(Debug, Clone, PartialEq)]
 enum Phase {
@@ -345,6 +377,8 @@ pub struct SupervisorHandle {
     inbox: mpsc::Sender<Input>,
     /// Statuses for the session.
     pub board: Arc<StatusBoard>,
+    /// Lease on singletons, renewed by the session.
+    pub lease: Arc<Lease>,
 }
 
 impl SupervisorHandle {
@@ -366,6 +400,9 @@ pub struct Supervisor<D: Driver> {
     inbox: mpsc::Receiver<Input>,
     inbox_tx: mpsc::Sender<Input>,
     board: Arc<StatusBoard>,
+    lease: Arc<Lease>,
+    /// Lease deadline last persisted, to persist only renewals.
+    saved_lease: Option<Instant>,
     /// Handles changed since the last save.
     dirty: bool,
 }
@@ -391,6 +428,16 @@ impl<D: Driver> Supervisor<D> {
     ) -> Result<(Self, SupervisorHandle), crate::AgentError> {
         let (inbox_tx, inbox) = mpsc::channel(INBOX);
         let board = Arc::new(StatusBoard::default());
+        let lease = Arc::new(Lease::default());
+        if let Some(deadline_ms) = state.load_lease()? {
+            // Carry the lease over an agent restart, converted to this run's clock.
+            let left = deadline_ms - now_ms();
+            if left > 0 {
+                lease.renew(
+                    Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0)),
+                );
+            }
+        }
         let desired = match state.load_assignment()? {
             Some(raw) => match DesiredSet::try_from(raw) {
                 Ok(set) => Some(set),
@@ -411,6 +458,8 @@ impl<D: Driver> Supervisor<D> {
             inbox,
             inbox_tx: inbox_tx.clone(),
             board: board.clone(),
+            lease: lease.clone(),
+            saved_lease: None,
             dirty: false,
         };
         for p in sup.state.load_replicas()? {
@@ -444,6 +493,7 @@ impl<D: Driver> Supervisor<D> {
             SupervisorHandle {
                 inbox: inbox_tx,
                 board,
+                lease,
             },
         ))
     }
@@ -704,11 +754,27 @@ impl<D: Driver> Supervisor<D> {
             .collect()
     }
 
+    /// Whether singletons must not run now: no lease, or it ends too soon.
+    fn fenced(&self) -> bool {
+        self.lease
+            .deadline()
+            .is_none_or(|d| Instant::now() + FENCE_EARLY >= d)
+    }
+
     fn converge(&mut self) {
         let Some(desired) = self.desired.clone() else {
             return;
         };
-        let p = plan(&desired.apps, &self.observed());
+        let mut apps = desired.apps.clone();
+        if self.fenced() {
+            for d in apps.values_mut().filter(|d| d.singleton && d.replicas > 0) {
+                if self.replicas.keys().any(|k| k.app == d.app) {
+                    tracing::warn!(app = %d.app, "lease on the singleton not renewed: stopping it");
+                }
+                d.replicas = 0;
+            }
+        }
+        let p = plan(&apps, &self.observed());
         for key in p.remove {
             self.stop(&key, false);
         }
@@ -751,11 +817,11 @@ impl<D: Driver> Supervisor<D> {
     }
 
     fn stop(&mut self, key: &ReplicaKey, replace: bool) {
-        let grace = self
-            .desired
-            .as_ref()
-            .and_then(|d| d.apps.get(&key.app))
-            .map_or(Duration::from_secs(10), |d| d.workload.stop_grace);
+        let app = self.desired.as_ref().and_then(|d| d.apps.get(&key.app));
+        let mut grace = app.map_or(Duration::from_secs(10), |d| d.workload.stop_grace);
+        if app.is_some_and(|d| d.singleton) && self.fenced() {
+            grace = grace.min(FENCE_GRACE);
+        }
         let Some(r) = self.replicas.get_mut(key) else {
             return;
         };
@@ -906,6 +972,22 @@ impl<D: Driver> Supervisor<D> {
     }
 
     fn persist(&mut self) {
+        let has_singletons = self
+            .desired
+            .as_ref()
+            .is_some_and(|d| d.apps.values().any(|a| a.singleton));
+        let lease = self.lease.deadline();
+        if has_singletons
+            && lease != self.saved_lease
+            && let Some(deadline) = lease
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wall = now_ms() + i64::try_from(left.as_millis()).unwrap_or(0);
+            match self.state.save_lease(wall) {
+                Ok(()) => self.saved_lease = lease,
+                Err(e) => tracing::error!(error = %e, "cannot persist the lease"),
+            }
+        }
         if !self.dirty {
             return;
         }
@@ -971,6 +1053,7 @@ mod tests {
                     memory_mib: None,
                 },
                 health: None,
+                singleton: false,
             },
         )
     }

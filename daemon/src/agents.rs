@@ -184,8 +184,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
                         version: conn.version.clone(),
                         last_seen_ms: conn.last_seen_ms,
                         applied_revision: conn.applied_revision,
+                        last_seen: Some(conn.last_seen),
                     },
                 );
+                daemon.wake();
                 tracing::info!(%provider, reason = %ended, "agent disconnected");
                 daemon.record(vec![NewEvent {
                     reason: "ProviderDisconnected".into(),
@@ -210,8 +212,12 @@ fn is_current(daemon: &Daemon, provider: &str, conn_id: u64) -> bool {
 }
 
 fn handle_message(daemon: &Daemon, provider: &str, conn_id: u64, msg: pb::AgentMessage) {
+    let mut ack = None;
     let applied = match msg.message {
-        Some(pb::agent_message::Message::Heartbeat(hb)) => Some(hb.applied_revision),
+        Some(pb::agent_message::Message::Heartbeat(hb)) => {
+            ack = Some(hb.seq);
+            Some(hb.applied_revision)
+        }
         Some(pb::agent_message::Message::Status(report)) => {
             if report.replicas.len() > MAX_REPLICAS_PER_REPORT {
                 tracing::warn!(provider, "status report with too many replicas ignored");
@@ -240,6 +246,16 @@ fn handle_message(daemon: &Daemon, provider: &str, conn_id: u64, msg: pb::AgentM
         conn.last_seen_ms = now_ms();
         if let Some(rev) = applied {
             conn.applied_revision = conn.applied_revision.max(rev);
+        }
+        if let Some(seq) = ack {
+            let lease_ms = u32::try_from(daemon.config.lease.as_millis()).unwrap_or(u32::MAX);
+            // A full queue drops the ack: the agent's lease then lapses sooner,
+            // which is the safe direction.
+            let _ = conn.tx.try_send(Ok(pb::DaemonMessage {
+                message: Some(pb::daemon_message::Message::HeartbeatAck(
+                    pb::HeartbeatAck { seq, lease_ms },
+                )),
+            }));
         }
     }
 }
@@ -274,6 +290,7 @@ fn handle_report(
 
     let mut events = Vec::new();
     let mut gone: Vec<StoredReplica> = Vec::new();
+    let mut readiness_changed = false;
     {
         let mut all = lock(&daemon.replicas);
         let known = all.entry(provider.to_string()).or_default();
@@ -297,9 +314,15 @@ fn handle_report(
             }
         }
         for r in &updates {
-            events.extend(transition_events(known.get(&(r.app.clone(), r.index)), r));
+            let old = known.get(&(r.app.clone(), r.index));
+            readiness_changed |= old.is_none_or(|o| o.ready != r.ready || o.address != r.address);
+            events.extend(transition_events(old, r));
             known.insert((r.app.clone(), r.index), r.clone());
         }
+    }
+    // Readiness feeds placement (make-before-break) and routing.
+    if readiness_changed || !gone.is_empty() {
+        daemon.wake();
     }
     for r in &gone {
         events.push(replica_event(

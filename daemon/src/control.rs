@@ -69,7 +69,6 @@ impl ControlApi {
         assignments: &BTreeMap<String, StoredAssignment>,
         replicas: &[StoredReplica],
     ) -> pb::ProviderStatus {
-        let cfg = &self.daemon.config;
         let assigned: u32 = assignments
             .get(name)
             .map_or(0, |a| a.apps.iter().map(|x| x.replicas).sum());
@@ -87,27 +86,25 @@ impl ControlApi {
             ready_replicas: ready,
             ..Default::default()
         };
+        let (state, reason, since, held_out_until) = self.daemon.provider_liveness(name);
+        status.state = state as i32;
+        status.state_reason = reason;
+        status.state_since_ms = since;
+        status.held_out_until_ms = held_out_until;
+        if let Ok(controls) = self.daemon.store.controls() {
+            status.cordoned = controls.cordoned.contains(name);
+            status.draining = controls.draining.contains(name);
+        }
         if let Some(conn) = lock(&self.daemon.agents).get(name) {
-            let silent = conn.last_seen.elapsed();
-            status.state = if silent < cfg.suspect_after {
-                pb::ProviderState::Up
-            } else if silent < cfg.down_after {
-                pb::ProviderState::Suspect
-            } else {
-                pb::ProviderState::Down
-            } as i32;
             status.agent_id = conn.agent_id.clone();
             status.agent_version = conn.version.clone();
             status.last_heartbeat_ms = conn.last_seen_ms;
             status.applied_revision = conn.applied_revision;
         } else if let Some(seen) = lock(&self.daemon.seen).get(name) {
-            status.state = pb::ProviderState::Down as i32;
             status.agent_id = seen.agent_id.clone();
             status.agent_version = seen.version.clone();
             status.last_heartbeat_ms = seen.last_seen_ms;
             status.applied_revision = seen.applied_revision;
-        } else {
-            status.state = pb::ProviderState::Unknown as i32;
         }
         status
     }
@@ -141,6 +138,7 @@ fn targets_from_request(req: &pb::DeleteRequest) -> Result<Vec<(Kind, String)>, 
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+type RouteStream = Pin<Box<dyn Stream<Item = Result<pb::RoutingTable, Status>> + Send>>;
 
 fn event_matches(req: &pb::WatchEventsRequest, e: &StoredEvent) -> bool {
     (req.app.is_empty() || e.event.app == req.app)
@@ -150,6 +148,76 @@ fn event_matches(req: &pb::WatchEventsRequest, e: &StoredEvent) -> bool {
 #[tonic::async_trait]
 impl pb::control_service_server::ControlService for ControlApi {
     type WatchEventsStream = EventStream;
+    type WatchRoutesStream = RouteStream;
+
+    async fn watch_routes(
+        &self,
+        request: Request<pb::WatchRoutesRequest>,
+    ) -> Result<Response<Self::WatchRoutesStream>, Status> {
+        let edge = request.into_inner().edge_id;
+        let daemon = self.daemon.clone();
+        let mut table = daemon.routes.subscribe();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            tracing::info!(edge = %edge, "front door follows the routing table");
+            loop {
+                // Always the newest table: a slow front door skips intermediate ones.
+                let current = table.borrow_and_update().clone();
+                if tx.send(Ok(current)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    _ = daemon.shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    changed = table.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn failover(
+        &self,
+        request: Request<pb::FailoverRequest>,
+    ) -> Result<Response<pb::OperatorResponse>, Status> {
+        let req = request.into_inner();
+        if req.provider.is_empty() {
+            return Err(Status::invalid_argument(
+                "failover needs the provider to serve from (--to)",
+            ));
+        }
+        let message = self.daemon.set_pin(&req.app, Some(&req.provider)).await?;
+        Ok(Response::new(pb::OperatorResponse { message }))
+    }
+
+    async fn failback(
+        &self,
+        request: Request<pb::FailbackRequest>,
+    ) -> Result<Response<pb::OperatorResponse>, Status> {
+        let message = self.daemon.set_pin(&request.into_inner().app, None).await?;
+        Ok(Response::new(pb::OperatorResponse { message }))
+    }
+
+    async fn control_provider(
+        &self,
+        request: Request<pb::ControlProviderRequest>,
+    ) -> Result<Response<pb::OperatorResponse>, Status> {
+        let req = request.into_inner();
+        let message = self
+            .daemon
+            .control_provider(&req.provider, req.control())
+            .await?;
+        Ok(Response::new(pb::OperatorResponse { message }))
+    }
+
+    async fn explain(
+        &self,
+        request: Request<pb::ExplainRequest>,
+    ) -> Result<Response<pb::ExplainResponse>, Status> {
+        Ok(Response::new(
+            self.daemon.explain(&request.into_inner().app)?,
+        ))
+    }
 
     async fn apply(
         &self,

@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::error::DaemonError;
-use crate::scheduler::{self, Schedule};
+use crate::liveness::{self, Liveness, Observation, ProviderLiveness};
+use crate::scheduler::{self, Condition, Context, Schedule};
 use crate::spec::{self, Document, Kind};
 use crate::store::{
     AssignedApp, Batch, NewEvent, Store, StoredApp, StoredAssignment, StoredEvent, StoredProvider,
@@ -45,6 +46,17 @@ pub struct DaemonConfig {
     pub down_after: Duration,
     /// Period of the resync pass that runs even when nothing woke the reconciler.
     pub resync_interval: Duration,
+    /// Liveness timing (suspect, down, reconnect grace, flapping).
+    pub liveness: crate::liveness::LivenessConfig,
+    /// How often liveness is re-evaluated.
+    pub liveness_tick: Duration,
+    /// Lease an agent holds on its singleton replicas, renewed by every
+    /// heartbeat acknowledgement.
+    pub lease: Duration,
+    /// Extra wait after a lease has expired before a singleton starts elsewhere.
+    pub lease_margin: Duration,
+    /// Timeout of the daemon's own probes of replicas of silent providers.
+    pub probe_timeout: Duration,
 }
 
 impl DaemonConfig {
@@ -54,9 +66,14 @@ impl DaemonConfig {
             data_dir,
             join_token,
             heartbeat_interval: Duration::from_millis(500),
-            suspect_after: Duration::from_millis(1200),
+            suspect_after: Duration::from_millis(1000),
             down_after: Duration::from_secs(3),
             resync_interval: Duration::from_secs(5),
+            liveness: crate::liveness::LivenessConfig::default(),
+            liveness_tick: Duration::from_millis(100),
+            lease: Duration::from_secs(2),
+            lease_margin: Duration::from_secs(1),
+            probe_timeout: Duration::from_millis(300),
         }
     }
 }
@@ -93,6 +110,8 @@ pub(crate) struct AgentSeen {
     pub version: String,
     pub last_seen_ms: i64,
     pub applied_revision: u64,
+    /// Last heartbeat on tokio's clock (for liveness and leases).
+    pub last_seen: Option<Instant>,
 }
 
 /// Reconcile timings.
@@ -128,6 +147,20 @@ pub struct Daemon {
     stats: Mutex<ReconcileStats>,
     /// Cancelled when the daemon stops; ends long-lived streams (agents, watches).
     pub(crate) shutdown: CancellationToken,
+    /// Liveness per provider.
+    pub(crate) liveness: Mutex<BTreeMap<String, crate::liveness::ProviderLiveness>>,
+    /// Wall-clock times of the last liveness transition and of the end of a
+    /// hold-out, per provider, recorded when they happen so reads are stable.
+    pub(crate) liveness_wall: Mutex<BTreeMap<String, (i64, i64)>>,
+    /// Whether some replica of a silent provider answered the daemon's last
+    /// probe from outside (`None`: nothing to probe).
+    pub(crate) probes: Mutex<BTreeMap<String, Option<bool>>>,
+    /// The front door's routing table; a new value whenever it changes.
+    pub(crate) routes: tokio::sync::watch::Sender<pb::RoutingTable>,
+    /// The last schedule, for `explain`.
+    pub(crate) last_schedule: Mutex<Schedule>,
+    /// When the daemon started, on tokio's clock (reconnect grace).
+    pub(crate) started: Instant,
     /// Shortfalls already reported, so a pass does not repeat the same event.
     shortfalls: Mutex<BTreeMap<String, (u32, u32)>>,
     next_conn_id: std::sync::atomic::AtomicU64,
@@ -187,6 +220,12 @@ impl Daemon {
             apply_lock: tokio::sync::Mutex::new(()),
             stats: Mutex::new(ReconcileStats::default()),
             shutdown: CancellationToken::new(),
+            liveness: Mutex::new(BTreeMap::new()),
+            liveness_wall: Mutex::new(BTreeMap::new()),
+            probes: Mutex::new(BTreeMap::new()),
+            routes: tokio::sync::watch::channel(pb::RoutingTable::default()).0,
+            last_schedule: Mutex::new(Schedule::default()),
+            started: Instant::now(),
             shortfalls: Mutex::new(BTreeMap::new()),
             next_conn_id: std::sync::atomic::AtomicU64::new(1),
         }))
@@ -392,10 +431,11 @@ impl Daemon {
             }
         }
 
-        let before = scheduler::schedule(&apps, &providers);
+        let ctx = self.context(&apps, &self.store.assignments()?)?;
+        let before = scheduler::schedule(&apps, &providers, &ctx);
         let after_apps: Vec<StoredApp> = new_apps.into_values().collect();
         let after_providers: Vec<StoredProvider> = new_providers.into_values().collect();
-        let after = scheduler::schedule(&after_apps, &after_providers);
+        let after = scheduler::schedule(&after_apps, &after_providers, &ctx);
         let plan = plan_changes(&before, &after, &apps, &after_apps);
 
         if !dry_run && !batch.is_empty() {
@@ -498,14 +538,14 @@ impl Daemon {
         let started = std::time::Instant::now();
         let apps = self.store.apps()?;
         let providers = self.store.providers()?;
-        let schedule = scheduler::schedule(&apps, &providers);
+        let stored_assignments = self.store.assignments()?;
+        let ctx = self.context(&apps, &stored_assignments)?;
+        let schedule = scheduler::schedule(&apps, &providers, &ctx);
         let apps_by_name: BTreeMap<&str, &StoredApp> = apps
             .iter()
             .map(|a| (a.app.metadata.name.as_str(), a))
             .collect();
-        let mut assignments: BTreeMap<String, StoredAssignment> = self
-            .store
-            .assignments()?
+        let mut assignments: BTreeMap<String, StoredAssignment> = stored_assignments
             .into_iter()
             .map(|a| (a.provider.clone(), a))
             .collect();
@@ -541,11 +581,17 @@ impl Daemon {
             let empty = Vec::new();
             let old_apps = old.map_or(&empty, |o| &o.apps);
             for change in diff_assignment(old_apps, &wanted) {
+                let why = schedule
+                    .decisions
+                    .get(&change.0)
+                    .and_then(|d| d.iter().find(|d| &d.provider == provider))
+                    .map(|d| format!(" ({})", d.reason))
+                    .unwrap_or_default();
                 batch.events.push(NewEvent {
                     reason: "Scheduled".into(),
                     kind: "App".into(),
                     object: change.0.clone(),
-                    message: format!("{} on {provider}: {}", change.0, change.1),
+                    message: format!("{} on {provider}: {}{why}", change.0, change.1),
                     app: change.0,
                     provider: provider.clone(),
                     ..NewEvent::default()
@@ -588,6 +634,9 @@ impl Daemon {
         }
         drop(agents);
 
+        self.publish_routes(&apps, &schedule);
+        *lock(&self.last_schedule) = schedule;
+
         let took = started.elapsed();
         let mut stats = lock(&self.stats);
         stats.passes += 1;
@@ -622,6 +671,518 @@ impl Daemon {
         events
     }
 
+    /// Starts (`Some`) or ends (`None`) a manual failover of an app.
+    pub async fn set_pin(&self, app: &str, provider: Option<&str>) -> Result<String, DaemonError> {
+        let _guard = self.apply_lock.lock().await;
+        let Some(stored) = self.store.app(app)? else {
+            return Err(DaemonError::NotFound(format!("app {app:?} not found")));
+        };
+        let mut controls = self.store.controls()?;
+        let (reason, message) = match provider {
+            Some(p) => {
+                let providers = self.store.providers()?;
+                let Some(target) = providers.iter().find(|x| x.provider.metadata.name == p) else {
+                    return Err(DaemonError::NotFound(format!("provider {p:?} not found")));
+                };
+                let ctx = Context::default();
+                let s = scheduler::schedule(
+                    std::slice::from_ref(&stored),
+                    std::slice::from_ref(target),
+                    &ctx,
+                );
+                if s.decisions.get(app).is_none_or(|d| d.is_empty()) {
+                    return Err(DaemonError::FailedPrecondition(format!(
+                        "provider {p} is not in the placement of app {app}; failover targets must be providers the app may run on"
+                    )));
+                }
+                controls.pins.insert(app.to_string(), p.to_string());
+                (
+                    "ManualFailover",
+                    format!(
+                        "manual failover: {app} is served by {p} only until `skymirror failback {app}`"
+                    ),
+                )
+            }
+            None => {
+                if controls.pins.remove(app).is_none() {
+                    return Ok(format!("{app} has no manual failover in force"));
+                }
+                (
+                    "ManualFailback",
+                    format!("manual failover of {app} ended: normal placement and routing resume"),
+                )
+            }
+        };
+        let events = self.store.commit(
+            Batch {
+                controls: Some(controls),
+                events: vec![NewEvent {
+                    reason: reason.into(),
+                    kind: "App".into(),
+                    object: app.to_string(),
+                    message: message.clone(),
+                    app: app.to_string(),
+                    provider: provider.unwrap_or_default().to_string(),
+                    ..NewEvent::default()
+                }],
+                ..Batch::default()
+            },
+            true,
+        )?;
+        self.publish(&events);
+        self.wake();
+        Ok(message)
+    }
+
+    /// Cordons, uncordons or drains a provider.
+    pub async fn control_provider(
+        &self,
+        provider: &str,
+        control: pb::ProviderControl,
+    ) -> Result<String, DaemonError> {
+        let _guard = self.apply_lock.lock().await;
+        if !self
+            .store
+            .providers()?
+            .iter()
+            .any(|p| p.provider.metadata.name == provider)
+        {
+            return Err(DaemonError::NotFound(format!(
+                "provider {provider:?} not found"
+            )));
+        }
+        let mut controls = self.store.controls()?;
+        let (reason, message) = match control {
+            pb::ProviderControl::Cordon => {
+                controls.cordoned.insert(provider.to_string());
+                (
+                    "ProviderCordoned",
+                    format!("provider {provider} cordoned: no new replicas are placed there"),
+                )
+            }
+            pb::ProviderControl::Uncordon => {
+                controls.cordoned.remove(provider);
+                controls.draining.remove(provider);
+                (
+                    "ProviderUncordoned",
+                    format!("provider {provider} uncordoned: it takes its share again"),
+                )
+            }
+            pb::ProviderControl::Drain => {
+                controls.draining.insert(provider.to_string());
+                (
+                    "ProviderDraining",
+                    format!(
+                        "provider {provider} draining: its replicas move to the other providers"
+                    ),
+                )
+            }
+            pb::ProviderControl::Unspecified => {
+                return Err(DaemonError::BadRequest(
+                    "control must be cordon, uncordon or drain".into(),
+                ));
+            }
+        };
+        let events = self.store.commit(
+            Batch {
+                controls: Some(controls),
+                events: vec![NewEvent {
+                    reason: reason.into(),
+                    kind: "Provider".into(),
+                    object: provider.to_string(),
+                    message: message.clone(),
+                    provider: provider.to_string(),
+                    ..NewEvent::default()
+                }],
+                ..Batch::default()
+            },
+            true,
+        )?;
+        self.publish(&events);
+        self.wake();
+        Ok(message)
+    }
+
+    /// A provider's liveness as the API shows it: state, reason, since (ms), held out until (ms).
+    pub(crate) fn provider_liveness(
+        &self,
+        provider: &str,
+    ) -> (pb::ProviderState, String, i64, i64) {
+        let now = Instant::now();
+        let (since, held) = lock(&self.liveness_wall)
+            .get(provider)
+            .copied()
+            .unwrap_or((self.started_at_ms, 0));
+        match lock(&self.liveness).get(provider) {
+            Some(l) => (
+                liveness_to_pb(l.state),
+                l.reason.clone(),
+                since,
+                if l.held_out(now) { held } else { 0 },
+            ),
+            None => (
+                pb::ProviderState::Unknown,
+                "not evaluated yet".into(),
+                since,
+                0,
+            ),
+        }
+    }
+
+    /// Why an app runs where it does; see `ControlService.Explain`.
+    pub fn explain(&self, app: &str) -> Result<pb::ExplainResponse, DaemonError> {
+        let Some(stored) = self.store.app(app)? else {
+            return Err(DaemonError::NotFound(format!("app {app:?} not found")));
+        };
+        let apps = self.store.apps()?;
+        let providers = self.store.providers()?;
+        let ctx = self.context(&apps, &self.store.assignments()?)?;
+        let schedule = scheduler::schedule(&apps, &providers, &ctx);
+        let mut out = pb::ExplainResponse {
+            app: app.to_string(),
+            mode: match stored.app.spec.placement.mode {
+                spec::PlacementMode::Mirror => pb::PlacementMode::Mirror,
+                spec::PlacementMode::ActivePassive => pb::PlacementMode::ActivePassive,
+                spec::PlacementMode::Spread => pb::PlacementMode::Spread,
+            } as i32,
+            pinned_provider: ctx.pins.get(app).cloned().unwrap_or_default(),
+            ..Default::default()
+        };
+        let decisions = schedule.decisions.get(app).cloned().unwrap_or_default();
+        let selected: BTreeSet<String> = decisions.iter().map(|d| d.provider.clone()).collect();
+        for d in &decisions {
+            let state = self.provider_liveness(&d.provider).0 as i32;
+            if d.replicas > 0 {
+                out.placements.push(pb::PlacementReason {
+                    provider: d.provider.clone(),
+                    provider_state: state,
+                    replicas: d.replicas,
+                    extra_replicas: d.extra,
+                    tier: d.tier,
+                    reason: d.reason.clone(),
+                });
+            } else {
+                out.excluded.push(pb::ExcludedProvider {
+                    provider: d.provider.clone(),
+                    provider_state: state,
+                    reason: d.reason.clone(),
+                });
+            }
+        }
+        for p in &providers {
+            let name = &p.provider.metadata.name;
+            if !selected.contains(name) {
+                out.excluded.push(pb::ExcludedProvider {
+                    provider: name.clone(),
+                    provider_state: self.provider_liveness(name).0 as i32,
+                    reason: "not selected by the app's placement".into(),
+                });
+            }
+        }
+        const DECISIONS: &[&str] = &[
+            "Scheduled",
+            "ProviderDown",
+            "ProviderUp",
+            "ProviderRecovering",
+            "ProviderPartitioned",
+            "ProviderFlapping",
+            "ManualFailover",
+            "ManualFailback",
+            "ProviderCordoned",
+            "ProviderUncordoned",
+            "ProviderDraining",
+            "InsufficientCapacity",
+        ];
+        let recent: Vec<pb::Event> = self
+            .store
+            .last_events(crate::store::SledStore::EVENT_RETENTION as usize)?
+            .iter()
+            .filter(|e| DECISIONS.contains(&e.event.reason.as_str()))
+            .filter(|e| {
+                e.event.app == app
+                    || (e.event.app.is_empty() && selected.contains(&e.event.provider))
+            })
+            .map(crate::convert::event_to_pb)
+            .collect();
+        out.decisions = recent[recent.len().saturating_sub(20)..].to_vec();
+        Ok(out)
+    }
+
+    /// Last heartbeat of a provider's agent (connected or not), on tokio's clock.
+    fn last_heartbeat(&self, provider: &str) -> (Option<Instant>, bool) {
+        if let Some(c) = lock(&self.agents).get(provider) {
+            return (Some(c.last_seen), true);
+        }
+        (
+            lock(&self.seen).get(provider).and_then(|s| s.last_seen),
+            false,
+        )
+    }
+
+    /// Whether a provider's lease on singletons has certainly expired: the
+    /// agent stops them when its own (earlier-ending) view of the lease runs
+    /// out, so after `lease + margin` of silence the old copy is gone.
+    fn lease_expired(&self, provider: &str, now: Instant) -> bool {
+        let cfg = &self.config;
+        let base = match self.last_heartbeat(provider).0 {
+            Some(t) => t,
+            // Not heard from since this daemon started: the agent may have
+            // renewed with the previous daemon up to the moment it stopped.
+            None => self.started + cfg.liveness.reconnect_grace,
+        };
+        now >= base + cfg.lease + cfg.lease_margin
+    }
+
+    /// Everything besides specs that placement depends on, as of now.
+    pub(crate) fn context(
+        &self,
+        apps: &[StoredApp],
+        assignments: &[StoredAssignment],
+    ) -> Result<Context, DaemonError> {
+        let now = Instant::now();
+        let controls = self.store.controls()?;
+        let mut ctx = Context {
+            pins: controls.pins.clone(),
+            ..Context::default()
+        };
+        let live = lock(&self.liveness).clone();
+        let mut names: BTreeSet<&String> = live.keys().collect();
+        names.extend(controls.cordoned.iter());
+        names.extend(controls.draining.iter());
+        for name in names {
+            let l = live.get(name);
+            ctx.conditions.insert(
+                name.clone(),
+                Condition {
+                    liveness: l.map_or(Liveness::Up, |l| l.state),
+                    recovering_for: l.and_then(|l| l.recovering_for(now)),
+                    held_out: l.is_some_and(|l| l.held_out(now)),
+                    cordoned: controls.cordoned.contains(name) || controls.draining.contains(name),
+                    draining: controls.draining.contains(name),
+                    lease_expired: self.lease_expired(name, now),
+                },
+            );
+        }
+        let generations: BTreeMap<&str, u64> = apps
+            .iter()
+            .map(|a| (a.app.metadata.name.as_str(), a.workload_generation))
+            .collect();
+        for (provider, replicas) in lock(&self.replicas).iter() {
+            for r in replicas.values() {
+                if r.ready && generations.get(r.app.as_str()) == Some(&r.workload_generation) {
+                    *ctx.ready
+                        .entry((r.app.clone(), provider.clone()))
+                        .or_default() += 1;
+                }
+            }
+        }
+        for a in assignments {
+            for x in &a.apps {
+                ctx.current
+                    .entry(a.provider.clone())
+                    .or_default()
+                    .insert(x.app.clone(), x.replicas);
+            }
+        }
+        Ok(ctx)
+    }
+
+    /// Recomputes the front door's routing table and publishes it if it changed.
+    fn publish_routes(&self, apps: &[StoredApp], schedule: &Schedule) {
+        let live = lock(&self.liveness).clone();
+        let replicas = lock(&self.replicas).clone();
+        let mut routes = Vec::new();
+        for app in apps {
+            let Some(routing) = &app.app.spec.routing else {
+                continue;
+            };
+            let name = &app.app.metadata.name;
+            let decisions = schedule.decisions.get(name);
+            let mut upstreams = Vec::new();
+            for (provider, rs) in &replicas {
+                if live
+                    .get(provider)
+                    .is_some_and(|l| l.state == Liveness::Down)
+                {
+                    continue;
+                }
+                let Some(d) = decisions.and_then(|d| d.iter().find(|d| &d.provider == provider))
+                else {
+                    continue;
+                };
+                for r in rs
+                    .values()
+                    .filter(|r| &r.app == name && r.ready && r.index < d.replicas)
+                {
+                    let Some(port) = r.ports.get(&routing.port) else {
+                        continue;
+                    };
+                    let host = r.address.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
+                    upstreams.push(pb::Upstream {
+                        address: format!("{host}:{port}"),
+                        provider: provider.clone(),
+                        replica: r.id(),
+                        weight: 1,
+                        tier: d.tier,
+                    });
+                }
+            }
+            routes.push(pb::Route {
+                app: name.clone(),
+                listen: routing.listen.clone(),
+                hosts: routing.hosts.clone(),
+                protocol: routing.protocol.as_str().to_string(),
+                upstreams,
+            });
+        }
+        self.routes.send_if_modified(|table| {
+            if table.routes == routes {
+                return false;
+            }
+            table.routes = routes;
+            table.revision += 1;
+            true
+        });
+    }
+
+    /// One liveness evaluation of every provider: probe the replicas of silent
+    /// providers from outside, step each state machine, record transitions.
+    pub(crate) async fn liveness_pass(&self) -> Result<(), DaemonError> {
+        let providers = self.store.providers()?;
+        let recovery = self
+            .store
+            .apps()?
+            .iter()
+            .map(|a| a.app.spec.failover.failback_after)
+            .max()
+            .unwrap_or(Duration::from_secs(30));
+        let now = Instant::now();
+        let cfg = &self.config;
+        let mut observed = Vec::with_capacity(providers.len());
+        let mut to_probe: Vec<(String, Vec<String>)> = Vec::new();
+        for p in &providers {
+            let name = p.provider.metadata.name.clone();
+            let (last, connected) = self.last_heartbeat(&name);
+            let silent =
+                last.is_none_or(|t| now.saturating_duration_since(t) >= cfg.liveness.suspect_after);
+            if silent || !connected {
+                let addrs: Vec<String> = lock(&self.replicas)
+                    .get(&name)
+                    .map(|rs| {
+                        rs.values()
+                            .filter(|r| !r.address.is_empty())
+                            .map(|r| r.address.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                to_probe.push((name.clone(), addrs));
+            } else {
+                lock(&self.probes).remove(&name);
+            }
+            observed.push((name, last, connected));
+        }
+        for (name, answer) in probe_all(to_probe, cfg.probe_timeout).await {
+            lock(&self.probes).insert(name, answer);
+        }
+        let now = Instant::now();
+        let mut events = Vec::new();
+        let mut changed = false;
+        {
+            let probes = lock(&self.probes).clone();
+            let mut live = lock(&self.liveness);
+            live.retain(|name, _| observed.iter().any(|(n, _, _)| n == name));
+            for (name, last, connected) in observed {
+                let entry = live
+                    .entry(name.clone())
+                    .or_insert_with(|| ProviderLiveness::new(self.started));
+                let obs = Observation {
+                    last_heartbeat: last,
+                    connected,
+                    replicas_answer: probes.get(&name).copied().flatten(),
+                    daemon_started: self.started,
+                };
+                let Some(t) = liveness::step(entry, &obs, now, &cfg.liveness, recovery) else {
+                    continue;
+                };
+                changed = true;
+                let wall = now_ms();
+                let mut walls = lock(&self.liveness_wall);
+                let w = walls.entry(name.clone()).or_insert((wall, 0));
+                w.0 = wall;
+                if t.held_out {
+                    w.1 = wall + i64::try_from(cfg.liveness.hold_out.as_millis()).unwrap_or(0);
+                }
+                drop(walls);
+                tracing::info!(provider = %name, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "provider liveness");
+                let warning = matches!(
+                    t.to,
+                    Liveness::Suspect | Liveness::Partitioned | Liveness::Down
+                );
+                let reason = match t.to {
+                    Liveness::Up => "ProviderUp",
+                    Liveness::Suspect => "ProviderSuspect",
+                    Liveness::Partitioned => "ProviderPartitioned",
+                    Liveness::Down => "ProviderDown",
+                    Liveness::Recovering => "ProviderRecovering",
+                    Liveness::Unknown => "ProviderUnknown",
+                };
+                events.push(NewEvent {
+                    reason: reason.into(),
+                    kind: "Provider".into(),
+                    object: name.clone(),
+                    message: format!("provider {name} is {}: {}", t.to.as_str(), t.reason),
+                    provider: name.clone(),
+                    warning,
+                    ..NewEvent::default()
+                });
+                if t.held_out {
+                    events.push(NewEvent {
+                        reason: "ProviderFlapping".into(),
+                        kind: "Provider".into(),
+                        object: name.clone(),
+                        message: format!(
+                            "provider {name} dropped out {} times within {}s: held out for {}s instead of moving its share back and forth",
+                            cfg.liveness.flap_threshold,
+                            cfg.liveness.flap_window.as_secs(),
+                            cfg.liveness.hold_out.as_secs()
+                        ),
+                        provider: name.clone(),
+                        warning: true,
+                        ..NewEvent::default()
+                    });
+                }
+            }
+        }
+        self.record(events);
+        if changed {
+            self.wake();
+        }
+        Ok(())
+    }
+
+    /// Re-evaluates liveness every tick until cancelled. Time-driven changes
+    /// (damping, lease expiry) also need passes, so the reconciler is woken
+    /// whenever a provider is not simply up.
+    pub async fn liveness_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.liveness_tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.liveness_pass().await {
+                tracing::error!(error = %e, "liveness pass failed");
+            }
+            if lock(&self.liveness)
+                .values()
+                .any(|l| l.state != Liveness::Up)
+            {
+                self.wake();
+            }
+        }
+    }
+
     /// Runs reconcile passes when woken and on every resync interval until cancelled.
     pub async fn reconcile_loop(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
@@ -638,6 +1199,55 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Liveness as the wire spells it.
+pub(crate) fn liveness_to_pb(l: Liveness) -> pb::ProviderState {
+    match l {
+        Liveness::Unknown => pb::ProviderState::Unknown,
+        Liveness::Up => pb::ProviderState::Up,
+        Liveness::Suspect => pb::ProviderState::Suspect,
+        Liveness::Partitioned => pb::ProviderState::Partitioned,
+        Liveness::Down => pb::ProviderState::Down,
+        Liveness::Recovering => pb::ProviderState::Recovering,
+    }
+}
+
+/// Probes each provider's replica addresses with a TCP connect; a provider
+/// answers if any of its replicas accepts. `None` when it has no address.
+async fn probe_all(
+    targets: Vec<(String, Vec<String>)>,
+    timeout: Duration,
+) -> Vec<(String, Option<bool>)> {
+    let mut set = tokio::task::JoinSet::new();
+    for (name, addrs) in targets {
+        set.spawn(async move {
+            if addrs.is_empty() {
+                return (name, None);
+            }
+            let mut attempts = tokio::task::JoinSet::new();
+            for a in addrs {
+                attempts.spawn(async move {
+                    matches!(
+                        tokio::time::timeout(timeout, tokio::net::TcpStream::connect(a)).await,
+                        Ok(Ok(_))
+                    )
+                });
+            }
+            let mut any = false;
+            while let Some(r) = attempts.join_next().await {
+                any |= r.unwrap_or(false);
+            }
+            (name, Some(any))
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        if let Ok(x) = r {
+            out.push(x);
+        }
+    }
+    out
 }
 
 fn action_word(a: pb::ApplyAction) -> &'static str {
@@ -794,6 +1404,7 @@ pub(crate) fn assignment_to_pb(
             .filter_map(|x| {
                 let app = apps.get(x.app.as_str())?;
                 Some(pb::AppAssignment {
+                    singleton: app.app.spec.failover.singleton,
                     app: x.app.clone(),
                     generation: x.generation,
                     workload_generation: x.workload_generation,
@@ -828,6 +1439,7 @@ pub async fn serve(
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     let token = daemon.shutdown.clone();
     let reconciler = tokio::spawn(daemon.clone().reconcile_loop(token.clone()));
+    let liveness = tokio::spawn(daemon.clone().liveness_loop(token.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -838,6 +1450,7 @@ pub async fn serve(
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(skymirror_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| DaemonError::Serve(format!("reflection: {e}")))?;
 
@@ -876,6 +1489,7 @@ pub async fn serve(
         .map_err(|e| DaemonError::Serve(e.to_string()));
     token.cancel();
     let _ = reconciler.await;
+    let _ = liveness.await;
     if let Err(e) = daemon.store.flush() {
         tracing::warn!(error = %e, "final flush failed");
     }

@@ -5,7 +5,8 @@
 //! [`scheduler`] decides placement (pure); [`daemon`] owns the context, the
 //! apply path and the reconcile loop; [`control`] and [`agents`] are the two
 //! gRPC services; [`convert`] maps stored records to wire types; [`cli`] and
-//! [`dev`] are the `skymirror` command's verbs and all-in-one mode.
+//! [`dev`] are the `skymirror` command's verbs and all-in-one mode; [`edge`]
+//! is the front door (the HTTP/TCP proxy fed by the daemon's routing table).
 
 pub mod agents;
 pub mod cli;
@@ -13,7 +14,9 @@ pub mod control;
 pub mod convert;
 pub mod daemon;
 pub mod dev;
+pub mod edge;
 pub mod error;
+pub mod liveness;
 pub mod scheduler;
 pub mod spec;
 pub mod store;

@@ -1,13 +1,29 @@
 //! Placement: which provider runs how many replicas of which app.
 //!
-//! [`schedule`] is a pure function of the stored apps and providers, so it is
-//! tested exhaustively without a runtime and re-run from scratch on every
-//! reconcile pass (level-triggered: it is never told what changed).
+//! [`schedule`] is a pure function of the stored apps and providers and a
+//! [`Context`] (provider liveness, readiness, operator controls, current
+//! placement), so it is tested exhaustively without a runtime and re-run from
+//! scratch on every reconcile pass (level-triggered: it is never told what
+//! changed).
 //!
-//! Boundary: knows specs, not agents, streams or the store.
+//! Failure handling lives here as arithmetic on that input:
+//! - a *lost* provider (down, draining, held out, or recovering within its
+//!   damping period) runs nothing; its share is spilled onto the serving
+//!   providers when the app's policy allows, within `maxExtraReplicas` and
+//!   capacity;
+//! - a *returning* provider (recovered and damped) gets its share back, but its
+//!   missing-ready replicas still count as lost, so the survivors keep their
+//!   extras until the returning replicas are ready: make-before-break;
+//! - active-passive promotes the highest-priority serving provider;
+//! - a singleton stays where it is, and moves only once the old provider's
+//!   lease has certainly expired.
+//!
+//! Boundary: knows specs and the context, not agents, streams or the store.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
+use crate::liveness::Liveness;
 use crate::spec::{PlacementMode, PlacementTarget, Provider};
 use crate::store::{StoredApp, StoredProvider};
 
@@ -21,6 +37,104 @@ pub struct Schedule {
     pub placements: Placements,
     /// Apps that could not be placed in full, with the reason.
     pub shortfalls: Vec<Shortfall>,
+    /// Per app: every selected provider, what it got and why.
+    pub decisions: BTreeMap<String, Vec<Decision>>,
+}
+
+/// What one selected provider got for one app, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Provider name.
+    pub provider: String,
+    /// Replicas assigned (including extras).
+    pub replicas: u32,
+    /// Of those, replicas re-placed from lost providers.
+    pub extra: u32,
+    /// Routing tier: traffic goes to the highest tier with a healthy replica.
+    pub tier: i32,
+    /// Whether the provider takes part (false: excluded).
+    pub serving: bool,
+    /// Why, for people.
+    pub reason: String,
+}
+
+/// What the scheduler knows of a provider beyond its spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    /// Liveness state.
+    pub liveness: Liveness,
+    /// How long it has been recovering, if it is.
+    pub recovering_for: Option<Duration>,
+    /// Held out for flapping.
+    pub held_out: bool,
+    /// No new replicas (operator).
+    pub cordoned: bool,
+    /// Replicas moved away (operator).
+    pub draining: bool,
+    /// The provider's lease on singleton replicas has certainly expired, so a
+    /// singleton may start elsewhere.
+    pub lease_expired: bool,
+}
+
+impl Default for Condition {
+    fn default() -> Self {
+        Condition {
+            liveness: Liveness::Up,
+            recovering_for: None,
+            held_out: false,
+            cordoned: false,
+            draining: false,
+            lease_expired: false,
+        }
+    }
+}
+
+/// Everything besides specs that placement depends on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Context {
+    /// Provider conditions; a provider missing here is taken as up.
+    pub conditions: BTreeMap<String, Condition>,
+    /// Ready replicas on the app's current workload, by (app, provider).
+    pub ready: BTreeMap<(String, String), u32>,
+    /// Current placement (what agents were last told), for singleton stickiness.
+    pub current: Placements,
+    /// Manual failovers in force: app → provider.
+    pub pins: BTreeMap<String, String>,
+}
+
+/// A selected provider's role for one app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Role {
+    /// Runs its share.
+    Serving,
+    /// Recovered: gets its share back; survivors keep extras until it is ready.
+    Returning,
+    /// Runs nothing; its share may spill.
+    Lost(String),
+}
+
+fn role(cond: &Condition, failback_after: Duration) -> Role {
+    if cond.draining {
+        return Role::Lost("draining".into());
+    }
+    if cond.held_out {
+        return Role::Lost("held out after flapping".into());
+    }
+    match cond.liveness {
+        Liveness::Up | Liveness::Suspect | Liveness::Partitioned | Liveness::Unknown => {
+            Role::Serving
+        }
+        Liveness::Down => Role::Lost("down".into()),
+        Liveness::Recovering => match cond.recovering_for {
+            Some(d) if d >= failback_after => Role::Returning,
+            Some(d) => Role::Lost(format!(
+                "recovering: healthy for {:.0}s of the {:.0}s fail-back damping",
+                d.as_secs_f64(),
+                failback_after.as_secs_f64()
+            )),
+            None => Role::Lost("recovering".into()),
+        },
+    }
 }
 
 /// An app that got fewer replicas than it asked for.
@@ -42,6 +156,20 @@ struct Candidate<'a> {
     name: &'a str,
     weight: u32,
     priority: i32,
+}
+
+/// Per-candidate working state while placing one app.
+#[derive(Debug, Clone)]
+struct Slot<'a> {
+    cand: Candidate<'a>,
+    role: Role,
+    cordoned: bool,
+    lease_expired: bool,
+    ready: u32,
+    base: u32,
+    extra: u32,
+    tier: i32,
+    reason: String,
 }
 
 fn matches(target: &PlacementTarget, provider: &Provider) -> bool {
@@ -110,7 +238,7 @@ fn divide(total: u32, weights: &[u32]) -> Vec<u32> {
 ///
 /// Apps are placed in name order against each provider's capacity (0 means
 /// unlimited), so the result is deterministic.
-pub fn schedule(apps: &[StoredApp], providers: &[StoredProvider]) -> Schedule {
+pub fn schedule(apps: &[StoredApp], providers: &[StoredProvider], ctx: &Context) -> Schedule {
     let mut free: BTreeMap<&str, Option<u32>> = providers
         .iter()
         .map(|p| {
@@ -121,11 +249,12 @@ pub fn schedule(apps: &[StoredApp], providers: &[StoredProvider]) -> Schedule {
     let mut out = Schedule::default();
     let mut apps: Vec<&StoredApp> = apps.iter().collect();
     apps.sort_by(|a, b| a.app.metadata.name.cmp(&b.app.metadata.name));
+    let default_condition = Condition::default();
 
     for app in apps {
         let name = &app.app.metadata.name;
         let spec = &app.app.spec;
-        let mut cands = candidates(app, providers);
+        let cands = candidates(app, providers);
         if cands.is_empty() {
             if spec.replicas > 0 {
                 out.shortfalls.push(Shortfall {
@@ -137,58 +266,329 @@ pub fn schedule(apps: &[StoredApp], providers: &[StoredProvider]) -> Schedule {
             }
             continue;
         }
-        // Wanted replicas per candidate, before capacity.
-        let wanted: Vec<u32> = match spec.placement.mode {
-            PlacementMode::Mirror => vec![spec.replicas; cands.len()],
-            PlacementMode::Spread => divide(
-                spec.replicas,
-                &cands.iter().map(|c| c.weight).collect::<Vec<_>>(),
-            ),
-            PlacementMode::ActivePassive => {
-                // Highest priority first; ties by placement order (stable sort).
-                cands.sort_by_key(|c| std::cmp::Reverse(c.priority));
-                let standby = spec.placement.standby_replicas.min(spec.replicas);
-                (0..cands.len())
-                    .map(|i| if i == 0 { spec.replicas } else { standby })
-                    .collect()
+        let mut slots: Vec<Slot> = cands
+            .into_iter()
+            .map(|cand| {
+                let cond = ctx.conditions.get(cand.name).unwrap_or(&default_condition);
+                Slot {
+                    role: role(cond, spec.failover.failback_after),
+                    cordoned: cond.cordoned,
+                    lease_expired: cond.lease_expired,
+                    ready: ctx
+                        .ready
+                        .get(&(name.clone(), cand.name.to_string()))
+                        .copied()
+                        .unwrap_or(0),
+                    cand,
+                    base: 0,
+                    extra: 0,
+                    tier: 0,
+                    reason: String::new(),
+                }
+            })
+            .collect();
+
+        let wanted_total = if spec.failover.singleton {
+            place_singleton(name, spec.replicas.min(1), &mut slots, ctx)
+        } else {
+            match spec.placement.mode {
+                PlacementMode::Mirror | PlacementMode::Spread => place_active_active(
+                    spec.placement.mode,
+                    spec.replicas,
+                    &spec.failover,
+                    &mut slots,
+                ),
+                PlacementMode::ActivePassive => {
+                    place_active_passive(spec.replicas, spec.placement.standby_replicas, &mut slots)
+                }
             }
         };
-        let mut placed = vec![0u32; cands.len()];
-        for (i, c) in cands.iter().enumerate() {
-            placed[i] = take(&mut free, c.name, wanted[i]);
+        if let Some(pinned) = ctx.pins.get(name) {
+            pin(pinned, spec.replicas, &mut slots);
         }
-        // Spread moves what did not fit to providers with room, in order.
-        if spec.placement.mode == PlacementMode::Spread {
-            let mut missing: u32 = wanted.iter().sum::<u32>() - placed.iter().sum::<u32>();
-            for (i, c) in cands.iter().enumerate() {
+
+        let mut got: Vec<u32> = Vec::with_capacity(slots.len());
+        for s in &mut slots {
+            let want = s.base + s.extra;
+            let n = take(&mut free, s.cand.name, want);
+            if n < want {
+                s.reason
+                    .push_str(&format!("; capacity allows {n} of {want}"));
+                s.extra = s.extra.min(n);
+            }
+            got.push(n);
+        }
+        // Spread moves what did not fit to serving providers with room, in order.
+        if spec.placement.mode == PlacementMode::Spread && !spec.failover.singleton {
+            let mut missing =
+                slots.iter().map(|s| s.base + s.extra).sum::<u32>() - got.iter().sum::<u32>();
+            for (i, s) in slots.iter_mut().enumerate() {
                 if missing == 0 {
                     break;
                 }
-                let got = take(&mut free, c.name, missing);
-                placed[i] += got;
-                missing -= got;
+                if s.role == Role::Serving {
+                    let n = take(&mut free, s.cand.name, missing);
+                    if n > 0 {
+                        got[i] += n;
+                        missing -= n;
+                        s.reason
+                            .push_str(&format!("; +{n} that did not fit elsewhere"));
+                    }
+                }
             }
         }
-        let total_wanted: u32 = wanted.iter().sum();
-        let total_placed: u32 = placed.iter().sum();
-        if total_placed < total_wanted {
-            out.shortfalls.push(Shortfall {
-                app: name.clone(),
-                wanted: total_wanted,
-                placed: total_placed,
-                reason: "providers are at capacity".into(),
-            });
-        }
-        for (c, n) in cands.iter().zip(placed) {
+        let mut placed_total = 0;
+        let mut decisions = Vec::with_capacity(slots.len());
+        for (s, n) in slots.iter_mut().zip(got) {
+            placed_total += n;
             if n > 0 {
                 out.placements
-                    .entry(c.name.to_string())
+                    .entry(s.cand.name.to_string())
                     .or_default()
                     .insert(name.clone(), n);
             }
+            decisions.push(Decision {
+                provider: s.cand.name.to_string(),
+                replicas: n,
+                extra: s.extra,
+                tier: s.tier,
+                serving: !matches!(s.role, Role::Lost(_)),
+                reason: std::mem::take(&mut s.reason),
+            });
         }
+        if placed_total < wanted_total {
+            out.shortfalls.push(Shortfall {
+                app: name.clone(),
+                wanted: wanted_total,
+                placed: placed_total,
+                reason: if slots.iter().all(|s| matches!(s.role, Role::Lost(_))) {
+                    "no provider can serve it".into()
+                } else {
+                    "providers are at capacity or excluded".into()
+                },
+            });
+        }
+        out.decisions.insert(name.clone(), decisions);
     }
     out
+}
+
+/// Mirror and spread: base shares on every serving or returning provider; the
+/// shares of lost providers (and the not-yet-ready part of returning ones)
+/// spill onto serving providers when the policy allows. Returns the total wanted.
+fn place_active_active(
+    mode: PlacementMode,
+    replicas: u32,
+    failover: &crate::spec::FailoverPolicy,
+    slots: &mut [Slot],
+) -> u32 {
+    let bases: Vec<u32> = match mode {
+        PlacementMode::Spread => divide(
+            replicas,
+            &slots.iter().map(|s| s.cand.weight).collect::<Vec<_>>(),
+        ),
+        _ => vec![replicas; slots.len()],
+    };
+    let mut lost = 0;
+    let mut lost_from = Vec::new();
+    for (s, base) in slots.iter_mut().zip(&bases) {
+        match &s.role {
+            Role::Serving => {
+                s.base = *base;
+                s.reason = match mode {
+                    PlacementMode::Spread => format!("spread: weight {}", s.cand.weight),
+                    _ => format!("mirror: {replicas} per provider"),
+                };
+            }
+            Role::Returning => {
+                s.base = *base;
+                let missing = base.saturating_sub(s.ready);
+                lost += missing;
+                s.reason = format!(
+                    "recovered: share back, {} of {base} ready (make-before-break)",
+                    s.ready.min(*base)
+                );
+                if missing > 0 {
+                    lost_from.push(s.cand.name.to_string());
+                }
+            }
+            Role::Lost(why) => {
+                lost += base;
+                s.reason = format!("excluded: {why}");
+                if *base > 0 {
+                    lost_from.push(s.cand.name.to_string());
+                }
+            }
+        }
+    }
+    let total: u32 = bases.iter().sum();
+    if lost == 0 {
+        return total;
+    }
+    if !failover.spill {
+        return total - lost;
+    }
+    let cap = if failover.max_extra_replicas == 0 {
+        lost
+    } else {
+        lost.min(failover.max_extra_replicas)
+    };
+    let takers: Vec<usize> = slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.role == Role::Serving && !s.cordoned)
+        .map(|(i, _)| i)
+        .collect();
+    if takers.is_empty() {
+        return total;
+    }
+    let shares = divide(
+        cap,
+        &takers
+            .iter()
+            .map(|i| slots[*i].cand.weight)
+            .collect::<Vec<_>>(),
+    );
+    for (i, extra) in takers.into_iter().zip(shares) {
+        if extra > 0 {
+            let s = &mut slots[i];
+            s.extra = extra;
+            s.reason.push_str(&format!(
+                "; +{extra} re-placed from {}",
+                lost_from.join(", ")
+            ));
+        }
+    }
+    total - lost + cap
+}
+
+/// Active-passive: the highest-priority serving provider runs `replicas`; a
+/// returning higher-priority provider takes over only once its replicas are
+/// ready (until then it warms up in a lower tier). Others keep standbys.
+fn place_active_passive(replicas: u32, standby: u32, slots: &mut [Slot]) -> u32 {
+    let standby = standby.min(replicas);
+    let mut order: Vec<usize> = (0..slots.len()).collect();
+    // Highest priority first; ties keep placement order.
+    order.sort_by_key(|i| std::cmp::Reverse(slots[*i].cand.priority));
+    let target = order
+        .iter()
+        .copied()
+        .find(|i| !matches!(slots[*i].role, Role::Lost(_)));
+    let serving = order
+        .iter()
+        .copied()
+        .find(|i| slots[*i].role == Role::Serving);
+    let Some(target) = target else {
+        for s in slots.iter_mut() {
+            if let Role::Lost(why) = &s.role {
+                s.reason = format!("excluded: {why}");
+            }
+        }
+        return replicas;
+    };
+    let warming = slots[target].role == Role::Returning && slots[target].ready < replicas;
+    let active = match (warming, serving) {
+        (true, Some(s)) => s,
+        _ => target,
+    };
+    for (i, s) in slots.iter_mut().enumerate() {
+        match &s.role {
+            Role::Lost(why) => s.reason = format!("excluded: {why}"),
+            _ if i == active => {
+                s.base = replicas;
+                s.tier = 1;
+                s.reason = format!("active (priority {})", s.cand.priority);
+                if i != order[0] {
+                    s.reason
+                        .push_str("; promoted while higher-priority providers are out");
+                }
+            }
+            _ if i == target => {
+                s.base = replicas;
+                s.reason = format!(
+                    "recovered primary warming up: {} of {replicas} ready (make-before-break)",
+                    s.ready
+                );
+            }
+            _ => {
+                s.base = standby;
+                s.reason = format!("standby (priority {})", s.cand.priority);
+            }
+        }
+    }
+    replicas
+}
+
+/// Singleton: one replica, kept where it runs; moved only when its provider is
+/// lost *and* that provider's lease has certainly expired (so the old copy has
+/// stopped itself before a new one starts).
+fn place_singleton(app: &str, replicas: u32, slots: &mut [Slot], ctx: &Context) -> u32 {
+    if replicas == 0 {
+        return 0;
+    }
+    let holder = slots.iter().position(|s| {
+        ctx.current
+            .get(s.cand.name)
+            .and_then(|m| m.get(app))
+            .copied()
+            .unwrap_or(0)
+            > 0
+    });
+    let chosen = match holder {
+        Some(h) if !matches!(slots[h].role, Role::Lost(_)) => {
+            Some((h, "singleton: runs here".to_string()))
+        }
+        Some(h) if !slots[h].lease_expired => Some((
+            h,
+            "singleton: provider lost, waiting for its lease to expire before moving".to_string(),
+        )),
+        _ => {
+            let mut order: Vec<usize> = (0..slots.len())
+                .filter(|i| slots[*i].role == Role::Serving)
+                .collect();
+            order.sort_by_key(|i| std::cmp::Reverse(slots[*i].cand.priority));
+            order.first().map(|i| {
+                (
+                    *i,
+                    format!(
+                        "singleton: placed on the highest-priority serving provider (priority {})",
+                        slots[*i].cand.priority
+                    ),
+                )
+            })
+        }
+    };
+    for (i, s) in slots.iter_mut().enumerate() {
+        match &chosen {
+            Some((c, why)) if *c == i => {
+                s.base = 1;
+                s.tier = 1;
+                s.reason = why.clone();
+            }
+            _ => {
+                s.reason = match &s.role {
+                    Role::Lost(why) => format!("excluded: {why}"),
+                    _ => "singleton runs elsewhere".into(),
+                }
+            }
+        }
+    }
+    1
+}
+
+/// Manual failover: the pinned provider serves (tier 2) with the full count.
+fn pin(provider: &str, replicas: u32, slots: &mut [Slot]) {
+    let Some(s) = slots.iter_mut().find(|s| s.cand.name == provider) else {
+        return;
+    };
+    if let Role::Lost(why) = &s.role {
+        s.reason
+            .push_str(&format!("; manual failover here is not in force: {why}"));
+        return;
+    }
+    s.base = s.base.max(replicas);
+    s.tier = 2;
+    s.reason = format!("manual failover: serves all traffic ({})", s.reason);
 }
 
 /// Takes up to `want` slots of a provider's free capacity.
@@ -289,7 +689,11 @@ mod tests {
             provider("b", 0, 0, &[]),
             provider("c", 0, 0, &[]),
         ];
-        let s = schedule(&[app("web", 2, PlacementMode::Mirror, vec![])], &ps);
+        let s = schedule(
+            &[app("web", 2, PlacementMode::Mirror, vec![])],
+            &ps,
+            &Context::default(),
+        );
         assert_eq!(
             counts(&s, "web"),
             vec![("a".into(), 2), ("b".into(), 2), ("c".into(), 2)]
@@ -318,6 +722,7 @@ mod tests {
                 vec![sel, by_name("a", 5)],
             )],
             &ps,
+            &Context::default(),
         );
         assert_eq!(counts(&s, "web"), vec![("a".into(), 1), ("c".into(), 1)]);
     }
@@ -337,6 +742,7 @@ mod tests {
                 vec![by_name("a", 3), by_name("b", 1)],
             )],
             &ps,
+            &Context::default(),
         );
         assert_eq!(counts(&s, "web"), vec![("a".into(), 3), ("b".into(), 1)]);
     }
@@ -344,7 +750,11 @@ mod tests {
     #[test]
     fn spread_moves_overflow_to_providers_with_room() {
         let ps = vec![provider("a", 0, 1, &[]), provider("b", 0, 0, &[])];
-        let s = schedule(&[app("web", 4, PlacementMode::Spread, vec![])], &ps);
+        let s = schedule(
+            &[app("web", 4, PlacementMode::Spread, vec![])],
+            &ps,
+            &Context::default(),
+        );
         assert_eq!(counts(&s, "web"), vec![("a".into(), 1), ("b".into(), 3)]);
         assert!(s.shortfalls.is_empty());
     }
@@ -357,10 +767,10 @@ mod tests {
             provider("c", 3, 0, &[]),
         ];
         let mut ap = app("web", 3, PlacementMode::ActivePassive, vec![]);
-        let s = schedule(std::slice::from_ref(&ap), &ps);
+        let s = schedule(std::slice::from_ref(&ap), &ps, &Context::default());
         assert_eq!(counts(&s, "web"), vec![("b".into(), 3)]);
         ap.app.spec.placement.standby_replicas = 1;
-        let s = schedule(&[ap], &ps);
+        let s = schedule(&[ap], &ps, &Context::default());
         assert_eq!(
             counts(&s, "web"),
             vec![("a".into(), 1), ("b".into(), 3), ("c".into(), 1)]
@@ -374,7 +784,7 @@ mod tests {
             app("zeta", 2, PlacementMode::Mirror, vec![]),
             app("alpha", 2, PlacementMode::Mirror, vec![]),
         ];
-        let s = schedule(&apps, &ps);
+        let s = schedule(&apps, &ps, &Context::default());
         assert_eq!(counts(&s, "alpha"), vec![("a".into(), 2)]);
         assert_eq!(counts(&s, "zeta"), vec![("a".into(), 1)]);
         assert_eq!(s.shortfalls.len(), 1);
@@ -395,8 +805,209 @@ mod tests {
                 ),
             ],
             &ps,
+            &Context::default(),
         );
         assert!(s.placements.is_empty());
         assert_eq!(s.shortfalls.len(), 1);
+    }
+
+    fn cond(liveness: Liveness) -> Condition {
+        Condition {
+            liveness,
+            ..Condition::default()
+        }
+    }
+
+    fn ctx(conds: &[(&str, Condition)]) -> Context {
+        Context {
+            conditions: conds
+                .iter()
+                .map(|(n, c)| (n.to_string(), c.clone()))
+                .collect(),
+            ..Context::default()
+        }
+    }
+
+    fn three() -> Vec<StoredProvider> {
+        vec![
+            provider("a", 30, 0, &[]),
+            provider("b", 20, 0, &[]),
+            provider("c", 10, 0, &[]),
+        ]
+    }
+
+    #[test]
+    fn a_lost_providers_share_spills_onto_the_survivors() {
+        let c = ctx(&[("b", cond(Liveness::Down))]);
+        let s = schedule(
+            &[app("web", 2, PlacementMode::Mirror, vec![])],
+            &three(),
+            &c,
+        );
+        assert_eq!(counts(&s, "web"), vec![("a".into(), 3), ("c".into(), 3)]);
+        let d = &s.decisions["web"];
+        assert!(
+            d.iter()
+                .any(|d| d.provider == "b" && !d.serving && d.reason.contains("down"))
+        );
+        assert!(
+            d.iter().any(|d| d.provider == "a"
+                && d.extra == 1
+                && d.reason.contains("re-placed from b"))
+        );
+    }
+
+    #[test]
+    fn spill_respects_policy_limits_and_cordons() {
+        let mut web = app("web", 3, PlacementMode::Mirror, vec![]);
+        web.app.spec.failover.max_extra_replicas = 2;
+        let mut c = ctx(&[("b", cond(Liveness::Down))]);
+        c.conditions.insert(
+            "c".into(),
+            Condition {
+                cordoned: true,
+                ..Condition::default()
+            },
+        );
+        let s = schedule(std::slice::from_ref(&web), &three(), &c);
+        assert_eq!(counts(&s, "web"), vec![("a".into(), 5), ("c".into(), 3)]);
+        web.app.spec.failover.spill = false;
+        let s = schedule(&[web], &three(), &c);
+        assert_eq!(counts(&s, "web"), vec![("a".into(), 3), ("c".into(), 3)]);
+    }
+
+    #[test]
+    fn partitions_unknown_and_suspect_providers_keep_their_share() {
+        for l in [Liveness::Partitioned, Liveness::Unknown, Liveness::Suspect] {
+            let s = schedule(
+                &[app("web", 2, PlacementMode::Mirror, vec![])],
+                &three(),
+                &ctx(&[("b", cond(l))]),
+            );
+            assert_eq!(
+                counts(&s, "web"),
+                vec![("a".into(), 2), ("b".into(), 2), ("c".into(), 2)],
+                "{l:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn fail_back_waits_for_damping_then_makes_before_breaking() {
+        let web = app("web", 2, PlacementMode::Mirror, vec![]);
+        let recovering = |secs: u64| Condition {
+            liveness: Liveness::Recovering,
+            recovering_for: Some(Duration::from_secs(secs)),
+            ..Condition::default()
+        };
+        // Within the 30 s default damping: still excluded, survivors carry it.
+        let s = schedule(
+            std::slice::from_ref(&web),
+            &three(),
+            &ctx(&[("b", recovering(5))]),
+        );
+        assert_eq!(counts(&s, "web"), vec![("a".into(), 3), ("c".into(), 3)]);
+        // Damped: b gets its share back; survivors keep extras until b is ready.
+        let mut c = ctx(&[("b", recovering(31))]);
+        let s = schedule(std::slice::from_ref(&web), &three(), &c);
+        assert_eq!(
+            counts(&s, "web"),
+            vec![("a".into(), 3), ("b".into(), 2), ("c".into(), 3)]
+        );
+        c.ready.insert(("web".into(), "b".into()), 1);
+        let s = schedule(std::slice::from_ref(&web), &three(), &c);
+        assert_eq!(counts(&s, "web").iter().map(|x| x.1).sum::<u32>(), 7);
+        c.ready.insert(("web".into(), "b".into()), 2);
+        let s = schedule(&[web], &three(), &c);
+        assert_eq!(
+            counts(&s, "web"),
+            vec![("a".into(), 2), ("b".into(), 2), ("c".into(), 2)]
+        );
+    }
+
+    #[test]
+    fn active_passive_promotes_and_fails_back_make_before_break() {
+        let web = app("web", 2, PlacementMode::ActivePassive, vec![]);
+        let s = schedule(
+            std::slice::from_ref(&web),
+            &three(),
+            &ctx(&[("a", cond(Liveness::Down))]),
+        );
+        assert_eq!(counts(&s, "web"), vec![("b".into(), 2)]);
+        assert!(
+            s.decisions["web"]
+                .iter()
+                .any(|d| d.provider == "b" && d.tier == 1 && d.reason.contains("promoted"))
+        );
+        let back = Condition {
+            liveness: Liveness::Recovering,
+            recovering_for: Some(Duration::from_secs(60)),
+            ..Condition::default()
+        };
+        let mut c = ctx(&[("a", back)]);
+        // a warms up in tier 0 while b keeps serving in tier 1.
+        let s = schedule(std::slice::from_ref(&web), &three(), &c);
+        assert_eq!(counts(&s, "web"), vec![("a".into(), 2), ("b".into(), 2)]);
+        let tier = |s: &Schedule, p: &str| {
+            s.decisions["web"]
+                .iter()
+                .find(|d| d.provider == p)
+                .map(|d| d.tier)
+        };
+        assert_eq!((tier(&s, "a"), tier(&s, "b")), (Some(0), Some(1)));
+        c.ready.insert(("web".into(), "a".into()), 2);
+        let s = schedule(&[web], &three(), &c);
+        assert_eq!(counts(&s, "web"), vec![("a".into(), 2)]);
+        assert_eq!(tier(&s, "a"), Some(1));
+    }
+
+    #[test]
+    fn manual_failover_pins_traffic_and_drain_moves_replicas() {
+        let web = app("web", 2, PlacementMode::Mirror, vec![]);
+        let mut c = Context::default();
+        c.pins.insert("web".into(), "c".into());
+        let s = schedule(std::slice::from_ref(&web), &three(), &c);
+        let d = &s.decisions["web"];
+        assert!(d.iter().all(|d| (d.provider == "c") == (d.tier == 2)));
+        let c = ctx(&[(
+            "a",
+            Condition {
+                draining: true,
+                ..Condition::default()
+            },
+        )]);
+        let s = schedule(&[web], &three(), &c);
+        assert_eq!(counts(&s, "web"), vec![("b".into(), 3), ("c".into(), 3)]);
+    }
+
+    #[test]
+    fn a_singleton_moves_only_after_the_lease_expires() {
+        let mut job = app("job", 1, PlacementMode::Mirror, vec![]);
+        job.app.spec.failover.singleton = true;
+        let s = schedule(std::slice::from_ref(&job), &three(), &Context::default());
+        assert_eq!(counts(&s, "job"), vec![("a".into(), 1)]);
+        // Sticks to its current provider even if a higher priority one exists.
+        let mut c = Context::default();
+        c.current
+            .entry("b".into())
+            .or_default()
+            .insert("job".into(), 1);
+        let s = schedule(std::slice::from_ref(&job), &three(), &c);
+        assert_eq!(counts(&s, "job"), vec![("b".into(), 1)]);
+        // b is down but its lease may still run: stay.
+        c.conditions.insert("b".into(), cond(Liveness::Down));
+        let s = schedule(std::slice::from_ref(&job), &three(), &c);
+        assert_eq!(counts(&s, "job"), vec![("b".into(), 1)]);
+        // Lease expired: move to the best serving provider.
+        c.conditions.insert(
+            "b".into(),
+            Condition {
+                liveness: Liveness::Down,
+                lease_expired: true,
+                ..Condition::default()
+            },
+        );
+        let s = schedule(&[job], &three(), &c);
+        assert_eq!(counts(&s, "job"), vec![("a".into(), 1)]);
     }
 }

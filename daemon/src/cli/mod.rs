@@ -91,6 +91,28 @@ pub enum Command {
         #[arg(short = 'o', long, value_enum, default_value_t)]
         output: Format,
     },
+    /// Manual failover: serve APP from one provider only, until `failback`.
+    Failover {
+        app: String,
+        /// Provider that serves the app.
+        #[arg(long)]
+        to: String,
+    },
+    /// End a manual failover: normal placement and routing resume.
+    Failback { app: String },
+    /// Place no new replicas on a provider (running ones stay).
+    Cordon { provider: String },
+    /// Undo `cordon` and `drain`.
+    Uncordon { provider: String },
+    /// Cordon a provider and move its replicas to the others.
+    Drain { provider: String },
+    /// Where an app's replicas run and why, which providers are excluded and
+    /// why, and the latest failover decisions.
+    Explain {
+        app: String,
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Format,
+    },
     /// Print the event log; with --follow, keep printing new events.
     Events {
         #[arg(short = 'f', long)]
@@ -602,6 +624,99 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Failover { app, to } => {
+            let mut client = connect(server).await?;
+            let r = client
+                .failover(pb::FailoverRequest { app, provider: to })
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            println!("{}", r.message);
+            Ok(())
+        }
+        Command::Failback { app } => {
+            let mut client = connect(server).await?;
+            let r = client
+                .failback(pb::FailbackRequest { app })
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            println!("{}", r.message);
+            Ok(())
+        }
+        Command::Cordon { provider } => {
+            control_provider(server, provider, pb::ProviderControl::Cordon).await
+        }
+        Command::Uncordon { provider } => {
+            control_provider(server, provider, pb::ProviderControl::Uncordon).await
+        }
+        Command::Drain { provider } => {
+            control_provider(server, provider, pb::ProviderControl::Drain).await
+        }
+        Command::Explain { app, output } => {
+            let mut client = connect(server).await?;
+            let r = client
+                .explain(pb::ExplainRequest { app })
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            let view = ExplainView::from(&r);
+            if output != Format::Table {
+                return print_structured(output, &view);
+            }
+            println!(
+                "App {} ({} placement){}",
+                view.app,
+                view.mode,
+                if view.pinned_provider.is_empty() {
+                    String::new()
+                } else {
+                    format!(", manual failover to {}", view.pinned_provider)
+                }
+            );
+            println!("\nRuns on:");
+            println!(
+                "{}",
+                output::table(
+                    &["PROVIDER", "STATE", "REPLICAS", "EXTRA", "TIER", "WHY"],
+                    view.placements
+                        .iter()
+                        .map(|p| vec![
+                            p.provider.clone(),
+                            p.provider_state.clone(),
+                            p.replicas.to_string(),
+                            p.extra_replicas.to_string(),
+                            p.tier.to_string(),
+                            p.reason.clone()
+                        ])
+                        .collect()
+                )
+            );
+            if !view.excluded.is_empty() {
+                println!("\nExcluded:");
+                println!(
+                    "{}",
+                    output::table(
+                        &["PROVIDER", "STATE", "WHY"],
+                        view.excluded
+                            .iter()
+                            .map(|e| vec![
+                                e.provider.clone(),
+                                e.provider_state.clone(),
+                                e.reason.clone()
+                            ])
+                            .collect()
+                    )
+                );
+            }
+            if !r.decisions.is_empty() {
+                println!("\nDecisions:");
+                for e in &r.decisions {
+                    println!("  {}", output::event_line(e));
+                }
+            }
+            Ok(())
+        }
         Command::Status { app, output } => {
             let mut client = connect(server).await?;
             if let Some(app) = app {
@@ -725,6 +840,92 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+    }
+}
+
+async fn control_provider(
+    server: &str,
+    provider: String,
+    control: pb::ProviderControl,
+) -> anyhow::Result<()> {
+    let mut client = connect(server).await?;
+    let r = client
+        .control_provider(pb::ControlProviderRequest {
+            provider,
+            control: control as i32,
+        })
+        .await
+        .map_err(ClientError::from)?
+        .into_inner();
+    println!("{}", r.message);
+    Ok(())
+}
+
+/// JSON shape of `explain -o json`.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ExplainView {
+    app: String,
+    mode: String,
+    pinned_provider: String,
+    placements: Vec<ExplainPlacement>,
+    excluded: Vec<ExplainExcluded>,
+    decisions: Vec<EventView>,
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ExplainPlacement {
+    provider: String,
+    provider_state: String,
+    replicas: u32,
+    extra_replicas: u32,
+    tier: i32,
+    reason: String,
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ExplainExcluded {
+    provider: String,
+    provider_state: String,
+    reason: String,
+}
+
+impl From<&pb::ExplainResponse> for ExplainView {
+    fn from(r: &pb::ExplainResponse) -> Self {
+        ExplainView {
+            app: r.app.clone(),
+            mode: match r.mode() {
+                pb::PlacementMode::ActivePassive => "active-passive",
+                pb::PlacementMode::Spread => "spread",
+                _ => "mirror",
+            }
+            .into(),
+            pinned_provider: r.pinned_provider.clone(),
+            placements: r
+                .placements
+                .iter()
+                .map(|p| ExplainPlacement {
+                    provider: p.provider.clone(),
+                    provider_state: output::provider_state_name(p.provider_state()).into(),
+                    replicas: p.replicas,
+                    extra_replicas: p.extra_replicas,
+                    tier: p.tier,
+                    reason: p.reason.clone(),
+                })
+                .collect(),
+            excluded: r
+                .excluded
+                .iter()
+                .map(|e| ExplainExcluded {
+                    provider: e.provider.clone(),
+                    provider_state: output::provider_state_name(e.provider_state()).into(),
+                    reason: e.reason.clone(),
+                })
+                .collect(),
+            decisions: r.decisions.iter().map(EventView::from).collect(),
         }
     }
 }

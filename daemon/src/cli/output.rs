@@ -108,6 +108,8 @@ pub fn provider_state_name(s: pb::ProviderState) -> &'static str {
         pb::ProviderState::Up => "up",
         pb::ProviderState::Suspect => "suspect",
         pb::ProviderState::Down => "down",
+        pb::ProviderState::Partitioned => "partitioned",
+        pb::ProviderState::Recovering => "recovering",
     }
 }
 
@@ -181,8 +183,15 @@ pub struct ProviderView {
     /// 0 means unlimited.
     pub capacity: u32,
     pub labels: BTreeMap<String, String>,
-    /// up, suspect, down, unknown.
+    /// up, suspect, partitioned, down, recovering, unknown.
     pub state: String,
+    /// Why the provider is in its state.
+    pub state_reason: String,
+    pub state_since_ms: i64,
+    pub cordoned: bool,
+    pub draining: bool,
+    /// Held out after flapping until then (0: not held out).
+    pub held_out_until_ms: i64,
     pub agent_id: String,
     pub agent_version: String,
     pub last_heartbeat_ms: i64,
@@ -205,6 +214,11 @@ impl ProviderView {
             capacity: spec.capacity,
             labels: meta.labels.into_iter().collect(),
             state: provider_state_name(s.state()).to_string(),
+            state_reason: s.state_reason.clone(),
+            state_since_ms: s.state_since_ms,
+            cordoned: s.cordoned,
+            draining: s.draining,
+            held_out_until_ms: s.held_out_until_ms,
             agent_id: s.agent_id.clone(),
             agent_version: s.agent_version.clone(),
             last_heartbeat_ms: s.last_heartbeat_ms,
@@ -235,7 +249,11 @@ pub fn provider_table(views: &[ProviderView]) -> String {
                 vec![
                     p.name.clone(),
                     p.driver.clone(),
-                    p.state.clone(),
+                    match (p.draining, p.cordoned) {
+                        (true, _) => format!("{},draining", p.state),
+                        (_, true) => format!("{},cordoned", p.state),
+                        _ => p.state.clone(),
+                    },
                     p.priority.to_string(),
                     format!("{}/{}", p.ready_replicas, p.assigned_replicas),
                     if p.agent_id.is_empty() {

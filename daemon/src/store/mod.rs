@@ -217,6 +217,17 @@ pub struct StoredEvent {
     pub event: NewEvent,
 }
 
+/// Operator controls: cordoned and draining providers, manual failovers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredControls {
+    /// Providers that get no new replicas.
+    pub cordoned: std::collections::BTreeSet<String>,
+    /// Providers whose replicas are moved away.
+    pub draining: std::collections::BTreeSet<String>,
+    /// Manual failovers: app → the provider that serves it.
+    pub pins: BTreeMap<String, String>,
+}
+
 /// A set of desired-state changes committed atomically.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -230,6 +241,8 @@ pub struct Batch {
     pub delete_providers: Vec<String>,
     /// Assignments to replace.
     pub put_assignments: Vec<StoredAssignment>,
+    /// Operator controls to replace.
+    pub controls: Option<StoredControls>,
     /// Events recorded with the change.
     pub events: Vec<NewEvent>,
 }
@@ -242,6 +255,7 @@ impl Batch {
             && self.put_providers.is_empty()
             && self.delete_providers.is_empty()
             && self.put_assignments.is_empty()
+            && self.controls.is_none()
             && self.events.is_empty()
     }
 }
@@ -260,6 +274,8 @@ pub trait Store: Send + Sync + 'static {
     fn providers(&self) -> Result<Vec<StoredProvider>, StoreError>;
     /// All assignments, by provider.
     fn assignments(&self) -> Result<Vec<StoredAssignment>, StoreError>;
+    /// Operator controls.
+    fn controls(&self) -> Result<StoredControls, StoreError>;
     /// Commits a batch atomically; with `durable`, returns only once it is on
     /// disk. Returns the stored events.
     fn commit(&self, batch: Batch, durable: bool) -> Result<Vec<StoredEvent>, StoreError>;

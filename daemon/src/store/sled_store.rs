@@ -1,6 +1,7 @@
 //! The embedded [`Store`]: one sled database in the daemon's data directory.
 //!
-//! Trees: `meta` (schema version), `apps`, `providers`, `assignments` (keyed by
+//! Trees: `meta` (schema version), `controls` (operator controls), `apps`,
+//! `providers`, `assignments` (keyed by
 //! name), `replicas` (keyed by `provider \0 app \0 index`), `events` (keyed by
 //! the big-endian sequence number, so iteration is in log order). The event log
 //! keeps the newest [`SledStore::EVENT_RETENTION`] entries.
@@ -12,8 +13,8 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::{
-    Batch, NewEvent, SCHEMA_VERSION, Store, StoreError, StoredApp, StoredAssignment, StoredEvent,
-    StoredProvider, StoredReplica, decode, encode, now_ms,
+    Batch, NewEvent, SCHEMA_VERSION, Store, StoreError, StoredApp, StoredAssignment,
+    StoredControls, StoredEvent, StoredProvider, StoredReplica, decode, encode, now_ms,
 };
 
 /// sled-backed [`Store`].
@@ -23,6 +24,8 @@ pub struct SledStore {
     apps: sled::Tree,
     providers: sled::Tree,
     assignments: sled::Tree,
+    /// Operator controls, one record under [`CONTROLS_KEY`].
+    controls: sled::Tree,
     replicas: sled::Tree,
     events: sled::Tree,
     /// Serializes event appends so sequence numbers are committed in order and a
@@ -41,6 +44,8 @@ struct EventLog {
 fn backend(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
+
+const CONTROLS_KEY: &str = "controls";
 
 fn replica_key(provider: &str, app: &str, index: u32) -> Vec<u8> {
     let mut key = Vec::with_capacity(provider.len() + app.len() + 6);
@@ -100,6 +105,7 @@ impl SledStore {
             apps: db.open_tree("apps").map_err(backend)?,
             providers: db.open_tree("providers").map_err(backend)?,
             assignments: db.open_tree("assignments").map_err(backend)?,
+            controls: db.open_tree("controls").map_err(backend)?,
             replicas: db.open_tree("replicas").map_err(backend)?,
             events,
             event_lock: Mutex::new(EventLog { last_seq, count }),
@@ -199,6 +205,16 @@ impl Store for SledStore {
         Self::values(&self.assignments, "assignment")
     }
 
+    fn controls(&self) -> Result<StoredControls, StoreError> {
+        Ok(self
+            .controls
+            .get(CONTROLS_KEY)
+            .map_err(backend)?
+            .map(|v| decode("controls", &v))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
     fn commit(&self, batch: Batch, durable: bool) -> Result<Vec<StoredEvent>, StoreError> {
         let mut apps = Vec::new();
         for app in &batch.put_apps {
@@ -212,29 +228,41 @@ impl Store for SledStore {
         for a in &batch.put_assignments {
             assignments.push((a.provider.clone(), encode(a)?));
         }
+        let controls = batch.controls.as_ref().map(encode).transpose()?;
         let ((), stored) = self.with_events(batch.events, |events| {
-            (&self.apps, &self.providers, &self.assignments, &self.events)
-                .transaction(|(t_apps, t_providers, t_assignments, t_events)| {
-                    for (name, value) in &apps {
-                        t_apps.insert(name.as_bytes(), value.as_slice())?;
-                    }
-                    for name in &batch.delete_apps {
-                        t_apps.remove(name.as_bytes())?;
-                    }
-                    for (name, value) in &providers {
-                        t_providers.insert(name.as_bytes(), value.as_slice())?;
-                    }
-                    for name in &batch.delete_providers {
-                        t_providers.remove(name.as_bytes())?;
-                    }
-                    for (name, value) in &assignments {
-                        t_assignments.insert(name.as_bytes(), value.as_slice())?;
-                    }
-                    for (seq, value) in events {
-                        t_events.insert(&seq.to_be_bytes(), value.as_slice())?;
-                    }
-                    Ok::<(), ConflictableTransactionError<()>>(())
-                })
+            (
+                &self.apps,
+                &self.providers,
+                &self.assignments,
+                &self.controls,
+                &self.events,
+            )
+                .transaction(
+                    |(t_apps, t_providers, t_assignments, t_controls, t_events)| {
+                        if let Some(c) = &controls {
+                            t_controls.insert(CONTROLS_KEY, c.as_slice())?;
+                        }
+                        for (name, value) in &apps {
+                            t_apps.insert(name.as_bytes(), value.as_slice())?;
+                        }
+                        for name in &batch.delete_apps {
+                            t_apps.remove(name.as_bytes())?;
+                        }
+                        for (name, value) in &providers {
+                            t_providers.insert(name.as_bytes(), value.as_slice())?;
+                        }
+                        for name in &batch.delete_providers {
+                            t_providers.remove(name.as_bytes())?;
+                        }
+                        for (name, value) in &assignments {
+                            t_assignments.insert(name.as_bytes(), value.as_slice())?;
+                        }
+                        for (seq, value) in events {
+                            t_events.insert(&seq.to_be_bytes(), value.as_slice())?;
+                        }
+                        Ok::<(), ConflictableTransactionError<()>>(())
+                    },
+                )
                 .map_err(|e| match e {
                     TransactionError::Storage(e) => backend(e),
                     TransactionError::Abort(()) => {
