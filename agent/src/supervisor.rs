@@ -503,14 +503,25 @@ impl<D: Driver> Supervisor<D> {
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
+            // Work per pass is proportional to all replicas, so inputs are
+            // handled in batches and a pass that changed nothing (most probe
+            // results) publishes and persists nothing.
+            let mut changed = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(input) = self.inbox.recv() => self.handle(input),
+                Some(input) = self.inbox.recv() => {
+                    let mut changed = self.handle(input);
+                    while let Ok(more) = self.inbox.try_recv() {
+                        changed |= self.handle(more);
+                    }
+                    changed
+                }
                 _ = tick.tick() => self.inspect().await,
+            };
+            changed |= self.converge();
+            if changed {
+                self.publish();
+                self.persist();
             }
-            self.converge();
-            self.publish();
-            self.persist();
         }
         for r in self.replicas.values_mut() {
             r.stop_probe();
@@ -544,7 +555,8 @@ impl<D: Driver> Supervisor<D> {
         self.dirty = true;
     }
 
-    fn handle(&mut self, input: Input) {
+    /// Applies one input; returns whether replica state may have changed.
+    fn handle(&mut self, input: Input) -> bool {
         match input {
             Input::Assign(set, raw) => {
                 if self
@@ -556,7 +568,7 @@ impl<D: Driver> Supervisor<D> {
                         revision = set.revision,
                         "ignoring an assignment older than the current one"
                     );
-                    return;
+                    return false;
                 }
                 if let Err(e) = self.state.save_assignment(&raw) {
                     tracing::error!(error = %e, "cannot persist the assignment");
@@ -574,6 +586,7 @@ impl<D: Driver> Supervisor<D> {
                     }
                 }
                 self.desired = Some(set);
+                true
             }
             Input::Started { key, op, result } => {
                 let backoff_max = self.config.backoff_max;
@@ -586,7 +599,7 @@ impl<D: Driver> Supervisor<D> {
                             let _ = driver.destroy(&h).await;
                         });
                     }
-                    return;
+                    return false;
                 };
                 match result {
                     Ok(handle) => {
@@ -615,10 +628,11 @@ impl<D: Driver> Supervisor<D> {
                         r.message = e.to_string();
                     }
                 }
+                true
             }
             Input::Stopped { key, op } => {
                 let Some(r) = self.replicas.get_mut(&key).filter(|r| r.op == op) else {
-                    return;
+                    return false;
                 };
                 if let Phase::Stopping { replace: true } = r.phase {
                     r.phase = Phase::Backoff {
@@ -630,6 +644,7 @@ impl<D: Driver> Supervisor<D> {
                     self.replicas.remove(&key);
                 }
                 self.dirty = true;
+                true
             }
             Input::Probe { key, op, result } => {
                 let Some(r) = self
@@ -637,31 +652,33 @@ impl<D: Driver> Supervisor<D> {
                     .get_mut(&key)
                     .filter(|r| r.op == op && r.phase == Phase::Running)
                 else {
-                    return;
+                    return false;
                 };
                 let Some(tracker) = r.health.as_mut() else {
-                    return;
+                    return false;
                 };
                 let ok = result.is_ok();
-                if let Some(next) = tracker.record(ok) {
+                let transition = tracker.record(ok);
+                if let Some(next) = transition {
                     tracing::info!(replica = %key, health = ?next, "health changed");
                 }
-                match result {
-                    Ok(()) => {
-                        if tracker.state() == Health::Healthy {
-                            r.message.clear();
-                        }
-                    }
-                    Err(msg) => r.message = msg,
-                }
+                let message = match result {
+                    Ok(()) if tracker.state() == Health::Healthy => String::new(),
+                    Ok(()) => r.message.clone(),
+                    Err(msg) => msg,
+                };
+                let changed = transition.is_some() || message != r.message;
+                r.message = message;
+                changed
             }
         }
     }
 
     /// Looks at every running instance; an exit is a crash (stops we asked for
     /// are in `Stopping` and not inspected).
-    async fn inspect(&mut self) {
+    async fn inspect(&mut self) -> bool {
         let now = Instant::now();
+        let mut changed = false;
         let keys: Vec<ReplicaKey> = self
             .replicas
             .iter()
@@ -691,6 +708,7 @@ impl<D: Driver> Supervisor<D> {
                             .is_some_and(|s| now.duration_since(s) >= min_run)
                     {
                         r.crashes_in_row = 0;
+                        changed = true;
                     }
                 }
                 Inspection::Exited { code, signal } => {
@@ -724,21 +742,19 @@ impl<D: Driver> Supervisor<D> {
                     r.handle = None;
                     r.started_at = None;
                     self.dirty = true;
+                    changed = true;
                 }
             }
         }
+        changed
     }
 
-    fn observed(&self) -> BTreeMap<ReplicaKey, Observed> {
+    fn observed(&self, desired: &DesiredSet) -> BTreeMap<ReplicaKey, Observed> {
         let now = Instant::now();
         self.replicas
             .iter()
             .map(|(k, r)| {
-                let has_check = self
-                    .desired
-                    .as_ref()
-                    .and_then(|d| d.apps.get(&k.app))
-                    .is_some_and(|d| d.health.is_some());
+                let has_check = desired.apps.get(&k.app).is_some_and(|d| d.health.is_some());
                 let o = Observed {
                     workload_generation: r.workload_generation,
                     busy: matches!(r.phase, Phase::Starting | Phase::Stopping { .. }),
@@ -761,20 +777,28 @@ impl<D: Driver> Supervisor<D> {
             .is_none_or(|d| Instant::now() + FENCE_EARLY >= d)
     }
 
-    fn converge(&mut self) {
-        let Some(desired) = self.desired.clone() else {
-            return;
+    /// Plans and starts the driver operations to reach the desired set;
+    /// returns whether it did anything.
+    fn converge(&mut self) -> bool {
+        let Some(desired) = self.desired.take() else {
+            return false;
         };
-        let mut apps = desired.apps.clone();
-        if self.fenced() {
+        let observed = self.observed(&desired);
+        let fence = self.fenced() && desired.apps.values().any(|d| d.singleton && d.replicas > 0);
+        let p = if fence {
+            let mut apps = desired.apps.clone();
             for d in apps.values_mut().filter(|d| d.singleton && d.replicas > 0) {
                 if self.replicas.keys().any(|k| k.app == d.app) {
                     tracing::warn!(app = %d.app, "lease on the singleton not renewed: stopping it");
                 }
                 d.replicas = 0;
             }
-        }
-        let p = plan(&apps, &self.observed());
+            plan(&apps, &observed)
+        } else {
+            plan(&desired.apps, &observed)
+        };
+        self.desired = Some(desired);
+        let acted = !(p.remove.is_empty() && p.replace.is_empty() && p.start.is_empty());
         for key in p.remove {
             self.stop(&key, false);
         }
@@ -782,10 +806,16 @@ impl<D: Driver> Supervisor<D> {
             self.stop(&key, true);
         }
         for key in p.start {
-            if let Some(d) = desired.apps.get(&key.app) {
-                self.start(&key, d);
+            let d = self
+                .desired
+                .as_ref()
+                .and_then(|d| d.apps.get(&key.app))
+                .cloned();
+            if let Some(d) = d {
+                self.start(&key, &d);
             }
         }
+        acted
     }
 
     fn start(&mut self, key: &ReplicaKey, d: &DesiredApp) {

@@ -31,6 +31,9 @@ use crate::store::{
     StoredReplica, now_ms,
 };
 
+/// Shortest time between two reconcile passes.
+const MIN_PASS_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Settings of a daemon.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -1196,6 +1199,12 @@ impl Daemon {
                 _ = shutdown.cancelled() => return,
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(self.config.resync_interval) => {}
+            }
+            // Coalesce bursts (hundreds of status reports while replicas start):
+            // at most one pass per interval; wake-ups meanwhile fold into the next.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(MIN_PASS_INTERVAL) => {}
             }
         }
     }

@@ -70,6 +70,102 @@ impl Bins {
     }
 }
 
+/// A TCP relay in front of the daemon that can be cut (existing connections
+/// reset, new ones refused) and restored: a network partition on loopback.
+#[derive(Debug)]
+pub struct Relay {
+    /// Where agents connect.
+    pub addr: SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    /// Relays a fresh loopback port to `target`.
+    pub fn start(target: SocketAddr) -> Result<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (c, st, cs) = (cut.clone(), stop.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                if c.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(upstream) = TcpStream::connect(target) else {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
+                if let (Ok(a), Ok(b)) = (client.try_clone(), upstream.try_clone()) {
+                    if let Ok(mut list) = cs.lock() {
+                        list.push(a);
+                        list.push(b);
+                    }
+                }
+                pipe(client, upstream);
+            }
+        });
+        Ok(Relay {
+            addr,
+            cut,
+            conns,
+            stop,
+        })
+    }
+
+    /// Resets every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut list) = self.conns.lock() {
+            for s in list.drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut();
+        // Wake the accept loop so it sees `stop`.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// Copies both ways between two sockets on two threads.
+fn pipe(a: TcpStream, b: TcpStream) {
+    let (Ok(mut a2), Ok(mut b2)) = (a.try_clone(), b.try_clone()) else {
+        return;
+    };
+    let (mut a, mut b) = (a, b);
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut a, &mut b2);
+        let _ = b2.shutdown(std::net::Shutdown::Both);
+    });
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut b, &mut a2);
+        let _ = a2.shutdown(std::net::Shutdown::Both);
+    });
+}
+
 /// Env var set on every process a cluster starts; replicas inherit it, which
 /// is how [`Cluster`]'s drop finds and kills them.
 pub const MARKER_VAR: &str = "SKYMIRROR_TEST_MARKER";
@@ -88,6 +184,7 @@ pub struct Cluster {
     marker: String,
     daemon: Option<Child>,
     agents: BTreeMap<String, Child>,
+    relays: BTreeMap<String, Relay>,
     events: Option<EventFeed>,
 }
 
@@ -120,6 +217,7 @@ impl Cluster {
             marker: random_marker(),
             daemon: None,
             agents: BTreeMap::new(),
+            relays: BTreeMap::new(),
             events: None,
         };
         cluster.start_daemon()?;
@@ -192,10 +290,42 @@ impl Cluster {
 
     /// Starts the agent of `provider` (process driver).
     pub fn start_agent(&mut self, provider: &str) -> Result<()> {
+        let url = self.url();
+        self.spawn_agent(provider, &url)
+    }
+
+    /// Starts the agent of `provider` behind a relay that [`Cluster::cut`] can
+    /// sever, to partition it from the daemon while it and its replicas run on.
+    pub fn start_agent_behind_relay(&mut self, provider: &str) -> Result<()> {
+        let relay = Relay::start(self.addr)?;
+        let url = format!("http://{}", relay.addr);
+        self.relays.insert(provider.to_string(), relay);
+        self.spawn_agent(provider, &url)
+    }
+
+    /// Cuts the network between a relayed agent and the daemon.
+    pub fn cut(&self, provider: &str) -> Result<()> {
+        self.relays
+            .get(provider)
+            .context("no relay for that provider")?
+            .cut();
+        Ok(())
+    }
+
+    /// Restores the network between a relayed agent and the daemon.
+    pub fn restore(&self, provider: &str) -> Result<()> {
+        self.relays
+            .get(provider)
+            .context("no relay for that provider")?
+            .restore();
+        Ok(())
+    }
+
+    fn spawn_agent(&mut self, provider: &str, server: &str) -> Result<()> {
         let child = Command::new(&self.bins.agent)
             .args([
                 "--server",
-                &self.url(),
+                server,
                 "--provider",
                 provider,
                 "--driver",
@@ -420,6 +550,50 @@ impl Cluster {
         )
     }
 
+    /// `kill -9` every replica process of `provider` (with its agent: a provider outage).
+    pub fn kill_replicas(&self, provider: &str) -> Result<usize> {
+        let mut killed = 0;
+        for (id, pids) in self.replica_processes() {
+            if id.split('/').nth(1) == Some(provider) {
+                for pid in pids {
+                    let pid = i32::try_from(pid)?;
+                    nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    )?;
+                    killed += 1;
+                }
+            }
+        }
+        Ok(killed)
+    }
+
+    /// The provider entries of `get providers -o json`, by name.
+    pub fn provider_states(&self) -> Result<BTreeMap<String, String>> {
+        Ok(self
+            .providers()?
+            .into_iter()
+            .filter_map(|p| {
+                Some((
+                    p["name"].as_str()?.to_string(),
+                    p["state"].as_str()?.to_string(),
+                ))
+            })
+            .collect())
+    }
+
+    /// Ready replicas of `app` per provider.
+    pub fn ready_counts(&self, app: &str) -> Result<BTreeMap<String, usize>> {
+        let mut out = BTreeMap::new();
+        for r in self.replicas()? {
+            if r["app"] == app && r["ready"] == true {
+                *out.entry(r["provider"].as_str().unwrap_or_default().to_string())
+                    .or_default() += 1;
+            }
+        }
+        Ok(out)
+    }
+
     /// Pids of every replica process of this cluster still alive, by `SKYMIRROR_REPLICA`.
     pub fn replica_processes(&self) -> BTreeMap<String, Vec<u32>> {
         let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
@@ -438,6 +612,7 @@ impl Drop for Cluster {
             let _ = f.child.kill();
             let _ = f.child.wait();
         }
+        self.relays.clear();
         for (_, mut a) in std::mem::take(&mut self.agents) {
             let _ = a.kill();
             let _ = a.wait();
@@ -552,6 +727,19 @@ pub fn providers_yaml(names: &[&str]) -> String {
         .map(|n| {
             format!(
                 "apiVersion: skymirror.dev/v1\nkind: Provider\nmetadata:\n  name: {n}\n  labels: {{cloud: local}}\nspec:\n  driver: process\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// YAML of process providers with priorities, `(name, priority)`.
+pub fn prioritized_providers_yaml(providers: &[(&str, i32)]) -> String {
+    providers
+        .iter()
+        .map(|(n, p)| {
+            format!(
+                "apiVersion: skymirror.dev/v1\nkind: Provider\nmetadata:\n  name: {n}\nspec:\n  driver: process\n  priority: {p}\n"
             )
         })
         .collect::<Vec<_>>()

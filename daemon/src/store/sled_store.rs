@@ -73,7 +73,7 @@ impl SledStore {
             .path(dir)
             // The working set is small (specs, a few thousand replica records);
             // sled's 1 GiB default cache would only inflate the daemon's memory.
-            .cache_capacity(16 * 1024 * 1024)
+            .cache_capacity(8 * 1024 * 1024)
             .flush_every_ms(Some(200))
             .open()
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", dir.display())))?;
