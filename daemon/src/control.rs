@@ -48,10 +48,7 @@ impl ControlApi {
     }
 
     fn replicas(&self) -> Vec<StoredReplica> {
-        lock(&self.daemon.replicas)
-            .values()
-            .flat_map(|m| m.values().cloned())
-            .collect()
+        self.daemon.effective_replicas()
     }
 
     fn summary(

@@ -244,6 +244,27 @@ impl Daemon {
         self.wake.notify_one();
     }
 
+    /// Reported replicas as the API shows them: a replica of a provider that
+    /// is down is not ready, whatever it last reported, since nobody can tell.
+    pub(crate) fn effective_replicas(&self) -> Vec<StoredReplica> {
+        let down: BTreeSet<String> = lock(&self.liveness)
+            .iter()
+            .filter(|(_, l)| l.state == Liveness::Down)
+            .map(|(n, _)| n.clone())
+            .collect();
+        lock(&self.replicas)
+            .values()
+            .flat_map(|m| m.values().cloned())
+            .map(|mut r| {
+                if down.contains(&r.provider) {
+                    r.message = format!("provider {} is down; last reported {}", r.provider, r.state.as_str());
+                    r.ready = false;
+                }
+                r
+            })
+            .collect()
+    }
+
     /// Ready and desired replicas over all apps.
     pub fn readiness(&self) -> Result<(u32, u32), DaemonError> {
         let assignments: BTreeMap<String, StoredAssignment> = self
@@ -252,10 +273,7 @@ impl Daemon {
             .into_iter()
             .map(|a| (a.provider.clone(), a))
             .collect();
-        let replicas: Vec<StoredReplica> = lock(&self.replicas)
-            .values()
-            .flat_map(|m| m.values().cloned())
-            .collect();
+        let replicas = self.effective_replicas();
         let mut totals = (0, 0);
         for app in self.store.apps()? {
             let s = summarize(&app, &assignments, &replicas);
@@ -970,7 +988,18 @@ impl Daemon {
             .iter()
             .map(|a| (a.app.metadata.name.as_str(), a.workload_generation))
             .collect();
-        for (provider, replicas) in lock(&self.replicas).iter() {
+        // Readiness counts toward fail-back only once the agent has acknowledged
+        // the provider's current assignment: before that, its reports may show
+        // replicas that the assignment is about to stop.
+        let acknowledged: BTreeSet<String> = {
+            let agents = lock(&self.agents);
+            assignments
+                .iter()
+                .filter(|a| agents.get(&a.provider).is_some_and(|c| c.applied_revision >= a.revision))
+                .map(|a| a.provider.clone())
+                .collect()
+        };
+        for (provider, replicas) in lock(&self.replicas).iter().filter(|(p, _)| acknowledged.contains(*p)) {
             for r in replicas.values() {
                 if r.ready && generations.get(r.app.as_str()) == Some(&r.workload_generation) {
                     *ctx.ready

@@ -108,11 +108,11 @@ impl Relay {
                 };
                 let _ = client.set_nodelay(true);
                 let _ = upstream.set_nodelay(true);
-                if let (Ok(a), Ok(b)) = (client.try_clone(), upstream.try_clone()) {
-                    if let Ok(mut list) = cs.lock() {
-                        list.push(a);
-                        list.push(b);
-                    }
+                if let (Ok(a), Ok(b)) = (client.try_clone(), upstream.try_clone())
+                    && let Ok(mut list) = cs.lock()
+                {
+                    list.push(a);
+                    list.push(b);
                 }
                 pipe(client, upstream);
             }
@@ -222,6 +222,11 @@ impl Cluster {
         };
         cluster.start_daemon()?;
         Ok(cluster)
+    }
+
+    /// The environment marker of this cluster's processes (see [`MARKER_VAR`]).
+    pub fn marker(&self) -> &str {
+        &self.marker
     }
 
     /// The daemon URL.

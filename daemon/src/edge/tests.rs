@@ -1052,3 +1052,60 @@ async fn run_rejects_a_bad_daemon_url() {
     let r = super::run(cfg, CancellationToken::new()).await;
     assert!(matches!(r, Err(EdgeError::InvalidServer { .. })), "{r:?}");
 }
+
+// ---------------------------------------------------------------- throughput
+
+/// Keep-alive GETs, direct and through the edge; prints requests per second.
+/// Run with `cargo test --release -p skymirror --lib edge::tests::throughput
+/// -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test"]
+async fn throughput() {
+    const CLIENTS: usize = 32;
+    const REQUESTS: usize = 2_000;
+    let a = TestUpstream::start(Behavior::Respond("a")).await;
+    let b = TestUpstream::start(Behavior::Respond("b")).await;
+    let edge = TestEdge::start(
+        config(Duration::from_millis(250)),
+        table(
+            1,
+            vec![route(
+                WEB,
+                &[],
+                "http",
+                vec![up(a.addr, "p1", 0), up(b.addr, "p2", 0)],
+            )],
+        ),
+    );
+    let via_edge = edge.addr(WEB).await;
+
+    async fn load(targets: Vec<SocketAddr>) -> f64 {
+        let started = std::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for c in 0..CLIENTS {
+            let target = targets[c % targets.len()];
+            tasks.spawn(async move {
+                let client = client();
+                for _ in 0..REQUESTS {
+                    let r = get(&client, target, "x").await;
+                    assert_eq!(r.status, StatusCode::OK);
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.expect("client task");
+        }
+        (CLIENTS * REQUESTS) as f64 / started.elapsed().as_secs_f64()
+    }
+
+    load(vec![a.addr, b.addr]).await; // warm-up
+    let direct = load(vec![a.addr, b.addr]).await;
+    load(vec![via_edge]).await; // warm-up
+    let proxied = load(vec![via_edge]).await;
+    println!(
+        "{CLIENTS} clients x {REQUESTS} keep-alive GETs: direct {direct:.0} req/s, through the edge {proxied:.0} req/s ({:.0}%)",
+        100.0 * proxied / direct
+    );
+    assert_eq!(edge.counters().failures, 0);
+    edge.stop().await;
+}

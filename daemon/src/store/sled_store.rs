@@ -362,6 +362,22 @@ impl Store for SledStore {
 mod tests {
     use super::*;
 
+    /// Reopens a store dropped a moment ago: sled's background flusher may
+    /// hold the file lock briefly after the last handle is gone.
+    fn reopen(dir: &Path) -> Result<SledStore, StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match SledStore::open(dir) {
+                Err(StoreError::Backend(e))
+                    if e.contains("lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn event(reason: &str) -> NewEvent {
         NewEvent {
             reason: reason.into(),
@@ -408,7 +424,7 @@ mod tests {
             assert_eq!(store.events_after(1, 10)?.len(), 2);
             assert_eq!(store.last_events(1)?[0].event.reason, "C");
         }
-        let store = SledStore::open(dir.path())?;
+        let store = reopen(dir.path())?;
         assert_eq!(store.last_event_seq()?, 3);
         let next = store.append_events(vec![event("D")])?;
         assert!(next[0].seq > 3, "sequence numbers never go back");
