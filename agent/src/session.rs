@@ -119,6 +119,10 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
     // (at worst for an empty delta) instead of waiting for the next change.
     let mut changes = sup.board.subscribe();
     let (replicas, revision) = sup.board.snapshot();
+    // Revision of the last status the daemon was sent. Heartbeats carry this,
+    // not the supervisor's newest revision: the daemon trusts replica states
+    // as reflecting a revision only once it has received them.
+    let mut reported_revision = revision;
     let hello = pb::AgentMessage {
         message: Some(pb::agent_message::Message::Hello(pb::Hello {
             provider: id.provider.clone(),
@@ -177,7 +181,7 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
                 if sent.len() > 64 {
                     sent.pop_front();
                 }
-                let hb = pb::Heartbeat { time_ms: now_ms(), applied_revision: sup.board.snapshot_revision(), seq };
+                let hb = pb::Heartbeat { time_ms: now_ms(), applied_revision: reported_revision, seq };
                 if tx.send(pb::AgentMessage { message: Some(pb::agent_message::Message::Heartbeat(hb)) }).await.is_err() {
                     return Ok("outbound queue closed".into());
                 }
@@ -187,9 +191,10 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
                     return Ok("supervisor stopped".into());
                 }
                 let delta = sup.board.drain();
-                if delta.replicas.is_empty() && delta.removed.is_empty() {
+                if delta.replicas.is_empty() && delta.removed.is_empty() && delta.revision == reported_revision {
                     continue;
                 }
+                reported_revision = delta.revision;
                 let report = pb::StatusReport {
                     replicas: delta.replicas,
                     full: false,

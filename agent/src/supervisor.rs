@@ -108,11 +108,6 @@ impl StatusBoard {
         (b.current.values().cloned().collect(), b.revision)
     }
 
-    /// Revision being converged to.
-    pub fn snapshot_revision(&self) -> u64 {
-        self.lock().revision
-    }
-
     /// Pending changes.
     pub fn drain(&self) -> Delta {
         let mut b = self.lock();

@@ -257,7 +257,11 @@ impl Daemon {
             .flat_map(|m| m.values().cloned())
             .map(|mut r| {
                 if down.contains(&r.provider) {
-                    r.message = format!("provider {} is down; last reported {}", r.provider, r.state.as_str());
+                    r.message = format!(
+                        "provider {} is down; last reported {}",
+                        r.provider,
+                        r.state.as_str()
+                    );
                     r.ready = false;
                 }
                 r
@@ -592,6 +596,11 @@ impl Daemon {
                         generation: a.generation,
                         workload_generation: a.workload_generation,
                         replicas: *replicas,
+                        extra: schedule
+                            .decisions
+                            .get(app)
+                            .and_then(|d| d.iter().find(|d| &d.provider == provider))
+                            .map_or(0, |d| d.extra),
                     })
                 })
                 .collect();
@@ -995,11 +1004,18 @@ impl Daemon {
             let agents = lock(&self.agents);
             assignments
                 .iter()
-                .filter(|a| agents.get(&a.provider).is_some_and(|c| c.applied_revision >= a.revision))
+                .filter(|a| {
+                    agents
+                        .get(&a.provider)
+                        .is_some_and(|c| c.applied_revision >= a.revision)
+                })
                 .map(|a| a.provider.clone())
                 .collect()
         };
-        for (provider, replicas) in lock(&self.replicas).iter().filter(|(p, _)| acknowledged.contains(*p)) {
+        for (provider, replicas) in lock(&self.replicas)
+            .iter()
+            .filter(|(p, _)| acknowledged.contains(*p))
+        {
             for r in replicas.values() {
                 if r.ready && generations.get(r.app.as_str()) == Some(&r.workload_generation) {
                     *ctx.ready
@@ -1014,6 +1030,12 @@ impl Daemon {
                     .entry(a.provider.clone())
                     .or_default()
                     .insert(x.app.clone(), x.replicas);
+                if x.extra > 0 {
+                    ctx.current_extra
+                        .entry(a.provider.clone())
+                        .or_default()
+                        .insert(x.app.clone(), x.extra);
+                }
             }
         }
         Ok(ctx)

@@ -98,6 +98,8 @@ pub struct Context {
     pub ready: BTreeMap<(String, String), u32>,
     /// Current placement (what agents were last told), for singleton stickiness.
     pub current: Placements,
+    /// Failover extras in the current placement, by provider and app.
+    pub current_extra: Placements,
     /// Manual failovers in force: app → provider.
     pub pins: BTreeMap<String, String>,
 }
@@ -166,6 +168,10 @@ struct Slot<'a> {
     cordoned: bool,
     lease_expired: bool,
     ready: u32,
+    /// Replicas the provider runs for the app now (last assignment).
+    current: u32,
+    /// Of those, failover extras.
+    current_extra: u32,
     base: u32,
     extra: u32,
     tier: i32,
@@ -277,6 +283,18 @@ pub fn schedule(apps: &[StoredApp], providers: &[StoredProvider], ctx: &Context)
                     ready: ctx
                         .ready
                         .get(&(name.clone(), cand.name.to_string()))
+                        .copied()
+                        .unwrap_or(0),
+                    current: ctx
+                        .current
+                        .get(cand.name)
+                        .and_then(|m| m.get(name))
+                        .copied()
+                        .unwrap_or(0),
+                    current_extra: ctx
+                        .current_extra
+                        .get(cand.name)
+                        .and_then(|m| m.get(name))
                         .copied()
                         .unwrap_or(0),
                     cand,
@@ -421,11 +439,19 @@ fn place_active_active(
             }
         }
     }
-    let total: u32 = bases.iter().sum();
-    if lost == 0 {
-        return total;
+    // Serving providers short of ready replicas (a provider just back, whose
+    // replicas are still starting): extras the survivors already run are kept
+    // until those are ready — make-before-break. This never creates extras.
+    let mut short_from = Vec::new();
+    let mut short = 0;
+    for s in slots.iter() {
+        if s.role == Role::Serving && s.ready < s.base {
+            short += s.base - s.ready;
+            short_from.push(s.cand.name.to_string());
+        }
     }
-    if !failover.spill {
+    let total: u32 = bases.iter().sum();
+    if (lost == 0 && short == 0) || !failover.spill {
         return total - lost;
     }
     let cap = if failover.max_extra_replicas == 0 {
@@ -440,7 +466,7 @@ fn place_active_active(
         .map(|(i, _)| i)
         .collect();
     if takers.is_empty() {
-        return total;
+        return total - lost;
     }
     let shares = divide(
         cap,
@@ -449,17 +475,28 @@ fn place_active_active(
             .map(|i| slots[*i].cand.weight)
             .collect::<Vec<_>>(),
     );
+    let mut kept_total = 0;
     for (i, extra) in takers.into_iter().zip(shares) {
+        let s = &mut slots[i];
         if extra > 0 {
-            let s = &mut slots[i];
             s.extra = extra;
             s.reason.push_str(&format!(
                 "; +{extra} re-placed from {}",
                 lost_from.join(", ")
             ));
         }
+        let running_extra = s.current_extra.saturating_sub(s.extra);
+        let keep = running_extra.min(short - kept_total);
+        if keep > 0 {
+            s.extra += keep;
+            kept_total += keep;
+            s.reason.push_str(&format!(
+                "; +{keep} kept until {} is ready (make-before-break)",
+                short_from.join(", ")
+            ));
+        }
     }
-    total - lost + cap
+    total - lost + cap + kept_total
 }
 
 /// Active-passive: the highest-priority serving provider runs `replicas`; a
@@ -486,9 +523,15 @@ fn place_active_passive(replicas: u32, standby: u32, slots: &mut [Slot]) -> u32 
         }
         return replicas;
     };
-    let warming = slots[target].role == Role::Returning && slots[target].ready < replicas;
-    let active = match (warming, serving) {
-        (true, Some(s)) => s,
+    // The provider serving now (it runs the full count) keeps serving until the
+    // new target's replicas are ready: make-before-break.
+    let serving_now = order
+        .iter()
+        .copied()
+        .find(|i| *i != target && slots[*i].role == Role::Serving && slots[*i].current >= replicas)
+        .or(serving.filter(|s| *s != target && slots[target].role == Role::Returning));
+    let active = match serving_now {
+        Some(s) if slots[target].ready < replicas => s,
         _ => target,
     };
     for (i, s) in slots.iter_mut().enumerate() {

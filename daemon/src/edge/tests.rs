@@ -1055,9 +1055,12 @@ async fn run_rejects_a_bad_daemon_url() {
 
 // ---------------------------------------------------------------- throughput
 
-/// Keep-alive GETs, direct and through the edge; prints requests per second.
-/// Run with `cargo test --release -p skymirror --lib edge::tests::throughput
-/// -- --ignored --nocapture`.
+/// Keep-alive GETs from 32 clients to two upstreams: direct, through the edge
+/// and (when `nginx` is installed) through nginx with an upstream keep-alive
+/// pool; prints requests per second. The edge runs on a runtime of its own
+/// (two threads), as it would in its own process. Run with `cargo test
+/// --release -p skymirror --lib edge::tests::throughput -- --ignored
+/// --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a test"]
 async fn throughput() {
@@ -1065,19 +1068,31 @@ async fn throughput() {
     const REQUESTS: usize = 2_000;
     let a = TestUpstream::start(Behavior::Respond("a")).await;
     let b = TestUpstream::start(Behavior::Respond("b")).await;
-    let edge = TestEdge::start(
-        config(Duration::from_millis(250)),
-        table(
-            1,
-            vec![route(
-                WEB,
-                &[],
-                "http",
-                vec![up(a.addr, "p1", 0), up(b.addr, "p2", 0)],
-            )],
-        ),
-    );
-    let via_edge = edge.addr(WEB).await;
+
+    let cfg = config(Duration::from_millis(250));
+    let stats = cfg.stats.clone();
+    let shutdown = CancellationToken::new();
+    let (tables, rx) = watch::channel(table(
+        1,
+        vec![route(
+            WEB,
+            &[],
+            "http",
+            vec![up(a.addr, "p1", 0), up(b.addr, "p2", 0)],
+        )],
+    ));
+    let edge_thread = std::thread::spawn({
+        let shutdown = shutdown.clone();
+        move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("edge runtime")
+                .block_on(super::serve(rx, cfg, shutdown))
+        }
+    });
+    let via_edge = wait_bound(&stats, WEB).await;
 
     async fn load(targets: Vec<SocketAddr>) -> f64 {
         let started = std::time::Instant::now();
@@ -1100,12 +1115,66 @@ async fn throughput() {
 
     load(vec![a.addr, b.addr]).await; // warm-up
     let direct = load(vec![a.addr, b.addr]).await;
-    load(vec![via_edge]).await; // warm-up
+    load(vec![via_edge]).await;
     let proxied = load(vec![via_edge]).await;
-    println!(
-        "{CLIENTS} clients x {REQUESTS} keep-alive GETs: direct {direct:.0} req/s, through the edge {proxied:.0} req/s ({:.0}%)",
+    let mut report = format!(
+        "{CLIENTS} clients x {REQUESTS} keep-alive GETs: direct {direct:.0} req/s, edge {proxied:.0} req/s ({:.0}% of direct)",
         100.0 * proxied / direct
     );
-    assert_eq!(edge.counters().failures, 0);
-    edge.stop().await;
+
+    let nginx_port = dead_addr().await.port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2; daemon off; pid {dir}/nginx.pid; error_log {dir}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; upstream app {{ server {a}; server {b}; keepalive 64; }}\n\
+             server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://app; \
+             proxy_http_version 1.1; proxy_set_header Connection \"\"; \
+             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }} }}\n",
+            dir = dir.path().display(),
+            a = a.addr,
+            b = b.addr,
+        ),
+    )
+    .expect("nginx.conf");
+    let nginx = tokio::process::Command::new("nginx")
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-e")
+        .arg(dir.path().join("startup.log"))
+        .arg("-c")
+        .arg(&conf)
+        .kill_on_drop(true)
+        .spawn();
+    if let Ok(mut nginx) = nginx {
+        let nginx_addr: SocketAddr = format!("127.0.0.1:{nginx_port}").parse().expect("addr");
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while TcpStream::connect(nginx_addr).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nginx never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        load(vec![nginx_addr]).await;
+        let via_nginx = load(vec![nginx_addr]).await;
+        report.push_str(&format!(
+            ", nginx {via_nginx:.0} req/s (edge at {:.0}% of nginx)",
+            100.0 * proxied / via_nginx
+        ));
+        let _ = nginx.kill().await;
+    }
+    println!("{report}");
+
+    assert_eq!(stats.counters().failures, 0);
+    shutdown.cancel();
+    drop(tables);
+    let served = tokio::task::spawn_blocking(move || edge_thread.join())
+        .await
+        .expect("join task")
+        .expect("edge thread");
+    assert!(served.is_ok(), "{served:?}");
 }

@@ -173,6 +173,9 @@ pub struct AssignedApp {
     pub workload_generation: u64,
     /// Replicas the provider runs.
     pub replicas: u32,
+    /// Of those, replicas re-placed from lost providers (failover extras).
+    #[serde(default)]
+    pub extra: u32,
 }
 
 /// The complete desired set for one provider, as last decided.
