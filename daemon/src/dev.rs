@@ -1,8 +1,8 @@
 //! `skymirror dev`: the all-in-one local mode.
 //!
 //! One process runs a daemon on a temporary (or given) sled store, three
-//! providers whose agents use the process driver, and the bundled example app
-//! mirrored on all three. The agents run in-process but talk to the daemon over
+//! providers whose agents use the process driver, the bundled example app
+//! mirrored on all three, and a front door on 127.0.0.1:8080 (`--edge-listen`). The agents run in-process but talk to the daemon over
 //! its real gRPC socket, exactly as remote agents do. On Ctrl-C everything is
 //! stopped, replicas included, and a temporary data directory is removed.
 
@@ -104,6 +104,14 @@ async fn run_in(args: &DevArgs, data_dir: &Path) -> anyhow::Result<()> {
         )));
     }
 
+    // The front door, in-process, following the daemon like any other edge.
+    let mut edge = crate::edge::EdgeConfig::new(server.clone());
+    edge.edge_id = "dev".into();
+    edge.listen_override
+        .insert("127.0.0.1:8080".into(), args.edge_listen);
+    let edge_stop = CancellationToken::new();
+    let edge_task = tokio::spawn(crate::edge::run(edge, edge_stop.clone()));
+
     println!(
         "skymirror dev: daemon on {server}, data in {}",
         data_dir.display()
@@ -128,14 +136,24 @@ async fn run_in(args: &DevArgs, data_dir: &Path) -> anyhow::Result<()> {
     );
     println!("  skymirror{flag} status hello          # placement, readiness and recent events");
     println!("  skymirror{flag} events --follow       # the event stream");
-    println!("  curl http://<a replica address>/      # the app answers with its replica identity");
+    println!(
+        "  curl http://{}/             # through the front door, to a healthy replica",
+        args.edge_listen
+    );
+    println!("  curl http://<a replica address>/      # one replica directly (see get replicas)");
     println!("  skymirror{flag} apply -f deploy/examples/hello.yaml --dry-run");
     println!("\nPress Ctrl-C to stop everything.");
 
     tokio::signal::ctrl_c()
         .await
         .context("waiting for Ctrl-C")?;
-    println!("\nstopping: replicas, agents, daemon");
+    println!("\nstopping: front door, replicas, agents, daemon");
+    edge_stop.cancel();
+    match edge_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("front door: {e}"),
+        Err(e) => eprintln!("front door task: {e}"),
+    }
     agents_stop.cancel();
     for a in agents {
         match a.await {

@@ -43,6 +43,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(&args.log)?;
             skymirror::dev::run(args).await
         }
+        Command::Edge(args) => {
+            init_logging(&args.log)?;
+            let mut config = skymirror::edge::EdgeConfig::new(cli.server);
+            if let Some(id) = args.edge_id {
+                config.edge_id = id;
+            }
+            config.listen_override = args.listen_override.into_iter().collect();
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                skymirror::shutdown_signal().await;
+                stop.cancel();
+            });
+            skymirror::edge::run(config, shutdown).await?;
+            Ok(())
+        }
         other => skymirror::cli::run_client(&cli.server, other).await,
     }
 }

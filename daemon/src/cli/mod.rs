@@ -42,8 +42,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon (control plane).
     Daemon(DaemonArgs),
-    /// All-in-one local mode: a daemon, three local providers and the example app.
+    /// All-in-one local mode: a daemon, three local providers, the example app
+    /// and a front door.
     Dev(DevArgs),
+    /// Run a front door: a reverse proxy (HTTP and TCP) that sends each app's
+    /// traffic to its healthy replicas, following the daemon's routing table.
+    Edge(EdgeArgs),
     /// Create or update objects from a YAML file (all or nothing).
     Apply {
         /// File with one or more documents; `-` reads standard input.
@@ -163,6 +167,31 @@ pub struct DaemonArgs {
     pub log: String,
 }
 
+/// `skymirror edge` flags.
+#[derive(Debug, clap::Args)]
+pub struct EdgeArgs {
+    /// Name of this front door in the daemon's logs.
+    #[arg(long)]
+    pub edge_id: Option<String>,
+    /// Bind a route's listen address elsewhere: `ROUTE_LISTEN=ADDR`, e.g.
+    /// `127.0.0.1:8080=127.0.0.1:9080` (repeatable).
+    #[arg(long = "listen-override", value_parser = parse_override)]
+    pub listen_override: Vec<(String, SocketAddr)>,
+    /// Log filter.
+    #[arg(long, env = "SKYMIRROR_LOG", default_value = "info")]
+    pub log: String,
+}
+
+fn parse_override(s: &str) -> Result<(String, SocketAddr), String> {
+    let (route, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected ROUTE_LISTEN=ADDR"))?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("{s:?}: {addr:?} is not a socket address: {e}"))?;
+    Ok((route.to_string(), addr))
+}
+
 /// `skymirror dev` flags.
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
@@ -175,6 +204,9 @@ pub struct DevArgs {
     /// App spec to run instead of the bundled example.
     #[arg(short = 'f', long = "filename")]
     pub file: Option<PathBuf>,
+    /// Where the front door serves the example app (its routes' `127.0.0.1:8080`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub edge_listen: SocketAddr,
     /// Log filter.
     #[arg(long, env = "SKYMIRROR_LOG", default_value = "warn")]
     pub log: String,
@@ -312,7 +344,7 @@ fn app_view(app: &pb::App, summary: Option<&pb::AppSummary>) -> anyhow::Result<A
 /// Runs a client verb (everything but `daemon` and `dev`).
 pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Daemon(_) | Command::Dev(_) => bail!("not a client command"),
+        Command::Daemon(_) | Command::Dev(_) | Command::Edge(_) => bail!("not a client command"),
         Command::Apply {
             file,
             dry_run,
