@@ -185,6 +185,7 @@ pub struct Cluster {
     daemon: Option<Child>,
     agents: BTreeMap<String, Child>,
     relays: BTreeMap<String, Relay>,
+    edges: Vec<Child>,
     events: Option<EventFeed>,
 }
 
@@ -218,6 +219,7 @@ impl Cluster {
             daemon: None,
             agents: BTreeMap::new(),
             relays: BTreeMap::new(),
+            edges: Vec::new(),
             events: None,
         };
         cluster.start_daemon()?;
@@ -306,6 +308,25 @@ impl Cluster {
         let url = format!("http://{}", relay.addr);
         self.relays.insert(provider.to_string(), relay);
         self.spawn_agent(provider, &url)
+    }
+
+    /// Starts a front door (`skymirror edge`) that binds each route's listen
+    /// address as given, or at `overrides[listen]`.
+    pub fn start_edge(&mut self, overrides: &[(&str, SocketAddr)]) -> Result<()> {
+        let mut cmd = Command::new(&self.bins.skymirror);
+        cmd.args(["--server", &self.url(), "edge", "--log", "info"]);
+        for (route, addr) in overrides {
+            cmd.arg("--listen-override").arg(format!("{route}={addr}"));
+        }
+        let n = self.edges.len();
+        let child = cmd
+            .env(MARKER_VAR, &self.marker)
+            .stdout(Stdio::null())
+            .stderr(log_file(self.dir.path(), &format!("edge-{n}.log"))?)
+            .spawn()
+            .context("starting the front door")?;
+        self.edges.push(child);
+        Ok(())
     }
 
     /// Cuts the network between a relayed agent and the daemon.
@@ -618,6 +639,10 @@ impl Drop for Cluster {
             let _ = f.child.wait();
         }
         self.relays.clear();
+        for mut e in std::mem::take(&mut self.edges) {
+            let _ = e.kill();
+            let _ = e.wait();
+        }
         for (_, mut a) in std::mem::take(&mut self.agents) {
             let _ = a.kill();
             let _ = a.wait();
@@ -699,6 +724,123 @@ pub fn alive(pid: u32) -> bool {
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
+}
+
+/// A free loopback port (bound and released; fine for tests on one machine).
+pub fn free_port() -> Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Steady HTTP load on a background thread: GET `/` at `addr` every
+/// `interval`, each on a fresh connection, counting answers per replica.
+#[derive(Debug)]
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<LoadReport>>,
+}
+
+/// What a [`Load`] saw.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    /// Requests sent.
+    pub sent: u64,
+    /// Requests that failed (no connection, no answer, or a status >= 500).
+    pub failed: u64,
+    /// The failures, with the time since the load started.
+    pub failures: Vec<(Duration, String)>,
+    /// Answers per replica (`x-skymirror-replica`), with the time of the last.
+    pub by_replica: BTreeMap<String, (u64, Duration)>,
+}
+
+impl Load {
+    /// Starts the load.
+    pub fn start(addr: SocketAddr, interval: Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut report = LoadReport::default();
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                report.sent += 1;
+                let at = started.elapsed();
+                match http_get_headers(&addr.to_string(), "/", Duration::from_secs(3)) {
+                    Ok((status, headers, _)) if status < 500 => {
+                        if let Some(r) = headers.get("x-skymirror-replica") {
+                            let e = report.by_replica.entry(r.clone()).or_insert((0, at));
+                            e.0 += 1;
+                            e.1 = at;
+                        }
+                    }
+                    Ok((status, _, body)) => {
+                        report.failed += 1;
+                        report
+                            .failures
+                            .push((at, format!("status {status}: {}", body.trim())));
+                    }
+                    Err(e) => {
+                        report.failed += 1;
+                        report.failures.push((at, format!("{e:#}")));
+                    }
+                }
+                std::thread::sleep(interval);
+            }
+            report
+        });
+        Load {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the load and returns what it saw.
+    pub fn finish(mut self) -> Result<LoadReport> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread
+            .take()
+            .context("load already finished")?
+            .join()
+            .map_err(|_| anyhow::anyhow!("the load thread panicked"))
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// One HTTP/1.1 GET over a fresh connection; returns (status, lowercase headers, body).
+pub fn http_get_headers(
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, BTreeMap<String, String>, String)> {
+    let addr: SocketAddr = addr.parse().with_context(|| format!("address {addr:?}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("bad response from {addr}: {raw:?}"))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad status line from {addr}: {raw:?}"))?;
+    let headers = lines
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        })
+        .collect();
+    Ok((status, headers, body.to_string()))
 }
 
 /// One HTTP/1.1 GET over a fresh connection; returns (status, body).
