@@ -150,6 +150,29 @@ impl pb::agent_service_server::AgentService for AgentApi {
             provider: provider.clone(),
             ..NewEvent::default()
         }]);
+        let was_down = lock(&daemon.liveness)
+            .get(&provider)
+            .is_some_and(|l| l.state == crate::liveness::Liveness::Down);
+        let running = hello
+            .replicas
+            .iter()
+            .filter(|r| !r.instance_id.is_empty())
+            .count();
+        if was_down && running > 0 {
+            // Its share was re-placed while it was out of reach; what it kept
+            // running meanwhile are duplicates. Its assignment stops them.
+            daemon.record(vec![NewEvent {
+                reason: "DuplicateReplicas".into(),
+                kind: "Provider".into(),
+                object: provider.clone(),
+                message: format!(
+                    "provider {provider} was down but kept {running} replicas running; they duplicate the re-placed ones and are stopped unless its share is given back"
+                ),
+                provider: provider.clone(),
+                warning: true,
+                ..NewEvent::default()
+            }]);
+        }
         handle_report(daemon, &provider, hello.replicas, Vec::new(), true);
         daemon.wake();
 
