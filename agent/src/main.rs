@@ -90,25 +90,10 @@ async fn real_main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        // Replicas keep running: the next agent run adopts them.
+        skymirror_agent::shutdown_signal().await;
         signal.cancel();
     });
     run(config, shutdown).await?;
     Ok(())
-}
-
-/// SIGINT or SIGTERM. Replicas keep running: the next agent run adopts them.
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

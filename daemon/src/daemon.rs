@@ -743,25 +743,39 @@ impl Daemon {
                 )
             }
         };
+        self.commit_controls(
+            controls,
+            NewEvent {
+                reason: reason.into(),
+                kind: "App".into(),
+                object: app.to_string(),
+                message: message.clone(),
+                app: app.to_string(),
+                provider: provider.unwrap_or_default().to_string(),
+                ..NewEvent::default()
+            },
+        )?;
+        Ok(message)
+    }
+
+    /// Stores new operator controls with the event that explains them, and
+    /// re-plans.
+    fn commit_controls(
+        &self,
+        controls: crate::store::StoredControls,
+        event: NewEvent,
+    ) -> Result<(), DaemonError> {
         let events = self.store.commit(
             Batch {
                 controls: Some(controls),
-                events: vec![NewEvent {
-                    reason: reason.into(),
-                    kind: "App".into(),
-                    object: app.to_string(),
-                    message: message.clone(),
-                    app: app.to_string(),
-                    provider: provider.unwrap_or_default().to_string(),
-                    ..NewEvent::default()
-                }],
+                events: vec![event],
                 ..Batch::default()
             },
             true,
         )?;
         self.publish(&events);
         self.wake();
-        Ok(message)
+        Ok(())
     }
 
     /// Cordons, uncordons or drains a provider.
@@ -813,23 +827,17 @@ impl Daemon {
                 ));
             }
         };
-        let events = self.store.commit(
-            Batch {
-                controls: Some(controls),
-                events: vec![NewEvent {
-                    reason: reason.into(),
-                    kind: "Provider".into(),
-                    object: provider.to_string(),
-                    message: message.clone(),
-                    provider: provider.to_string(),
-                    ..NewEvent::default()
-                }],
-                ..Batch::default()
+        self.commit_controls(
+            controls,
+            NewEvent {
+                reason: reason.into(),
+                kind: "Provider".into(),
+                object: provider.to_string(),
+                message: message.clone(),
+                provider: provider.to_string(),
+                ..NewEvent::default()
             },
-            true,
         )?;
-        self.publish(&events);
-        self.wake();
         Ok(message)
     }
 
@@ -1310,14 +1318,15 @@ async fn probe_all(
     out
 }
 
-fn action_word(a: pb::ApplyAction) -> &'static str {
+/// How an apply or delete result reads, e.g. `configured`.
+pub fn action_word(a: pb::ApplyAction) -> &'static str {
     match a {
         pb::ApplyAction::Created => "created",
         pb::ApplyAction::Configured => "configured",
         pb::ApplyAction::Unchanged => "unchanged",
         pb::ApplyAction::Deleted => "deleted",
         pb::ApplyAction::NotFound => "not found",
-        pb::ApplyAction::Unspecified => "unspecified",
+        pb::ApplyAction::Unspecified => "unknown",
     }
 }
 

@@ -28,19 +28,4 @@ pub fn random_token() -> String {
         .unwrap_or_else(|_| format!("{:x}-{}", store::now_ms(), std::process::id()))
 }
 
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        // Without a SIGTERM handler, Ctrl-C alone still stops cleanly.
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
+pub use skymirror_agent::shutdown_signal;

@@ -620,6 +620,53 @@ impl Cluster {
         Ok(out)
     }
 
+    /// Waits until the ready replicas of `app` per provider are exactly `want`
+    /// and every replica on those providers is ready (nothing starting or stopping).
+    pub fn wait_counts(
+        &mut self,
+        app: &str,
+        want: &[(&str, usize)],
+        timeout: Duration,
+    ) -> Result<()> {
+        let want: BTreeMap<String, usize> = want.iter().map(|(p, n)| (p.to_string(), *n)).collect();
+        self.wait_until(
+            &format!("ready replicas of {app} to be {want:?}"),
+            timeout,
+            |c| {
+                let got = c.ready_counts(app)?;
+                let settled = c
+                    .replicas()?
+                    .iter()
+                    .filter(|r| {
+                        r["app"] == app && want.contains_key(r["provider"].as_str().unwrap_or(""))
+                    })
+                    .all(|r| r["ready"] == true);
+                if got == want && settled {
+                    Ok(Some(()))
+                } else {
+                    bail!(
+                        "ready {got:?}, all settled: {settled}; providers {:?}",
+                        c.provider_states()?
+                    )
+                }
+            },
+        )
+    }
+
+    /// Waits until `provider` is in `state` (`up`, `down`, `partitioned`, ...).
+    pub fn wait_state(&mut self, provider: &str, state: &str, timeout: Duration) -> Result<()> {
+        self.wait_until(
+            &format!("provider {provider} to be {state}"),
+            timeout,
+            |c| {
+                Ok(
+                    (c.provider_states()?.get(provider).map(String::as_str) == Some(state))
+                        .then_some(()),
+                )
+            },
+        )
+    }
+
     /// Pids of every replica process of this cluster still alive, by `SKYMIRROR_REPLICA`.
     pub fn replica_processes(&self) -> BTreeMap<String, Vec<u32>> {
         let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();

@@ -28,36 +28,11 @@ fn counts(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
 }
 
 fn wait_counts(c: &mut Cluster, app: &str, want: &[(&str, usize)]) -> Result<()> {
-    let want = counts(want);
-    c.wait_until(
-        &format!("ready replicas of {app} to be {want:?}"),
-        WAIT,
-        |c| {
-            let got = c.ready_counts(app)?;
-            // No replica still starting or stopping on the providers that serve.
-            let settled = c
-                .replicas()?
-                .iter()
-                .filter(|r| {
-                    r["app"] == app && want.contains_key(r["provider"].as_str().unwrap_or(""))
-                })
-                .all(|r| r["ready"] == true);
-            if got == want && settled {
-                Ok(Some(()))
-            } else {
-                Err(anyhow::anyhow!(
-                    "ready {got:?}, all settled: {settled}; providers {:?}",
-                    c.provider_states()?
-                ))
-            }
-        },
-    )
+    c.wait_counts(app, want, WAIT)
 }
 
 fn wait_state(c: &mut Cluster, provider: &str, state: &str) -> Result<()> {
-    c.wait_until(&format!("provider {provider} to be {state}"), WAIT, |c| {
-        Ok((c.provider_states()?.get(provider).map(String::as_str) == Some(state)).then_some(()))
-    })
+    c.wait_state(provider, state, WAIT)
 }
 
 fn seq(e: &Value) -> u64 {

@@ -38,9 +38,10 @@ fn setup() -> Result<(Cluster, SocketAddr)> {
         for _ in 0..60 {
             if let Ok((200, h, _)) =
                 http_get_headers(&front.to_string(), "/", Duration::from_secs(1))
-                && let Some(r) = h.get("x-skymirror-replica") {
-                    seen.insert(r.clone());
-                }
+                && let Some(r) = h.get("x-skymirror-replica")
+            {
+                seen.insert(r.clone());
+            }
         }
         Ok((seen.len() == 6).then_some(()))
     })?;
@@ -48,11 +49,7 @@ fn setup() -> Result<(Cluster, SocketAddr)> {
 }
 
 fn wait_counts(c: &mut Cluster, want: &[(&str, usize)]) -> Result<()> {
-    let want: std::collections::BTreeMap<String, usize> =
-        want.iter().map(|(p, n)| (p.to_string(), *n)).collect();
-    c.wait_until(&format!("ready replicas {want:?}"), WAIT, |c| {
-        Ok((c.ready_counts("web")? == want).then_some(()))
-    })
+    c.wait_counts("web", want, WAIT)
 }
 
 fn no_failures(report: &LoadReport) -> Result<()> {

@@ -283,17 +283,6 @@ fn print_structured<T: serde::Serialize>(format: Format, value: &T) -> anyhow::R
     Ok(())
 }
 
-fn action_name(a: pb::ApplyAction) -> &'static str {
-    match a {
-        pb::ApplyAction::Created => "created",
-        pb::ApplyAction::Configured => "configured",
-        pb::ApplyAction::Unchanged => "unchanged",
-        pb::ApplyAction::Deleted => "deleted",
-        pb::ApplyAction::NotFound => "not found",
-        pb::ApplyAction::Unspecified => "unknown",
-    }
-}
-
 /// JSON shape of `apply -o json`.
 #[derive(Debug, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -372,7 +361,7 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                             .map(|r| ResultView {
                                 kind: r.kind.clone(),
                                 name: r.name.clone(),
-                                action: action_name(r.action()).into(),
+                                action: crate::daemon::action_word(r.action()).into(),
                                 generation: r.generation,
                             })
                             .collect(),
@@ -396,7 +385,7 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                     "{}/{} {}{suffix}",
                     r.kind.to_lowercase(),
                     r.name,
-                    action_name(r.action())
+                    crate::daemon::action_word(r.action())
                 );
             }
             for p in &resp.plan {
@@ -645,7 +634,7 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                     "{}/{} {}",
                     r.kind.to_lowercase(),
                     r.name,
-                    action_name(r.action())
+                    crate::daemon::action_word(r.action())
                 );
                 if r.action() == pb::ApplyAction::NotFound {
                     missing.push(format!("{}/{}", r.kind.to_lowercase(), r.name));

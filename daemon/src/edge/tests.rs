@@ -1165,7 +1165,21 @@ async fn throughput() {
             ", nginx {via_nginx:.0} req/s (edge at {:.0}% of nginx)",
             100.0 * proxied / via_nginx
         ));
-        let _ = nginx.kill().await;
+        // `-s stop` has the master end its workers; killing the master
+        // alone would orphan them.
+        let _ = tokio::process::Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(dir.path().join("startup.log"))
+            .arg("-c")
+            .arg(&conf)
+            .args(["-s", "stop"])
+            .status()
+            .await;
+        if tokio::time::timeout(DEADLINE, nginx.wait()).await.is_err() {
+            let _ = nginx.kill().await;
+        }
     }
     println!("{report}");
 
