@@ -1,40 +1,18 @@
-//! `skymirror-bench`: benchmarks that drive the real skymirror binaries through
-//! the end-to-end harness ([`skymirror_tests::Cluster`]).
-//!
-//! `scale` applies `--apps` apps × `--replicas` replicas × `--providers`
-//! providers (default 50 × 3 × 3 = 450 replicas) with the process driver and
-//! prints:
-//!
-//! - a baseline measured in the same run: as many `skymirror-example`
-//!   processes started directly and the time until every one answers
-//!   `GET /healthz` (the app's own start-up cost);
-//! - the time from `apply` to every replica ready, and the orchestration
-//!   overhead (that time minus the baseline), with a breakdown of when the
-//!   agents spawned the last replica and saw it healthy;
-//! - the daemon's and each agent's peak RSS (`VmHWM`), current RSS and CPU time;
-//! - the daemon's reconcile pass statistics (`skymirror status -o json`).
-//!
-//! Targets (orchestration overhead < 1 s, daemon RSS < 50 MB, agent RSS
-//! < 20 MB) are printed next to the figures, with `MISSED` when one is missed.
-//! Timings are never asserted: the exit status is non-zero only when the
-//! benchmark itself could not run. MB here is 10^6 bytes.
-//!
-//! Run it with the binaries of the same build profile, e.g.
-//!
-//! ```text
-//! cargo build --workspace && target/debug/skymirror-bench scale
-//! cargo build --workspace --release && target/release/skymirror-bench scale --runs 3
-//! ```
+//! `scale`: apply many apps at once and time them until every replica is
+//! healthy, against the app's own start-up measured in the same run.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use clap::{Parser, Subcommand};
 use serde_json::Value;
 use skymirror_tests::{Bins, Cluster, app_yaml, http_get, providers_yaml};
+
+use crate::{
+    USER_HZ, cpu_secs, epoch_ms, free_ports, mb, micros, missed, ms, opt_secs, profile, secs,
+    spread,
+};
 
 /// Connect/read timeout of one baseline health probe.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(100);
@@ -44,25 +22,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const OVERHEAD_TARGET: Duration = Duration::from_secs(1);
 const DAEMON_RSS_TARGET: u64 = 50_000_000;
 const AGENT_RSS_TARGET: u64 = 20_000_000;
-/// Ticks per second of the CPU times in `/proc/<pid>/stat` (`USER_HZ`, which
-/// Linux fixes at 100 for userspace on every architecture).
-const USER_HZ: f64 = 100.0;
-
-#[derive(Debug, Parser)]
-#[command(about = "Benchmarks of skymirror, driving the real binaries")]
-struct Cli {
-    #[command(subcommand)]
-    command: Bench,
-}
-
-#[derive(Debug, Subcommand)]
-enum Bench {
-    /// Apply apps × replicas × providers and time it until every replica is healthy.
-    Scale(ScaleArgs),
-}
 
 #[derive(Debug, Clone, clap::Args)]
-struct ScaleArgs {
+pub(crate) struct ScaleArgs {
     /// Number of apps, in one multi-document YAML file.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     apps: u32,
@@ -91,12 +53,6 @@ impl ScaleArgs {
     }
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
-        Bench::Scale(args) => scale(&args),
-    }
-}
-
 /// Figures of one `scale` run.
 #[derive(Debug)]
 struct ScaleRun {
@@ -104,13 +60,9 @@ struct ScaleRun {
     total: Duration,
 }
 
-fn scale(args: &ScaleArgs) -> Result<()> {
+pub(crate) fn scale(args: &ScaleArgs) -> Result<()> {
     let bins = Bins::locate()?;
-    let profile = bins
-        .dir()
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "unknown".into());
+    let profile = profile(&bins);
     let mut runs = Vec::new();
     for run in 1..=args.runs {
         if args.runs > 1 {
@@ -138,17 +90,6 @@ fn scale(args: &ScaleArgs) -> Result<()> {
         println!("  overhead  {}", spread(&overheads));
     }
     Ok(())
-}
-
-/// `min / median / max` of sorted durations.
-fn spread(sorted: &[Duration]) -> String {
-    let at = |i: usize| sorted.get(i).copied().unwrap_or_default();
-    format!(
-        "{} / {} / {}",
-        secs(at(0)),
-        secs(at(sorted.len() / 2)),
-        secs(at(sorted.len().saturating_sub(1)))
-    )
 }
 
 fn scale_once(args: &ScaleArgs, bins: &Bins, profile: &str) -> Result<ScaleRun> {
@@ -387,11 +328,11 @@ fn agent_breakdown(replicas: &[Value], apply_ms: i64) -> Vec<String> {
 
 /// Baseline figures.
 #[derive(Debug)]
-struct Baseline {
+pub(crate) struct Baseline {
     /// From the first spawn until the last spawn returned.
-    spawned: Duration,
+    pub(crate) spawned: Duration,
     /// From the first spawn until every process answered `/healthz`.
-    healthy: Duration,
+    pub(crate) healthy: Duration,
 }
 
 /// Kills and reaps the baseline processes, also when the benchmark fails.
@@ -411,7 +352,7 @@ impl Drop for Procs {
 
 /// Starts `n` `skymirror-example` processes directly and times them until
 /// every one answers `GET /healthz` with 200.
-fn baseline(bins: &Bins, n: usize, timeout: Duration) -> Result<Baseline> {
+pub(crate) fn baseline(bins: &Bins, n: usize, timeout: Duration) -> Result<Baseline> {
     let ports = free_ports(n)?;
     let mut procs = Procs(Vec::with_capacity(n));
     let start = Instant::now();
@@ -453,18 +394,6 @@ fn baseline(bins: &Bins, n: usize, timeout: Duration) -> Result<Baseline> {
     let healthy = start.elapsed();
     drop(procs);
     Ok(Baseline { spawned, healthy })
-}
-
-/// `n` distinct free loopback ports (all held until every one is picked).
-fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()
-        .context("picking free ports")?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
 }
 
 /// `provider -> pid` of the agents talking to the daemon at `url`: processes
@@ -537,18 +466,6 @@ fn memory(pid: u32) -> Result<Memory> {
     })
 }
 
-/// User + system CPU seconds of a process, if it is still there.
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces): state is the
-    // first, utime the 12th, stime the 13th.
-    let (_, rest) = stat.rsplit_once(')')?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / USER_HZ)
-}
-
 /// User + system CPU seconds of this process's reaped children (the CLI runs).
 fn children_cpu_secs() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
@@ -604,40 +521,4 @@ fn daemon_status(cluster: &Cluster) -> Result<Reconcile> {
         mean_us: field("meanReconcileMicros")?,
         max_us: field("maxReconcileMicros")?,
     })
-}
-
-fn epoch_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-fn secs(d: Duration) -> String {
-    format!("{:.2} s", d.as_secs_f64())
-}
-
-fn opt_secs(d: Option<Duration>) -> String {
-    d.map_or_else(|| "-".into(), secs)
-}
-
-fn ms(ms: i64) -> String {
-    format!("{:.2} s", ms as f64 / 1000.0)
-}
-
-fn micros(us: u64) -> String {
-    if us >= 1000 {
-        format!("{:.1} ms", Duration::from_micros(us).as_secs_f64() * 1000.0)
-    } else {
-        format!("{us} us")
-    }
-}
-
-/// Bytes as MB of 10^6 bytes.
-fn mb(bytes: u64) -> String {
-    format!("{:.1} MB", bytes as f64 / 1e6)
-}
-
-fn missed(miss: bool) -> &'static str {
-    if miss { " MISSED" } else { "" }
 }
