@@ -42,6 +42,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 }
 
 async fn run_in(args: &DevArgs, data_dir: &Path) -> anyhow::Result<()> {
+    // Listen for Ctrl-C and SIGTERM from the start, so a stop during start-up
+    // also takes the replicas down instead of leaving them behind.
+    let stop_requested = CancellationToken::new();
+    let on_signal = stop_requested.clone();
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        on_signal.cancel();
+    });
     let token = crate::random_token();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -117,7 +125,10 @@ async fn run_in(args: &DevArgs, data_dir: &Path) -> anyhow::Result<()> {
         data_dir.display()
     );
     println!("providers: {} (process driver)", PROVIDER_NAMES.join(", "));
-    let ready = wait_ready(&daemon, Duration::from_secs(30)).await;
+    let ready = tokio::select! {
+        r = wait_ready(&daemon, Duration::from_secs(30)) => r,
+        _ = stop_requested.cancelled() => Err(anyhow::anyhow!("stopped before the app was ready")),
+    };
     match ready {
         Ok(n) => println!("example app `hello` is up: {n} replicas healthy across 3 providers\n"),
         Err(e) => println!(
@@ -144,9 +155,7 @@ async fn run_in(args: &DevArgs, data_dir: &Path) -> anyhow::Result<()> {
     println!("  skymirror{flag} apply -f deploy/examples/hello.yaml --dry-run");
     println!("\nPress Ctrl-C to stop everything.");
 
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    stop_requested.cancelled().await;
     println!("\nstopping: front door, replicas, agents, daemon");
     edge_stop.cancel();
     match edge_task.await {
