@@ -2,7 +2,8 @@
 //!
 //! Layout: [`session`] holds the gRPC stream to the daemon and reconnects;
 //! [`supervisor`] owns the replicas and converges them to the last assignment;
-//! [`driver`] is the runtime extension point ([`driver::process`] today);
+//! [`driver`] is the runtime extension point ([`driver::process`], and
+//! `driver::docker` with the default `docker` feature);
 //! [`health`] runs the app's checks; [`state`] persists what must survive a
 //! restart; [`convert`] turns wire assignments into the agent's own types.
 //!
@@ -37,6 +38,13 @@ pub enum DriverConfig {
         /// Host replicas bind and are reported at.
         bind_host: IpAddr,
     },
+    /// Docker containers, through the engine of `DOCKER_HOST` (or the default
+    /// socket).
+    #[cfg(feature = "docker")]
+    Docker {
+        /// Host address container ports are published on and reported at.
+        bind_host: IpAddr,
+    },
 }
 
 /// Settings of an agent.
@@ -63,10 +71,10 @@ pub struct AgentConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// State directory problem. Not retryable without operator action.
-    #[error("state: {0}")]
+    #[error("agent state")]
     State(#[from] state::StateError),
     /// The driver could not be set up.
-    #[error("driver: {0}")]
+    #[error("driver")]
     Driver(#[from] driver::DriverError),
 }
 
@@ -83,6 +91,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             let mut config = config.clone();
             config.supervisor.probe_host = Some(*bind_host);
             run_with_driver(ProcessDriver::new(dc)?, config, shutdown).await
+        }
+        #[cfg(feature = "docker")]
+        DriverConfig::Docker { bind_host } => {
+            let dc = driver::docker::DockerDriverConfig {
+                bind_host: *bind_host,
+                ..Default::default()
+            };
+            let driver = driver::docker::DockerDriver::connect(dc).await?;
+            let mut config = config.clone();
+            config.supervisor.probe_host = Some(*bind_host);
+            run_with_driver(driver, config, shutdown).await
         }
     }
 }

@@ -22,7 +22,9 @@ struct Args {
     /// Provider this agent runs (must be declared on the daemon).
     #[arg(long, env = "SKYMIRROR_PROVIDER")]
     provider: String,
-    /// Driver: `process`.
+    /// Driver: `process`, or `docker` (containers through the engine of
+    /// `DOCKER_HOST`, default unix:///var/run/docker.sock; logs: `docker logs
+    /// skymirror-<provider>-<app>-<index>`).
     #[arg(long, default_value = "process")]
     driver: String,
     /// Directory for the agent's persistent state and replica files.
@@ -37,13 +39,21 @@ struct Args {
     /// Extra directory searched for app commands (repeatable).
     #[arg(long = "search-path")]
     search_path: Vec<PathBuf>,
-    /// Host replicas bind and are reported at (process driver).
+    /// Host replicas bind (process driver) or container ports are published
+    /// on (docker driver), and where they are reported at.
     #[arg(long, default_value = "127.0.0.1")]
     bind_host: IpAddr,
     /// Log filter, e.g. `info` or `skymirror_agent=debug`.
     #[arg(long, env = "SKYMIRROR_LOG", default_value = "info")]
     log: String,
 }
+
+/// The drivers this build has, for the error on an unknown `--driver`.
+const DRIVERS: &str = if cfg!(feature = "docker") {
+    "process, docker"
+} else {
+    "process"
+};
 
 #[tokio::main]
 async fn main() {
@@ -76,7 +86,11 @@ async fn real_main() -> anyhow::Result<()> {
             search_path: args.search_path,
             bind_host: args.bind_host,
         },
-        other => anyhow::bail!("unknown driver {other:?}; this build supports: process"),
+        #[cfg(feature = "docker")]
+        "docker" => DriverConfig::Docker {
+            bind_host: args.bind_host,
+        },
+        other => anyhow::bail!("unknown driver {other:?}; this build supports: {DRIVERS}"),
     };
     let config = AgentConfig {
         server: args.server,

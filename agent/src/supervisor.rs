@@ -481,6 +481,26 @@ impl<D: Driver> Supervisor<D> {
                 }
             }
         }
+        // Instances of this provider that no adopted replica holds are nobody's
+        // (see `Driver::list_instances`): remove them.
+        match sup.driver.list_instances(&sup.provider).await {
+            Ok(found) => {
+                for h in found {
+                    let held = sup.replicas.values().any(|r| {
+                        r.handle
+                            .as_ref()
+                            .is_some_and(|held| held.instance_id == h.instance_id)
+                    });
+                    if !held {
+                        tracing::info!(instance = %h.instance_id, "removing an instance no replica holds");
+                        if let Err(e) = sup.driver.destroy(&h).await {
+                            tracing::warn!(instance = %h.instance_id, error = %e, "cannot remove it");
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list instances; any strays stay"),
+        }
         sup.converge();
         sup.publish();
         Ok((

@@ -167,7 +167,7 @@ async fn run_in(args: &DevArgs, data_dir: &Path) -> anyhow::Result<()> {
     for a in agents {
         match a.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("agent: {e}"),
+            Ok(Err(e)) => eprintln!("agent: {:#}", anyhow::Error::from(e)),
             Err(e) => eprintln!("agent task: {e}"),
         }
     }

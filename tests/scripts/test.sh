@@ -8,6 +8,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # End-to-end tests run the real binaries: build them once here, never from a test.
 cargo build --workspace --bins --locked
+tests/scripts/build-test-images.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast --config-file tests/nextest.toml
 else

@@ -10,6 +10,8 @@
 //! Invariant: a driver never restarts a replica on its own; the supervisor is the
 //! single source of truth for what should run.
 
+#[cfg(feature = "docker")]
+pub mod docker;
 pub mod process;
 
 use std::collections::BTreeMap;
@@ -217,4 +219,18 @@ pub trait Driver: Send + Sync + 'static {
         command: &[String],
         timeout: Duration,
     ) -> impl Future<Output = Result<Option<i32>, DriverError>> + Send;
+
+    /// Every instance the runtime holds for `provider`, running or not,
+    /// whether or not the agent knows it. When the agent starts, the
+    /// supervisor destroys each one that no recovered replica holds: instances
+    /// started just before an agent died (before their handle was persisted)
+    /// or left by replicas that are no longer assigned. Drivers whose instances
+    /// cannot outlive the agent's knowledge of them keep the default: none.
+    fn list_instances(
+        &self,
+        provider: &str,
+    ) -> impl Future<Output = Result<Vec<Handle>, DriverError>> + Send {
+        let _ = provider;
+        async { Ok(Vec::new()) }
+    }
 }

@@ -17,7 +17,7 @@
 //! daemon only means "no new table" — the last table keeps being served.
 //!
 //! Boundary: no protobuf past `routes.rs`; the proxy paths see
-//! [`routes::ListenerRoutes`] only, and hold no lock across an await.
+//! `routes::ListenerRoutes` only, and hold no lock across an await.
 
 mod health;
 mod http;

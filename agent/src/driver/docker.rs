@@ -1,0 +1,1318 @@
+//! The `docker` driver: runs each replica as a Docker container, through the
+//! Docker Engine API (bollard, over the unix socket named by `DOCKER_HOST`, or
+//! `/var/run/docker.sock`).
+//!
+//! A replica is one container named `skymirror-<provider>-<app>-<index>`, created
+//! from the app's `image` with its environment, command and arguments, resource
+//! limits, and labels that say whose it is:
+//!
+//! | label | value |
+//! |---|---|
+//! | `skymirror.managed` | `true` |
+//! | `skymirror.provider` | the agent's provider |
+//! | `skymirror.app` | the app |
+//! | `skymirror.index` | the replica's index |
+//! | `skymirror.workload-generation` | the workload generation it runs |
+//!
+//! Every named port is published on `bind_host:<free host port>`; the host ports
+//! are the replica's address, where the agent's health probes and the front door
+//! connect. Inside the container the app listens on the port's `containerPort`,
+//! or, when the spec gives none, on the same number as the host port; `PORT` and
+//! `PORT_<NAME>` say which.
+//!
+//! The handle's instance id is the container id, so an agent restart adopts the
+//! same containers ([`Driver::recover`]); [`Driver::list_instances`] finds the
+//! provider's containers by label, so the agent removes those it does not hold.
+//!
+//! Invariant: Docker never restarts a replica (restart policy `no`): a crashed
+//! container stays exited until the supervisor restarts it with backoff, so the
+//! agent stays the one source of truth.
+//!
+//! Logs: the container keeps the replica's output (Docker's log driver);
+//! `docker logs skymirror-<provider>-<app>-<index>` shows it, also after a crash,
+//! until the replica is started again or removed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bollard::Docker;
+use bollard::errors::Error as EngineError;
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{
+    ContainerCreateBody, ContainerState, ContainerStateStatusEnum, HealthStatusEnum, HostConfig,
+    PortBinding, RestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+};
+use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt;
+
+use super::{Capabilities, Driver, DriverError, Handle, Inspection, ReplicaKey, ReplicaSpec};
+
+/// Driver kind stored in every handle this driver makes.
+const KIND: &str = "docker";
+/// Where the engine is when neither the config nor `DOCKER_HOST` says.
+const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+/// How long the agent waits for the engine to answer at start-up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest an image pull may take before the replica is reported failed.
+const PULL_TIMEOUT: Duration = Duration::from_secs(600);
+/// Added to a stop's grace for the request timeout: `stop` answers only once
+/// the container is gone, up to `grace` plus the time a SIGKILL takes.
+const STOP_SLACK: Duration = Duration::from_secs(30);
+/// Label every container of this driver carries.
+const LABEL_MANAGED: &str = "skymirror.managed";
+/// Label with the provider the container runs for.
+const LABEL_PROVIDER: &str = "skymirror.provider";
+/// Label with the app of the replica.
+const LABEL_APP: &str = "skymirror.app";
+/// Label with the index of the replica.
+const LABEL_INDEX: &str = "skymirror.index";
+/// Label with the workload generation the container runs.
+const LABEL_GENERATION: &str = "skymirror.workload-generation";
+
+/// Settings of a [`DockerDriver`].
+#[derive(Debug, Clone)]
+pub struct DockerDriverConfig {
+    /// Engine address, `unix:///path`; `None` means `DOCKER_HOST`, else
+    /// `unix:///var/run/docker.sock`.
+    pub docker_host: Option<String>,
+    /// Host address ports are published on and replicas are reported at.
+    pub bind_host: IpAddr,
+}
+
+impl Default for DockerDriverConfig {
+    /// The engine of `DOCKER_HOST` (or the default socket), ports on 127.0.0.1.
+    fn default() -> Self {
+        DockerDriverConfig {
+            docker_host: None,
+            bind_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
+}
+
+/// Runs replicas as Docker containers. See the module docs.
+#[derive(Debug)]
+pub struct DockerDriver {
+    /// The engine client; cheap to clone (one shared connection pool).
+    docker: Docker,
+    /// The engine address, for messages that must say which engine failed.
+    host: String,
+    /// Host address ports are published on.
+    bind_host: IpAddr,
+}
+
+/// What the driver keeps in [`Handle::data`]; the container id is the handle's
+/// `instance_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct DockerData {
+    /// Container name, for messages and `docker logs`.
+    name: String,
+    /// Image the container was created from.
+    image: String,
+}
+
+impl DockerDriver {
+    /// Connects to the engine and checks that it answers, agreeing on an API
+    /// version both sides speak (older engines answer only older versions).
+    pub async fn connect(config: DockerDriverConfig) -> Result<Self, DriverError> {
+        let host = config
+            .docker_host
+            .clone()
+            .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_string());
+        let unreachable = |reason: String| {
+            DriverError::Runtime(format!(
+                "cannot reach the Docker engine at {host}: {reason}; is the Docker daemon running?"
+            ))
+        };
+        if !host.starts_with("unix://") {
+            return Err(DriverError::Runtime(format!(
+                "Docker engine at {host}: the docker driver reaches the engine over a unix socket \
+                 only (DOCKER_HOST=unix:///path)"
+            )));
+        }
+        let docker = Docker::connect_with_host(&host).map_err(|e| unreachable(e.to_string()))?;
+        let docker = match tokio::time::timeout(CONNECT_TIMEOUT, docker.negotiate_version()).await {
+            Ok(Ok(docker)) => docker,
+            Ok(Err(e)) => return Err(unreachable(e.to_string())),
+            Err(_) => return Err(unreachable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
+        };
+        tracing::info!(host = %host, api = %docker.client_version(), "connected to the Docker engine");
+        Ok(DockerDriver {
+            docker,
+            host,
+            bind_host: config.bind_host,
+        })
+    }
+
+    /// An engine failure as a retryable driver error. Transport failures name
+    /// the engine, since the usual cause is that it stopped.
+    fn engine_error(&self, context: &str, e: &EngineError) -> DriverError {
+        match e {
+            EngineError::HyperLegacyError { .. }
+            | EngineError::HyperResponseError { .. }
+            | EngineError::IOError { .. }
+            | EngineError::RequestTimeoutError
+            | EngineError::SocketNotFoundError(_) => DriverError::Runtime(format!(
+                "{context}: {e} (Docker engine at {}; is the Docker daemon running?)",
+                self.host
+            )),
+            _ => DriverError::Runtime(format!("{context}: {}", engine_message(e))),
+        }
+    }
+
+    /// Removes a container and its anonymous volumes, whatever its state;
+    /// a container that is already gone (or going) is fine.
+    async fn remove(&self, id: &str, name: &str) -> Result<(), DriverError> {
+        let options = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
+        match self.docker.remove_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if status(&e) == Some(404) => Ok(()),
+            // 409: removal already in progress.
+            Err(e) if status(&e) == Some(409) => Ok(()),
+            Err(e) => Err(self.engine_error(&format!("remove container {name}"), &e)),
+        }
+    }
+
+    /// Removes a container left under the replica's name by an earlier
+    /// instance. The supervisor starts a replica only when it holds no running
+    /// instance of it (a replaced or crashed instance is stopped, not removed,
+    /// so its logs stay readable until now), so such a container is stale. One
+    /// with the name but not the replica's labels is someone else's: it is
+    /// left alone and the start fails.
+    async fn remove_stale(&self, name: &str, spec: &ReplicaSpec) -> Result<(), DriverError> {
+        let existing = match self.docker.inspect_container(name, None).await {
+            Ok(c) => c,
+            Err(e) if status(&e) == Some(404) => return Ok(()),
+            Err(e) => return Err(self.engine_error(&format!("inspect container {name}"), &e)),
+        };
+        let id = existing.id.unwrap_or_else(|| name.to_string());
+        let labels = existing.config.and_then(|c| c.labels).unwrap_or_default();
+        let ours = labels.get(LABEL_MANAGED).map(String::as_str) == Some("true")
+            && labels.get(LABEL_PROVIDER) == Some(&spec.provider)
+            && labels.get(LABEL_APP) == Some(&spec.key.app)
+            && labels.get(LABEL_INDEX) == Some(&spec.key.index.to_string());
+        if !ours {
+            return Err(DriverError::Runtime(format!(
+                "container name {name} is taken by container {id}, which is not replica {} of \
+                 provider {}; remove or rename that container",
+                spec.key, spec.provider
+            )));
+        }
+        tracing::info!(replica = %spec.key, container = %id, "removing the replica's stale container");
+        self.remove(&id, name).await
+    }
+
+    /// Pulls `image`; any failure (unknown image, no registry, timeout) is
+    /// final until the spec changes, so it is an invalid workload.
+    async fn pull(&self, image: &str) -> Result<(), DriverError> {
+        let failed = |reason: String| {
+            DriverError::InvalidWorkload(format!(
+                "image {image} not found locally and could not be pulled: {reason}"
+            ))
+        };
+        tracing::info!(%image, "image not found locally; pulling it");
+        let options = CreateImageOptionsBuilder::new()
+            .from_image(&pull_reference(image))
+            .build();
+        let pull = async {
+            let stream = self.docker.create_image(Some(options), None, None);
+            let mut stream = std::pin::pin!(stream);
+            while let Some(progress) = stream.next().await {
+                progress.map_err(|e| failed(engine_message(&e)))?;
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(PULL_TIMEOUT, pull).await {
+            Ok(result) => result,
+            Err(_) => Err(failed(format!("no result within {PULL_TIMEOUT:?}"))),
+        }
+    }
+
+    /// Reads the container's state; a container that is gone has exited.
+    async fn state(&self, handle: &Handle) -> Result<Inspection, DriverError> {
+        let data = decode(handle)?;
+        match self
+            .docker
+            .inspect_container(&handle.instance_id, None)
+            .await
+        {
+            Ok(c) => Ok(inspection_of(c.state.as_ref(), &data.name)),
+            Err(e) if status(&e) == Some(404) => Ok(Inspection::Exited {
+                code: None,
+                signal: None,
+            }),
+            Err(e) => Err(self.engine_error(&format!("inspect container {}", data.name), &e)),
+        }
+    }
+}
+
+impl Driver for DockerDriver {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            recover: true,
+            exec: true,
+            logs: true,
+        }
+    }
+
+    async fn start(&self, spec: &ReplicaSpec) -> Result<Handle, DriverError> {
+        let key = &spec.key;
+        let workload = &spec.workload;
+        let image = workload
+            .image
+            .as_deref()
+            .filter(|i| !i.trim().is_empty())
+            .ok_or_else(|| {
+                DriverError::InvalidWorkload(format!(
+                    "app {}: the docker driver needs `image`",
+                    key.app
+                ))
+            })?;
+        let name = container_name(&spec.provider, key)?;
+        self.remove_stale(&name, spec).await?;
+
+        let ports = pick_ports(self.bind_host, workload)?;
+        let mut exposed = Vec::with_capacity(ports.len());
+        let mut bindings = HashMap::with_capacity(ports.len());
+        for p in &ports {
+            let inside = format!("{}/{}", p.container, p.protocol);
+            let binding = PortBinding {
+                host_ip: Some(self.bind_host.to_string()),
+                host_port: Some(p.host.to_string()),
+            };
+            if bindings
+                .insert(inside.clone(), Some(vec![binding]))
+                .is_some()
+            {
+                return Err(DriverError::InvalidWorkload(format!(
+                    "app {}: two ports use container port {inside}",
+                    key.app
+                )));
+            }
+            exposed.push(inside);
+        }
+
+        let (entrypoint, cmd) = match &workload.command {
+            Some(command) => (
+                Some(vec![command.clone()]),
+                Some(workload.args.clone()).filter(|a| !a.is_empty()),
+            ),
+            None => (None, Some(workload.args.clone()).filter(|a| !a.is_empty())),
+        };
+        let labels = HashMap::from([
+            (LABEL_MANAGED.to_string(), "true".to_string()),
+            (LABEL_PROVIDER.to_string(), spec.provider.clone()),
+            (LABEL_APP.to_string(), key.app.clone()),
+            (LABEL_INDEX.to_string(), key.index.to_string()),
+            (
+                LABEL_GENERATION.to_string(),
+                spec.workload_generation.to_string(),
+            ),
+        ]);
+        let host_config = HostConfig {
+            port_bindings: Some(bindings),
+            nano_cpus: workload
+                .cpu_millis
+                .map(|m| i64::from(m).saturating_mul(1_000_000)),
+            memory: workload
+                .memory_mib
+                .map(|m| i64::from(m).saturating_mul(1024 * 1024)),
+            // The supervisor restarts crashed replicas, with backoff.
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::NO),
+                maximum_retry_count: None,
+            }),
+            // A tiny init as pid 1 forwards the stop signal and reaps zombies:
+            // an app without a SIGTERM handler would otherwise ignore it as pid
+            // 1 and be killed only when the grace runs out.
+            init: Some(true),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(image.to_string()),
+            entrypoint,
+            cmd,
+            env: Some(
+                replica_env(spec, &ports)
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect(),
+            ),
+            exposed_ports: Some(exposed),
+            working_dir: workload
+                .working_dir
+                .as_ref()
+                .map(|d| d.to_string_lossy().into_owned()),
+            labels: Some(labels),
+            // So a `docker stop` by hand gives the app its grace too.
+            stop_timeout: Some(grace_seconds(workload.stop_grace).into()),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+
+        let create = || {
+            let options = CreateContainerOptionsBuilder::new().name(&name).build();
+            self.docker.create_container(Some(options), body.clone())
+        };
+        let created = match create().await {
+            Err(e) if status(&e) == Some(404) => {
+                self.pull(image).await?;
+                create().await
+            }
+            other => other,
+        };
+        let id = match created {
+            Ok(created) => created.id,
+            Err(e) if status(&e) == Some(404) => {
+                return Err(DriverError::InvalidWorkload(format!(
+                    "image {image} not found locally and could not be pulled: {}",
+                    engine_message(&e)
+                )));
+            }
+            // A bad parameter (a memory limit below the engine's minimum, ...):
+            // the same spec gets the same answer.
+            Err(e) if status(&e) == Some(400) => {
+                return Err(DriverError::InvalidWorkload(format!(
+                    "app {}: the Docker engine refused container {name}: {}",
+                    key.app,
+                    engine_message(&e)
+                )));
+            }
+            Err(e) => {
+                return Err(self.engine_error(&format!("create container {name}"), &e));
+            }
+        };
+        if let Err(e) = self.docker.start_container(&id, None).await {
+            let err = match status(&e) {
+                // The runtime cannot run it (no such entrypoint, ...); a port
+                // taken meanwhile is a 500, retried with new ports.
+                Some(400) => DriverError::InvalidWorkload(format!(
+                    "app {}: container {name} cannot start: {}",
+                    key.app,
+                    engine_message(&e)
+                )),
+                _ => self.engine_error(&format!("start container {name}"), &e),
+            };
+            // A container that never ran holds nothing worth keeping.
+            if let Err(cleanup) = self.remove(&id, &name).await {
+                tracing::warn!(container = %name, error = %cleanup, "cannot remove a container that failed to start");
+            }
+            return Err(err);
+        }
+        let started_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        tracing::info!(replica = %key, container = %id, %name, %image, "container started");
+
+        let data = DockerData {
+            name,
+            image: image.to_string(),
+        };
+        Ok(Handle {
+            driver: KIND.to_string(),
+            instance_id: id,
+            address: ports
+                .first()
+                .map(|p| SocketAddr::new(self.bind_host, p.host).to_string()),
+            ports: ports
+                .into_iter()
+                .map(|p| (p.name, p.host))
+                .collect::<BTreeMap<_, _>>(),
+            started_at_ms,
+            data: serde_json::to_value(&data)
+                .map_err(|e| DriverError::Runtime(format!("encode handle data: {e}")))?,
+        })
+    }
+
+    async fn recover(&self, handle: &Handle) -> Result<Inspection, DriverError> {
+        self.state(handle).await
+    }
+
+    async fn inspect(&self, handle: &Handle) -> Result<Inspection, DriverError> {
+        self.state(handle).await
+    }
+
+    async fn stop(&self, handle: &Handle, grace: Duration) -> Result<(), DriverError> {
+        let data = decode(handle)?;
+        let options = StopContainerOptionsBuilder::new()
+            .t(grace_seconds(grace))
+            .build();
+        // The engine answers once the container is gone, which may be after
+        // the client's usual request timeout.
+        let docker = self
+            .docker
+            .clone()
+            .with_timeout(grace.saturating_add(STOP_SLACK));
+        match docker
+            .stop_container(&handle.instance_id, Some(options))
+            .await
+        {
+            // 304: it was not running.
+            Ok(()) => Ok(()),
+            Err(e) if status(&e) == Some(404) => Ok(()),
+            Err(e) => Err(self.engine_error(&format!("stop container {}", data.name), &e)),
+        }
+    }
+
+    async fn destroy(&self, handle: &Handle) -> Result<(), DriverError> {
+        let data = decode(handle)?;
+        self.remove(&handle.instance_id, &data.name).await
+    }
+
+    /// Runs `command` with `docker exec` semantics. On timeout the command is
+    /// abandoned, not killed: the Engine API cannot signal an exec'd process,
+    /// so it ends with the container or by itself.
+    async fn exec(
+        &self,
+        handle: &Handle,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<Option<i32>, DriverError> {
+        let data = decode(handle)?;
+        if command.is_empty() {
+            return Err(DriverError::InvalidWorkload("exec: empty command".into()));
+        }
+        let what = format!("exec `{}` in container {}", command.join(" "), data.name);
+        let run = async {
+            let options = CreateExecOptions {
+                cmd: Some(command.to_vec()),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..Default::default()
+            };
+            let exec = self
+                .docker
+                .create_exec(&handle.instance_id, options)
+                .await
+                .map_err(|e| self.engine_error(&what, &e))?;
+            // Attached, the output stream ends when the command does; the
+            // output itself is not wanted.
+            if let StartExecResults::Attached { mut output, .. } = self
+                .docker
+                .start_exec(&exec.id, None)
+                .await
+                .map_err(|e| self.engine_error(&what, &e))?
+            {
+                while let Some(chunk) = output.next().await {
+                    chunk.map_err(|e| self.engine_error(&what, &e))?;
+                }
+            }
+            // The exit code is recorded a moment after the streams close.
+            loop {
+                let inspected = self
+                    .docker
+                    .inspect_exec(&exec.id)
+                    .await
+                    .map_err(|e| self.engine_error(&what, &e))?;
+                if inspected.running != Some(true) {
+                    let code = inspected.exit_code.unwrap_or(-1);
+                    return Ok(i32::try_from(code).unwrap_or(-1));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(result) => result.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    async fn list_instances(&self, provider: &str) -> Result<Vec<Handle>, DriverError> {
+        let filters = HashMap::from([(
+            "label",
+            vec![
+                format!("{LABEL_MANAGED}=true"),
+                format!("{LABEL_PROVIDER}={provider}"),
+            ],
+        )]);
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| {
+                self.engine_error(&format!("list the containers of provider {provider}"), &e)
+            })?;
+        containers
+            .into_iter()
+            .filter_map(|c| {
+                let id = c.id?;
+                let name = c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .map(|n| n.trim_start_matches('/').to_string())
+                    .unwrap_or_else(|| id.clone());
+                let data = DockerData {
+                    name,
+                    image: c.image.unwrap_or_default(),
+                };
+                Some((id, c.created.unwrap_or(0), data))
+            })
+            .map(|(id, created, data)| {
+                Ok(Handle {
+                    driver: KIND.to_string(),
+                    instance_id: id,
+                    address: None,
+                    ports: BTreeMap::new(),
+                    started_at_ms: created.saturating_mul(1000),
+                    data: serde_json::to_value(&data)
+                        .map_err(|e| DriverError::Runtime(format!("encode handle data: {e}")))?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One published port of a replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PublishedPort {
+    /// Port name from the spec.
+    name: String,
+    /// Port the app listens on inside the container.
+    container: u16,
+    /// Port on `bind_host` that Docker forwards to it.
+    host: u16,
+    /// `tcp` or `udp`.
+    protocol: &'static str,
+}
+
+/// Picks a free host port per named port by binding port 0 and releasing it.
+/// All sockets stay open until every port is picked, so no two ports collide.
+/// A port without a container port listens inside on its host port's number.
+fn pick_ports(host: IpAddr, workload: &super::Workload) -> Result<Vec<PublishedPort>, DriverError> {
+    enum Held {
+        Tcp(TcpListener),
+        Udp(UdpSocket),
+    }
+    let mut held = Vec::with_capacity(workload.ports.len());
+    let mut picked = Vec::with_capacity(workload.ports.len());
+    for port in &workload.ports {
+        let udp = port.protocol.eq_ignore_ascii_case("udp");
+        let addr = SocketAddr::new(host, 0);
+        let bound = if udp {
+            UdpSocket::bind(addr).map(Held::Udp)
+        } else {
+            TcpListener::bind(addr).map(Held::Tcp)
+        };
+        let (socket, number) = bound
+            .and_then(|s| {
+                let local = match &s {
+                    Held::Tcp(l) => l.local_addr(),
+                    Held::Udp(u) => u.local_addr(),
+                }?;
+                Ok((s, local.port()))
+            })
+            .map_err(|e| {
+                DriverError::io(format!("pick a port for `{}` on {host}", port.name), e)
+            })?;
+        held.push(socket);
+        picked.push(PublishedPort {
+            name: port.name.clone(),
+            container: port.container_port.unwrap_or(number),
+            host: number,
+            protocol: if udp { "udp" } else { "tcp" },
+        });
+    }
+    drop(held);
+    Ok(picked)
+}
+
+/// The replica's environment: the workload's, then the ports and the
+/// replica's identity, as the process driver sets them.
+fn replica_env(spec: &ReplicaSpec, ports: &[PublishedPort]) -> Vec<(String, String)> {
+    let key = &spec.key;
+    let mut env = spec.workload.env.clone();
+    if let Some(first) = ports.first() {
+        env.push(("PORT".into(), first.container.to_string()));
+    }
+    for p in ports {
+        let var = format!("PORT_{}", p.name.to_ascii_uppercase().replace('-', "_"));
+        env.push((var, p.container.to_string()));
+    }
+    env.push(("SKYMIRROR_APP".into(), key.app.clone()));
+    env.push(("SKYMIRROR_PROVIDER".into(), spec.provider.clone()));
+    env.push(("SKYMIRROR_INDEX".into(), key.index.to_string()));
+    env.push((
+        "SKYMIRROR_REPLICA".into(),
+        format!("{}/{}/{}", key.app, spec.provider, key.index),
+    ));
+    env
+}
+
+/// `skymirror-<provider>-<app>-<index>`, if Docker accepts it as a name
+/// (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
+fn container_name(provider: &str, key: &ReplicaKey) -> Result<String, DriverError> {
+    let name = format!("skymirror-{provider}-{}-{}", key.app, key.index);
+    let valid = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if valid {
+        Ok(name)
+    } else {
+        Err(DriverError::InvalidWorkload(format!(
+            "app {} on provider {provider}: {name:?} is not a valid container name",
+            key.app
+        )))
+    }
+}
+
+/// What a container's state means to the supervisor.
+///
+/// The image's own HEALTHCHECK does not decide anything here: readiness is the
+/// agent's health checks' to judge, and an `unhealthy` container still runs.
+/// To let it feed in later, `Inspection::Running` could carry the Docker health
+/// status and the supervisor's `HealthTracker` take it as one more probe result.
+fn inspection_of(state: Option<&ContainerState>, name: &str) -> Inspection {
+    let Some(state) = state else {
+        return Inspection::Exited {
+            code: None,
+            signal: None,
+        };
+    };
+    let running = match state.status {
+        Some(
+            ContainerStateStatusEnum::RUNNING
+            | ContainerStateStatusEnum::PAUSED
+            | ContainerStateStatusEnum::RESTARTING
+            | ContainerStateStatusEnum::STOPPING,
+        ) => true,
+        Some(_) => false,
+        None => state.running == Some(true),
+    };
+    if running {
+        if state.health.as_ref().and_then(|h| h.status) == Some(HealthStatusEnum::UNHEALTHY) {
+            tracing::debug!(container = %name, "the image's HEALTHCHECK reports unhealthy");
+        }
+        return Inspection::Running;
+    }
+    let finished = matches!(
+        state.status,
+        Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD)
+    );
+    Inspection::Exited {
+        code: state
+            .exit_code
+            .filter(|_| finished)
+            .and_then(|c| i32::try_from(c).ok()),
+        signal: None,
+    }
+}
+
+/// The reference to pull: Docker pulls *every* tag of a reference without a
+/// tag or digest, so those get `latest`, as `docker pull` does.
+fn pull_reference(image: &str) -> String {
+    // A registry host may carry a port (`host:5000/app`): a tag is a ':' in
+    // the last path component only.
+    let last = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') || last.contains(':') {
+        image.to_string()
+    } else {
+        format!("{image}:latest")
+    }
+}
+
+/// A stop grace in whole seconds, rounded up, as the Engine API takes it.
+fn grace_seconds(grace: Duration) -> i32 {
+    let secs = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
+    i32::try_from(secs).unwrap_or(i32::MAX)
+}
+
+/// The HTTP status of an engine error, if the engine answered with one.
+fn status(e: &EngineError) -> Option<u16> {
+    match e {
+        EngineError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// What the engine said, without the client's wrapping.
+fn engine_message(e: &EngineError) -> String {
+    match e {
+        EngineError::DockerResponseServerError { message, .. } => message.clone(),
+        EngineError::DockerStreamError { error } => error.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Reads the driver's data out of a handle.
+fn decode(handle: &Handle) -> Result<DockerData, DriverError> {
+    if handle.driver != KIND {
+        return Err(DriverError::Runtime(format!(
+            "handle of the {} driver given to the {KIND} driver",
+            handle.driver
+        )));
+    }
+    serde_json::from_value(handle.data.clone()).map_err(|e| {
+        DriverError::Runtime(format!(
+            "handle of container {}: bad data: {e}",
+            handle.instance_id
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! These run against the real engine and the images that
+    //! tests/scripts/build-test-images.sh builds. Without them a test skips,
+    //! unless CI=true, where it fails.
+
+    use super::*;
+    use crate::driver::{PortSpec, Workload};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::Instant;
+
+    /// The image the tests run (`skymirror-example` in an empty image).
+    const IMAGE: &str = "skymirror-example:test";
+
+    /// Removes every container of a test's provider when the test ends, even
+    /// by panicking. Drop cannot await, so it runs on a runtime of its own.
+    struct Cleanup(String);
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let provider = self.0.clone();
+            let _ = std::thread::spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async {
+                    let Ok(driver) = DockerDriver::connect(DockerDriverConfig::default()).await
+                    else {
+                        return;
+                    };
+                    for h in driver.list_instances(&provider).await.unwrap_or_default() {
+                        let _ = driver.destroy(&h).await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+
+    /// A driver on the local engine and a provider name of the test's own
+    /// (containers are global to the engine), or `None` when the test must
+    /// skip: no engine, or no test image.
+    async fn setup(test: &str) -> Option<(DockerDriver, String, Cleanup)> {
+        let reason = match DockerDriver::connect(DockerDriverConfig::default()).await {
+            Ok(driver) => match driver.docker.inspect_image(IMAGE).await {
+                Ok(_) => {
+                    let provider = format!("unit-{}-{test}", std::process::id());
+                    let cleanup = Cleanup(provider.clone());
+                    return Some((driver, provider, cleanup));
+                }
+                Err(e) => format!("image {IMAGE} is missing ({})", engine_message(&e)),
+            },
+            Err(e) => e.to_string(),
+        };
+        let message = format!(
+            "{test}: {reason}; build the test images with tests/scripts/build-test-images.sh"
+        );
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
+        eprintln!("skipping {message}");
+        None
+    }
+
+    /// The example app, listening on 0.0.0.0 inside the container, with one
+    /// `http` port.
+    fn workload(image: &str, container_port: Option<u16>, extra_args: &[&str]) -> Workload {
+        let mut args = vec!["--host".to_string(), "0.0.0.0".to_string()];
+        args.extend(extra_args.iter().map(|a| a.to_string()));
+        Workload {
+            image: Some(image.to_string()),
+            command: None,
+            args,
+            env: vec![("GREETING".into(), "hi".into())],
+            ports: vec![PortSpec {
+                name: "http".into(),
+                container_port,
+                protocol: "tcp".into(),
+            }],
+            working_dir: None,
+            stop_grace: Duration::from_secs(5),
+            cpu_millis: Some(500),
+            memory_mib: Some(64),
+        }
+    }
+
+    fn spec(provider: &str, app: &str, workload: Workload) -> ReplicaSpec {
+        ReplicaSpec {
+            key: ReplicaKey {
+                app: app.to_string(),
+                index: 0,
+            },
+            provider: provider.to_string(),
+            workload,
+            workload_generation: 3,
+        }
+    }
+
+    /// One `GET path` over a fresh connection: the status and the body.
+    async fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await?;
+        let status = raw
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad answer {raw:?}")))?;
+        let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+        Ok((status, body.unwrap_or_default()))
+    }
+
+    /// Waits, with a deadline, until `GET path` at `addr` answers 200; returns the body.
+    async fn wait_ok(addr: &str, path: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let last = match tokio::time::timeout(Duration::from_secs(2), get(addr, path)).await {
+                Ok(Ok((200, body))) => return body,
+                Ok(other) => format!("{other:?}"),
+                Err(_) => "timed out".to_string(),
+            };
+            assert!(
+                Instant::now() < deadline,
+                "{addr}{path} never answered 200: {last}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits, with a deadline, until the container is no longer running.
+    async fn wait_exit(driver: &DockerDriver, handle: &Handle) -> Inspection {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let inspection = driver.inspect(handle).await.expect("inspect");
+            if inspection != Inspection::Running {
+                return inspection;
+            }
+            assert!(Instant::now() < deadline, "container did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[test]
+    fn container_state_maps_to_inspection() {
+        use bollard::models::Health;
+        let state = |status, exit_code, health: Option<HealthStatusEnum>| ContainerState {
+            status: Some(status),
+            exit_code: Some(exit_code),
+            health: health.map(|s| Health {
+                status: Some(s),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let exited = |code| Inspection::Exited { code, signal: None };
+        use ContainerStateStatusEnum as S;
+        assert_eq!(
+            inspection_of(Some(&state(S::RUNNING, 0, None)), "c"),
+            Inspection::Running
+        );
+        assert_eq!(
+            inspection_of(
+                Some(&state(S::RUNNING, 0, Some(HealthStatusEnum::UNHEALTHY))),
+                "c"
+            ),
+            Inspection::Running,
+            "the image's HEALTHCHECK does not stop a running container from running"
+        );
+        assert_eq!(
+            inspection_of(Some(&state(S::EXITED, 3, None)), "c"),
+            exited(Some(3))
+        );
+        assert_eq!(
+            inspection_of(Some(&state(S::DEAD, 137, None)), "c"),
+            exited(Some(137))
+        );
+        assert_eq!(
+            inspection_of(Some(&state(S::CREATED, 0, None)), "c"),
+            exited(None)
+        );
+        assert_eq!(inspection_of(None, "c"), exited(None));
+    }
+
+    #[test]
+    fn names_references_and_graces() {
+        let key = ReplicaKey {
+            app: "web".into(),
+            index: 2,
+        };
+        assert_eq!(
+            container_name("eu", &key).expect("name"),
+            "skymirror-eu-web-2"
+        );
+        assert!(matches!(
+            container_name("e u", &key),
+            Err(DriverError::InvalidWorkload(_))
+        ));
+        assert_eq!(pull_reference("app"), "app:latest");
+        assert_eq!(pull_reference("app:1"), "app:1");
+        assert_eq!(
+            pull_reference("host:5000/team/app"),
+            "host:5000/team/app:latest"
+        );
+        assert_eq!(pull_reference("host:5000/app:2"), "host:5000/app:2");
+        assert_eq!(pull_reference("app@sha256:ab"), "app@sha256:ab");
+        assert_eq!(grace_seconds(Duration::from_millis(300)), 1);
+        assert_eq!(grace_seconds(Duration::from_secs(10)), 10);
+    }
+
+    #[tokio::test]
+    async fn unreachable_engine_names_the_socket() {
+        let config = DockerDriverConfig {
+            docker_host: Some("unix:///nonexistent/docker.sock".into()),
+            ..Default::default()
+        };
+        let err = DockerDriver::connect(config)
+            .await
+            .expect_err("no engine there");
+        assert!(matches!(err, DriverError::Runtime(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("unix:///nonexistent/docker.sock"), "{text}");
+        assert!(text.contains("is the Docker daemon running?"), "{text}");
+
+        let config = DockerDriverConfig {
+            docker_host: Some("tcp://127.0.0.1:2375".into()),
+            ..Default::default()
+        };
+        let err = DockerDriver::connect(config)
+            .await
+            .expect_err("not a unix socket");
+        assert!(err.to_string().contains("unix socket only"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn start_inspect_serve_stop_destroy() {
+        let Some((driver, provider, _cleanup)) = setup("lifecycle").await else {
+            return;
+        };
+        let spec = spec(&provider, "web", workload(IMAGE, None, &[]));
+        let handle = driver.start(&spec).await.expect("start");
+        assert_eq!(handle.driver, "docker");
+        let port = handle.ports["http"];
+        assert_eq!(handle.address, Some(format!("127.0.0.1:{port}")));
+        assert_eq!(
+            driver.inspect(&handle).await.expect("inspect"),
+            Inspection::Running
+        );
+
+        // It answers its health check at the reported address, as itself.
+        wait_ok(handle.address.as_deref().expect("address"), "/healthz").await;
+        let body = wait_ok(handle.address.as_deref().expect("address"), "/").await;
+        assert!(body.contains(&format!("web/{provider}/0")), "{body}");
+
+        // Name, labels, limits, restart policy and environment as documented.
+        let c = driver
+            .docker
+            .inspect_container(&handle.instance_id, None)
+            .await
+            .expect("inspect container");
+        assert_eq!(
+            c.name.as_deref(),
+            Some(format!("/skymirror-{provider}-web-0").as_str())
+        );
+        let config = c.config.expect("config");
+        let labels = config.labels.expect("labels");
+        for (k, v) in [
+            ("skymirror.managed", "true"),
+            ("skymirror.provider", provider.as_str()),
+            ("skymirror.app", "web"),
+            ("skymirror.index", "0"),
+            ("skymirror.workload-generation", "3"),
+        ] {
+            assert_eq!(labels.get(k).map(String::as_str), Some(v), "label {k}");
+        }
+        let env = config.env.expect("env");
+        for var in [
+            format!("PORT={port}"),
+            format!("PORT_HTTP={port}"),
+            "GREETING=hi".to_string(),
+            format!("SKYMIRROR_REPLICA=web/{provider}/0"),
+        ] {
+            assert!(env.contains(&var), "{var} not in {env:?}");
+        }
+        let host = c.host_config.expect("host config");
+        assert_eq!(host.nano_cpus, Some(500_000_000));
+        assert_eq!(host.memory, Some(64 * 1024 * 1024));
+        assert_eq!(
+            host.restart_policy.and_then(|p| p.name),
+            Some(RestartPolicyNameEnum::NO)
+        );
+
+        // A stop is prompt (the init forwards SIGTERM) and leaves it exited.
+        let begun = Instant::now();
+        driver
+            .stop(&handle, Duration::from_secs(5))
+            .await
+            .expect("stop");
+        assert!(
+            begun.elapsed() < Duration::from_secs(4),
+            "stop took {:?}",
+            begun.elapsed()
+        );
+        assert!(matches!(
+            driver.inspect(&handle).await.expect("inspect"),
+            Inspection::Exited { .. }
+        ));
+        driver
+            .stop(&handle, Duration::from_secs(1))
+            .await
+            .expect("stop twice");
+        driver.destroy(&handle).await.expect("destroy");
+        assert_eq!(
+            driver.inspect(&handle).await.expect("inspect"),
+            Inspection::Exited {
+                code: None,
+                signal: None
+            }
+        );
+        driver.destroy(&handle).await.expect("destroy twice");
+    }
+
+    #[tokio::test]
+    async fn container_port_is_published_on_a_host_port() {
+        let Some((driver, provider, _cleanup)) = setup("ports").await else {
+            return;
+        };
+        let spec = spec(&provider, "fixed", workload(IMAGE, Some(8080), &[]));
+        let handle = driver.start(&spec).await.expect("start");
+        let port = handle.ports["http"];
+        assert_ne!(port, 8080);
+        wait_ok(handle.address.as_deref().expect("address"), "/healthz").await;
+        let c = driver
+            .docker
+            .inspect_container(&handle.instance_id, None)
+            .await
+            .expect("inspect container");
+        let env = c.config.and_then(|c| c.env).expect("env");
+        assert!(env.contains(&"PORT=8080".to_string()), "{env:?}");
+    }
+
+    #[tokio::test]
+    async fn a_fresh_driver_recovers_the_same_container_and_execs() {
+        let Some((first, provider, _cleanup)) = setup("recover").await else {
+            return;
+        };
+        let handle = first
+            .start(&spec(&provider, "survivor", workload(IMAGE, None, &[])))
+            .await
+            .expect("start");
+        let persisted = serde_json::to_string(&handle).expect("persist");
+        drop(first);
+
+        let second = DockerDriver::connect(DockerDriverConfig::default())
+            .await
+            .expect("connect");
+        let handle: Handle = serde_json::from_str(&persisted).expect("load");
+        assert_eq!(
+            second.recover(&handle).await.expect("recover"),
+            Inspection::Running
+        );
+        let listed = second.list_instances(&provider).await.expect("list");
+        assert_eq!(
+            listed
+                .iter()
+                .map(|h| h.instance_id.as_str())
+                .collect::<Vec<_>>(),
+            vec![handle.instance_id.as_str()],
+            "the same container, nothing else"
+        );
+        assert!(
+            second
+                .list_instances(&format!("{provider}-other"))
+                .await
+                .expect("list")
+                .is_empty()
+        );
+
+        let exec = |args: &[&str]| {
+            let mut command = vec!["/skymirror-example".to_string()];
+            command.extend(args.iter().map(|a| a.to_string()));
+            command
+        };
+        assert_eq!(
+            second
+                .exec(
+                    &handle,
+                    &exec(&["--exit-code", "7"]),
+                    Duration::from_secs(10)
+                )
+                .await
+                .expect("exec"),
+            Some(7)
+        );
+        assert_eq!(
+            second
+                .exec(
+                    &handle,
+                    &exec(&["--exit-code", "0"]),
+                    Duration::from_secs(10)
+                )
+                .await
+                .expect("exec"),
+            Some(0)
+        );
+        let begun = Instant::now();
+        let slow = second
+            .exec(&handle, &exec(&["--port", "0"]), Duration::from_millis(300))
+            .await
+            .expect("exec");
+        assert_eq!(slow, None, "a server never finishes");
+        assert!(begun.elapsed() < Duration::from_secs(3));
+
+        second
+            .stop(&handle, Duration::from_secs(5))
+            .await
+            .expect("stop");
+        second.destroy(&handle).await.expect("destroy");
+        assert!(
+            second
+                .list_instances(&provider)
+                .await
+                .expect("list")
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn crash_reports_exit_code_and_a_restart_replaces_the_stale_container() {
+        let Some((driver, provider, _cleanup)) = setup("crash").await else {
+            return;
+        };
+        let spec = spec(
+            &provider,
+            "crash",
+            workload(IMAGE, None, &["--exit-code", "3"]),
+        );
+        let first = driver.start(&spec).await.expect("start");
+        assert_eq!(
+            wait_exit(&driver, &first).await,
+            Inspection::Exited {
+                code: Some(3),
+                signal: None
+            }
+        );
+        // The exited container keeps the name (and its logs) until the
+        // supervisor starts the replica again: here with an entrypoint that
+        // does not exist, which the init reports as exit code 127.
+        let mut bad_entrypoint = spec.clone();
+        bad_entrypoint.workload.command = Some("/no-such-entrypoint".into());
+        let second = driver.start(&bad_entrypoint).await.expect("start again");
+        assert_ne!(second.instance_id, first.instance_id);
+        assert_eq!(
+            driver.inspect(&first).await.expect("inspect"),
+            Inspection::Exited {
+                code: None,
+                signal: None
+            },
+            "the stale container is gone"
+        );
+        assert_eq!(
+            wait_exit(&driver, &second).await,
+            Inspection::Exited {
+                code: Some(127),
+                signal: None
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_name_taken_by_a_foreign_container_is_not_removed() {
+        let Some((driver, provider, _cleanup)) = setup("foreign").await else {
+            return;
+        };
+        let spec = spec(&provider, "taken", workload(IMAGE, None, &[]));
+        let name = container_name(&provider, &spec.key).expect("name");
+        let options = CreateContainerOptionsBuilder::new().name(&name).build();
+        let body = ContainerCreateBody {
+            image: Some(IMAGE.to_string()),
+            // Our provider label, so the cleanup removes it, but no app label.
+            labels: Some(HashMap::from([
+                (LABEL_MANAGED.to_string(), "true".to_string()),
+                (LABEL_PROVIDER.to_string(), provider.clone()),
+            ])),
+            ..Default::default()
+        };
+        let foreign = driver
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .expect("create");
+        let err = driver.start(&spec).await.expect_err("the name is taken");
+        assert!(err.to_string().contains("is taken by container"), "{err}");
+        assert!(err.is_retryable());
+        driver
+            .docker
+            .inspect_container(&foreign.id, None)
+            .await
+            .expect("the foreign container is still there");
+    }
+
+    #[tokio::test]
+    async fn missing_image_is_an_invalid_workload_after_a_pull() {
+        let Some((driver, provider, _cleanup)) = setup("missing").await else {
+            return;
+        };
+        let err = driver
+            .start(&spec(
+                &provider,
+                "nope",
+                workload("skymirror-nope:1", None, &[]),
+            ))
+            .await
+            .expect_err("no such image");
+        assert!(matches!(err, DriverError::InvalidWorkload(_)), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("image skymirror-nope:1 not found locally and could not be pulled: "),
+            "{err}"
+        );
+        assert!(
+            driver
+                .list_instances(&provider)
+                .await
+                .expect("list")
+                .is_empty()
+        );
+
+        // The engine's minimum memory limit is a few MiB.
+        let mut tiny = workload(IMAGE, None, &[]);
+        tiny.memory_mib = Some(1);
+        let err = driver
+            .start(&spec(&provider, "tiny", tiny))
+            .await
+            .expect_err("below the minimum memory");
+        assert!(matches!(err, DriverError::InvalidWorkload(_)), "{err:?}");
+        assert!(err.to_string().contains("refused container"), "{err}");
+
+        let mut no_image = workload(IMAGE, None, &[]);
+        no_image.image = None;
+        let err = driver
+            .start(&spec(&provider, "nope", no_image))
+            .await
+            .expect_err("no image");
+        assert_eq!(err.to_string(), "app nope: the docker driver needs `image`");
+    }
+}
