@@ -25,6 +25,11 @@
 //!   throughput and p50/p99 latency. Target: the front door within 20% of
 //!   nginx's throughput. Skipped, with how to install them, when `wrk` or
 //!   `nginx` is missing.
+//! - `docker` (`docker.rs`) times, with the docker driver on one host, `apply`
+//!   to every replica healthy for 1, 10 and 50 replicas, against `docker run`
+//!   of the same image and as many containers measured in the same run. Target:
+//!   skymirror's overhead under 10% of the engine's own time. Needs the image
+//!   of tests/scripts/build-test-images.sh.
 //!
 //! Targets are printed next to the figures, with `MISSED` when one is missed.
 //! Timings are never asserted: the exit status is non-zero only when the
@@ -36,9 +41,11 @@
 //! cargo build --workspace && target/debug/skymirror-bench scale
 //! cargo build --workspace && target/debug/skymirror-bench failover
 //! cargo build --workspace && target/debug/skymirror-bench proxy
+//! cargo build --workspace && target/debug/skymirror-bench docker
 //! cargo build --workspace --release && target/release/skymirror-bench scale --runs 3
 //! ```
 
+mod docker;
 mod failover;
 mod proxy;
 mod scale;
@@ -69,6 +76,8 @@ enum Bench {
     Failover(failover::FailoverArgs),
     /// Front door throughput and latency against a direct connection and nginx.
     Proxy(proxy::ProxyArgs),
+    /// Docker driver: apply to all replicas healthy against the engine's own `docker run`.
+    Docker(docker::DockerArgs),
 }
 
 fn main() -> Result<()> {
@@ -76,6 +85,7 @@ fn main() -> Result<()> {
         Bench::Scale(args) => scale::scale(&args),
         Bench::Failover(args) => failover::failover(&args),
         Bench::Proxy(args) => proxy::proxy(&args),
+        Bench::Docker(args) => docker::docker(&args),
     }
 }
 
