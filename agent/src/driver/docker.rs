@@ -33,7 +33,7 @@
 //! until the replica is started again or removed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::Docker;
@@ -591,67 +591,34 @@ struct PublishedPort {
     protocol: &'static str,
 }
 
-/// Picks a free host port per named port by binding port 0 and releasing it.
-/// All sockets stay open until every port is picked, so no two ports collide.
-/// A port without a container port listens inside on its host port's number.
+/// Free host ports for the workload's named ports. A port without a
+/// container port listens inside on its host port's number.
 fn pick_ports(host: IpAddr, workload: &super::Workload) -> Result<Vec<PublishedPort>, DriverError> {
-    enum Held {
-        Tcp(TcpListener),
-        Udp(UdpSocket),
-    }
-    let mut held = Vec::with_capacity(workload.ports.len());
-    let mut picked = Vec::with_capacity(workload.ports.len());
-    for port in &workload.ports {
-        let udp = port.protocol.eq_ignore_ascii_case("udp");
-        let addr = SocketAddr::new(host, 0);
-        let bound = if udp {
-            UdpSocket::bind(addr).map(Held::Udp)
-        } else {
-            TcpListener::bind(addr).map(Held::Tcp)
-        };
-        let (socket, number) = bound
-            .and_then(|s| {
-                let local = match &s {
-                    Held::Tcp(l) => l.local_addr(),
-                    Held::Udp(u) => u.local_addr(),
-                }?;
-                Ok((s, local.port()))
-            })
-            .map_err(|e| {
-                DriverError::io(format!("pick a port for `{}` on {host}", port.name), e)
-            })?;
-        held.push(socket);
-        picked.push(PublishedPort {
-            name: port.name.clone(),
+    let picked = super::pick_host_ports(host, workload)?;
+    Ok(workload
+        .ports
+        .iter()
+        .zip(picked)
+        .map(|(port, (name, number))| PublishedPort {
+            name,
             container: port.container_port.unwrap_or(number),
             host: number,
-            protocol: if udp { "udp" } else { "tcp" },
-        });
-    }
-    drop(held);
-    Ok(picked)
+            protocol: if port.protocol.eq_ignore_ascii_case("udp") {
+                "udp"
+            } else {
+                "tcp"
+            },
+        })
+        .collect())
 }
 
-/// The replica's environment: the workload's, then the ports and the
-/// replica's identity, as the process driver sets them.
+/// The replica's environment, with the container-side port numbers.
 fn replica_env(spec: &ReplicaSpec, ports: &[PublishedPort]) -> Vec<(String, String)> {
-    let key = &spec.key;
-    let mut env = spec.workload.env.clone();
-    if let Some(first) = ports.first() {
-        env.push(("PORT".into(), first.container.to_string()));
-    }
-    for p in ports {
-        let var = format!("PORT_{}", p.name.to_ascii_uppercase().replace('-', "_"));
-        env.push((var, p.container.to_string()));
-    }
-    env.push(("SKYMIRROR_APP".into(), key.app.clone()));
-    env.push(("SKYMIRROR_PROVIDER".into(), spec.provider.clone()));
-    env.push(("SKYMIRROR_INDEX".into(), key.index.to_string()));
-    env.push((
-        "SKYMIRROR_REPLICA".into(),
-        format!("{}/{}/{}", key.app, spec.provider, key.index),
-    ));
-    env
+    let numbers: Vec<(String, u16)> = ports
+        .iter()
+        .map(|p| (p.name.clone(), p.container))
+        .collect();
+    super::replica_env(spec, &numbers)
 }
 
 /// `skymirror-<provider>-<app>-<index>`, if Docker accepts it as a name

@@ -16,6 +16,7 @@ pub mod process;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -171,6 +172,67 @@ impl DriverError {
             source,
         }
     }
+}
+
+/// Picks a free port on `host` for each named port of `workload`, in the
+/// workload's order, by binding port 0 and releasing it. All sockets stay open
+/// until every port is picked, so no two picks collide.
+pub fn pick_host_ports(
+    host: IpAddr,
+    workload: &Workload,
+) -> Result<Vec<(String, u16)>, DriverError> {
+    enum Held {
+        Tcp(TcpListener),
+        Udp(UdpSocket),
+    }
+    let mut held = Vec::with_capacity(workload.ports.len());
+    for port in &workload.ports {
+        let addr = SocketAddr::new(host, 0);
+        let socket = if port.protocol.eq_ignore_ascii_case("udp") {
+            UdpSocket::bind(addr).map(Held::Udp)
+        } else {
+            TcpListener::bind(addr).map(Held::Tcp)
+        };
+        let local = socket.and_then(|s| {
+            let local = match &s {
+                Held::Tcp(l) => l.local_addr(),
+                Held::Udp(u) => u.local_addr(),
+            }?;
+            Ok((s, local.port()))
+        });
+        let (socket, number) = local.map_err(|e| {
+            DriverError::io(format!("pick a port for `{}` on {host}", port.name), e)
+        })?;
+        held.push((port.name.clone(), number, socket));
+    }
+    Ok(held
+        .into_iter()
+        .map(|(name, number, _)| (name, number))
+        .collect())
+}
+
+/// The environment every driver gives a replica: the workload's own
+/// variables, `PORT` (the first port) and `PORT_<NAME>` per named port (the
+/// numbers the app listens on), and its identity: `SKYMIRROR_APP`,
+/// `SKYMIRROR_PROVIDER`, `SKYMIRROR_INDEX`, `SKYMIRROR_REPLICA`.
+pub fn replica_env(spec: &ReplicaSpec, ports: &[(String, u16)]) -> Vec<(String, String)> {
+    let key = &spec.key;
+    let mut env = spec.workload.env.clone();
+    if let Some((_, port)) = ports.first() {
+        env.push(("PORT".into(), port.to_string()));
+    }
+    for (name, port) in ports {
+        let var = format!("PORT_{}", name.to_ascii_uppercase().replace('-', "_"));
+        env.push((var, port.to_string()));
+    }
+    env.push(("SKYMIRROR_APP".into(), key.app.clone()));
+    env.push(("SKYMIRROR_PROVIDER".into(), spec.provider.clone()));
+    env.push(("SKYMIRROR_INDEX".into(), key.index.to_string()));
+    env.push((
+        "SKYMIRROR_REPLICA".into(),
+        format!("{}/{}/{}", key.app, spec.provider, key.index),
+    ));
+    env
 }
 
 /// A runtime that runs replicas. See the module docs for the contract.

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -238,22 +238,7 @@ impl ProcessDriver {
         spec: &ReplicaSpec,
         ports: &[(String, u16)],
     ) -> Result<Vec<(String, String)>, DriverError> {
-        let key = &spec.key;
-        let mut env = spec.workload.env.clone();
-        if let Some((_, port)) = ports.first() {
-            env.push(("PORT".into(), port.to_string()));
-        }
-        for (name, port) in ports {
-            let var = format!("PORT_{}", name.to_ascii_uppercase().replace('-', "_"));
-            env.push((var, port.to_string()));
-        }
-        env.push(("SKYMIRROR_APP".into(), key.app.clone()));
-        env.push(("SKYMIRROR_PROVIDER".into(), spec.provider.clone()));
-        env.push(("SKYMIRROR_INDEX".into(), key.index.to_string()));
-        env.push((
-            "SKYMIRROR_REPLICA".into(),
-            format!("{}/{}/{}", key.app, spec.provider, key.index),
-        ));
+        let mut env = super::replica_env(spec, ports);
         if !self.config.search_path.is_empty() {
             // The workload's own PATH, if it sets one, is what the search path extends.
             let base = match spec.workload.env.iter().rev().find(|(k, _)| k == "PATH") {
@@ -263,10 +248,13 @@ impl ProcessDriver {
             let mut dirs = self.config.search_path.clone();
             dirs.extend(base.iter().flat_map(std::env::split_paths));
             let path = std::env::join_paths(dirs).map_err(|e| {
-                DriverError::InvalidWorkload(format!("app {}: search path: {e}", key.app))
+                DriverError::InvalidWorkload(format!("app {}: search path: {e}", spec.key.app))
             })?;
             let path = path.into_string().map_err(|p| {
-                DriverError::InvalidWorkload(format!("app {}: PATH is not UTF-8: {p:?}", key.app))
+                DriverError::InvalidWorkload(format!(
+                    "app {}: PATH is not UTF-8: {p:?}",
+                    spec.key.app
+                ))
             })?;
             env.push(("PATH".into(), path));
         }
@@ -321,7 +309,7 @@ impl Driver for ProcessDriver {
             )));
         }
 
-        let ports = pick_ports(self.config.bind_host, workload)?;
+        let ports = super::pick_host_ports(self.config.bind_host, workload)?;
         let env = self.replica_env(spec, &ports)?;
         let child_path = env.iter().rev().find(|(k, _)| k == "PATH").map(|(_, v)| v);
         let program = resolve_command(command, &working_dir, child_path.map(OsString::from))
@@ -570,39 +558,6 @@ fn decode(handle: &Handle) -> Result<ProcessData, DriverError> {
 /// Converts a pid for nix.
 fn to_raw_pid(pid: u32) -> Result<i32, DriverError> {
     i32::try_from(pid).map_err(|_| DriverError::Runtime(format!("pid {pid} out of range")))
-}
-
-/// Picks a free host port per named port by binding port 0 and releasing it.
-/// All sockets stay open until every port is picked, so no two ports collide.
-fn pick_ports(host: IpAddr, workload: &super::Workload) -> Result<Vec<(String, u16)>, DriverError> {
-    enum Held {
-        Tcp(TcpListener),
-        Udp(UdpSocket),
-    }
-    let mut held = Vec::with_capacity(workload.ports.len());
-    for port in &workload.ports {
-        let addr = SocketAddr::new(host, 0);
-        let socket = if port.protocol.eq_ignore_ascii_case("udp") {
-            UdpSocket::bind(addr).map(Held::Udp)
-        } else {
-            TcpListener::bind(addr).map(Held::Tcp)
-        };
-        let local = socket.and_then(|s| {
-            let local = match &s {
-                Held::Tcp(l) => l.local_addr(),
-                Held::Udp(u) => u.local_addr(),
-            }?;
-            Ok((s, local.port()))
-        });
-        let (socket, number) = local.map_err(|e| {
-            DriverError::io(format!("pick a port for `{}` on {host}", port.name), e)
-        })?;
-        held.push((port.name.clone(), number, socket));
-    }
-    Ok(held
-        .into_iter()
-        .map(|(name, number, _)| (name, number))
-        .collect())
 }
 
 /// Finds the program to run: a name with a '/' is a path relative to
