@@ -110,7 +110,6 @@ fn a_provider_outage_and_its_return_cost_no_request() -> Result<()> {
 fn a_killed_agent_with_live_replicas_costs_no_request_and_moves_nothing() -> Result<()> {
     let (mut c, front) = setup()?;
     let load = Load::start(front, PACE);
-    let started = Instant::now();
     c.kill_agent("aa")?;
     c.wait_until("aa to be partitioned", WAIT, |c| {
         Ok(
@@ -118,23 +117,23 @@ fn a_killed_agent_with_live_replicas_costs_no_request_and_moves_nothing() -> Res
                 .then_some(()),
         )
     })?;
-    let partitioned_at = started.elapsed();
-    // Traffic keeps reaching aa's replicas after the partition is detected.
-    c.wait_until("aa's replicas to keep serving", WAIT, |_| {
-        let (_, h, _) = http_get_headers(&front.to_string(), "/", Duration::from_secs(1))?;
-        Ok(h.get("x-skymirror-replica")
-            .filter(|r| r.starts_with("web/aa/"))
-            .map(|_| ()))
-    })?;
+    // Traffic keeps reaching aa's replicas after the partition is detected:
+    // of 60 requests through the front door, aa's two replicas of six get some.
+    let mut to_aa = 0;
+    for _ in 0..60 {
+        let (status, h, _) = http_get_headers(&front.to_string(), "/", Duration::from_secs(2))?;
+        ensure!(status == 200, "status {status} during the partition");
+        to_aa += usize::from(
+            h.get("x-skymirror-replica")
+                .is_some_and(|r| r.starts_with("web/aa/")),
+        );
+    }
+    ensure!(
+        to_aa > 0,
+        "aa's replicas got none of 60 requests during the partition"
+    );
     let report = load.finish()?;
     no_failures(&report)?;
-    ensure!(
-        report
-            .by_replica
-            .iter()
-            .any(|(r, (_, last))| r.starts_with("web/aa/") && *last > partitioned_at),
-        "aa's replicas stopped getting traffic during the partition"
-    );
     ensure!(
         c.ready_counts("web")?.values().all(|n| *n == 2),
         "replicas were moved: {:?}",
