@@ -100,8 +100,13 @@ fn apply_converges_scales_replaces_and_deletes() -> Result<()> {
         Ok(removed.iter().all(|p| !alive(*p)).then_some(()))
     })?;
 
-    // A workload change replaces the replicas (new processes, generation 4).
-    c.apply_ok("web.yaml", &app_yaml("web", 1, "v2", &[]))?;
+    // A change of the command replaces the replicas (new processes, generation 4).
+    // The command itself changes: the same program, named by its absolute path.
+    let command = c.bins.example.to_string_lossy().to_string();
+    let v2 = app_yaml("web", 1, "v2", &[])
+        .replace("command: skymirror-example", &format!("command: {command}"));
+    ensure!(v2.contains(&command), "the spec did not change its command");
+    c.apply_ok("web.yaml", &v2)?;
     let replaced = c.wait_ready("web", &PROVIDERS, 1, 4, WAIT)?;
     for (id, pid) in pids(&replaced, "web") {
         ensure!(kept.get(&id) != Some(&pid), "{id} was not replaced");
