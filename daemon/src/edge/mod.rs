@@ -267,7 +267,10 @@ pub async fn serve(
 struct Edge {
     config: EdgeConfig,
     shutdown: CancellationToken,
-    client: UpstreamClient,
+    /// One per core: connections are accepted and proxied on a worker's own
+    /// single-threaded runtime with its own upstream pool, so a request never
+    /// hops threads (cross-thread wake-ups dominated the proxy's CPU time).
+    workers: Vec<Worker>,
     http: Arc<auto::Builder<TokioExecutor>>,
     conns: Arc<ConnTracker>,
     /// Open listeners by route listen address.
@@ -284,9 +287,70 @@ struct Edge {
 struct Listener {
     addr: SocketAddr,
     slot: Arc<ListenerSlot>,
-    /// Stops the accept loop and (gracefully) the listener's connections.
+    /// Stops the accept loops and (gracefully) the listener's connections.
     token: CancellationToken,
-    task: JoinHandle<()>,
+    /// One accept loop per worker.
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// A proxy worker: a thread running a single-threaded runtime.
+#[derive(Debug)]
+struct Worker {
+    handle: tokio::runtime::Handle,
+    client: UpstreamClient,
+    /// Ends the worker's thread (after its tasks are done).
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Worker {
+    fn start(index: usize, connect_timeout: Duration) -> Option<Worker> {
+        let stop = CancellationToken::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let until = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("edge-worker-{index}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start an edge worker runtime");
+                        return;
+                    }
+                };
+                if tx.send(rt.handle().clone()).is_err() {
+                    return;
+                }
+                rt.block_on(until.cancelled());
+            })
+            .ok()?;
+        let handle = rx.recv().ok()?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(UPSTREAM_IDLE)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Some(Worker {
+            handle,
+            client,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -298,20 +362,17 @@ struct Prober {
 
 impl Edge {
     fn new(config: EdgeConfig, shutdown: CancellationToken) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(UPSTREAM_IDLE)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let workers = (0..cores)
+            .filter_map(|i| Worker::start(i, config.connect_timeout))
+            .collect();
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1().timer(TokioTimer::new());
         http.http2().timer(TokioTimer::new());
         Self {
             config,
             shutdown,
-            client,
+            workers,
             http: Arc::new(http),
             conns: Arc::new(ConnTracker::default()),
             listeners: BTreeMap::new(),
@@ -398,7 +459,9 @@ impl Edge {
         for listen in closing {
             if let Some(l) = self.listeners.remove(&listen) {
                 l.token.cancel();
-                let _ = l.task.await;
+                for t in l.tasks {
+                    let _ = t.await;
+                }
                 tracing::info!(listen, addr = %l.addr, "listener closed: no route uses it");
             }
         }
@@ -461,25 +524,48 @@ impl Edge {
         });
         let slot = Arc::new(ListenerSlot::new(routes));
         let token = self.shutdown.child_token();
-        let acceptor = Acceptor {
-            listen: listen.to_string(),
-            slot: Arc::clone(&slot),
-            client: self.client.clone(),
-            http: Arc::clone(&self.http),
-            conns: Arc::clone(&self.conns),
-            stats: Arc::clone(&self.config.stats),
-            connect_timeout: self.config.connect_timeout,
-            token: token.clone(),
-        };
-        let task = tokio::spawn(acceptor.run(listener));
-        tracing::info!(listen, %addr, "listening");
+        let mut tasks = Vec::with_capacity(self.workers.len());
+        // Every worker accepts on its own handle of the same socket.
+        match listener.into_std() {
+            Ok(std_listener) => {
+                for worker in &self.workers {
+                    let socket = match std_listener.try_clone() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::error!(listen, error = %e, "cannot share the listener with a worker");
+                            continue;
+                        }
+                    };
+                    let acceptor = Acceptor {
+                        listen: listen.to_string(),
+                        slot: Arc::clone(&slot),
+                        client: worker.client.clone(),
+                        http: Arc::clone(&self.http),
+                        conns: Arc::clone(&self.conns),
+                        stats: Arc::clone(&self.config.stats),
+                        connect_timeout: self.config.connect_timeout,
+                        token: token.clone(),
+                    };
+                    tasks.push(worker.handle.spawn(async move {
+                        match TcpListener::from_std(socket) {
+                            Ok(l) => acceptor.run(l).await,
+                            Err(e) => tracing::error!(listen = %acceptor.listen, error = %e, "worker cannot listen"),
+                        }
+                    }));
+                }
+            }
+            Err(e) => {
+                tracing::error!(listen, error = %e, "cannot hand the listener to the workers")
+            }
+        }
+        tracing::info!(listen, %addr, workers = tasks.len(), "listening");
         self.listeners.insert(
             listen.to_string(),
             Listener {
                 addr,
                 slot,
                 token,
-                task,
+                tasks,
             },
         );
     }
@@ -505,7 +591,9 @@ impl Edge {
     async fn shutdown(mut self) {
         for (_, l) in std::mem::take(&mut self.listeners) {
             l.token.cancel();
-            let _ = l.task.await;
+            for t in l.tasks {
+                let _ = t.await;
+            }
         }
         self.publish_listeners();
         self.conns.wait_idle().await;
