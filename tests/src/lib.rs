@@ -348,14 +348,22 @@ impl Cluster {
     }
 
     fn spawn_agent(&mut self, provider: &str, server: &str) -> Result<()> {
-        let child = Command::new(&self.bins.agent)
+        let child = self.agent_process(provider, server, "process")?;
+        self.agents.insert(provider.to_string(), child);
+        Ok(())
+    }
+
+    /// Spawns an agent of `provider` for `server` with `driver` and hands the
+    /// process to the caller (who kills it); its log goes to `agent-<provider>.log`.
+    pub fn agent_process(&self, provider: &str, server: &str, driver: &str) -> Result<Child> {
+        Command::new(&self.bins.agent)
             .args([
                 "--server",
                 server,
                 "--provider",
                 provider,
                 "--driver",
-                "process",
+                driver,
                 "--state-dir",
             ])
             .arg(self.agent_dir(provider))
@@ -366,9 +374,33 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(log_file(self.dir.path(), &format!("agent-{provider}.log"))?)
             .spawn()
-            .with_context(|| format!("starting the agent of {provider}"))?;
-        self.agents.insert(provider.to_string(), child);
-        Ok(())
+            .with_context(|| format!("starting the {driver} agent of {provider}"))
+    }
+
+    /// Waits until requests through the front door at `front` reach all `all`
+    /// replicas (by their `x-skymirror-replica` header).
+    pub fn wait_front_door(
+        &mut self,
+        front: SocketAddr,
+        all: usize,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.wait_until(
+            &format!("the front door to route to all {all} replicas"),
+            timeout,
+            |_| {
+                let mut seen = std::collections::BTreeSet::new();
+                for _ in 0..10 * all {
+                    if let Ok((200, h, _)) =
+                        http_get_headers(&front.to_string(), "/", Duration::from_secs(1))
+                        && let Some(r) = h.get("x-skymirror-replica")
+                    {
+                        seen.insert(r.clone());
+                    }
+                }
+                Ok((seen.len() == all).then_some(()))
+            },
+        )
     }
 
     /// `kill -9` the agent of `provider` (its replicas keep running).

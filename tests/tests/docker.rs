@@ -10,13 +10,12 @@
 //! when it ends, even by failing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
-use skymirror_tests::{Cluster, MARKER_VAR, http_get};
+use skymirror_tests::{Cluster, http_get};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// The test image and the same image under another tag.
@@ -150,24 +149,7 @@ impl DockerAgents {
     /// `Cluster::start_agent` starts a process agent.
     fn start(&mut self, c: &Cluster, provider: &str) -> Result<()> {
         self.providers.insert(provider.to_string());
-        let log = log_file(c.dir.path(), &format!("agent-{provider}.log"))?;
-        let child = Command::new(&c.bins.agent)
-            .args([
-                "--server",
-                &c.url(),
-                "--provider",
-                provider,
-                "--driver",
-                "docker",
-                "--state-dir",
-            ])
-            .arg(c.agent_dir(provider))
-            .env("SKYMIRROR_JOIN_TOKEN", &c.token)
-            .env(MARKER_VAR, c.marker())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting the docker agent of {provider}"))?;
+        let child = c.agent_process(provider, &c.url(), "docker")?;
         self.running.insert(provider.to_string(), child);
         Ok(())
     }
@@ -198,13 +180,6 @@ impl Drop for DockerAgents {
             }
         }
     }
-}
-
-fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
-    Ok(std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(name))?)
 }
 
 /// Waits until every provider in `providers` is up.

@@ -33,18 +33,7 @@ fn setup() -> Result<(Cluster, SocketAddr)> {
     c.apply_ok("web.yaml", &routed_app(2, front))?;
     c.wait_ready("web", &["aa", "bb", "cc"], 2, 1, WAIT)?;
     c.start_edge(&[])?;
-    c.wait_until("the front door to route to all six replicas", WAIT, |_| {
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..60 {
-            if let Ok((200, h, _)) =
-                http_get_headers(&front.to_string(), "/", Duration::from_secs(1))
-                && let Some(r) = h.get("x-skymirror-replica")
-            {
-                seen.insert(r.clone());
-            }
-        }
-        Ok((seen.len() == 6).then_some(()))
-    })?;
+    c.wait_front_door(front, 6, WAIT)?;
     Ok((c, front))
 }
 

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use skymirror_tests::{Cluster, MARKER_VAR, http_get};
+use skymirror_tests::{Cluster, http_get};
 
 use crate::{free_ports, missed, profile, secs};
 
@@ -220,24 +220,7 @@ spec:
 /// Starts the agent of `provider` with `--driver docker`, as the docker
 /// end-to-end tests do (the harness only starts process agents).
 fn start_agent(c: &Cluster, provider: &str) -> Result<Child> {
-    let log = std::fs::File::create(c.dir.path().join(format!("agent-{provider}.log")))?;
-    Command::new(&c.bins.agent)
-        .args([
-            "--server",
-            &c.url(),
-            "--provider",
-            provider,
-            "--driver",
-            "docker",
-            "--state-dir",
-        ])
-        .arg(c.agent_dir(provider))
-        .env("SKYMIRROR_JOIN_TOKEN", &c.token)
-        .env(MARKER_VAR, c.marker())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting the docker agent of {provider}"))
+    c.agent_process(provider, &c.url(), "docker")
 }
 
 /// Kills the agent and removes every container of this run, also when the

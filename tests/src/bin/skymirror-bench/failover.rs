@@ -199,22 +199,7 @@ fn setup(timeout: Duration) -> Result<(Cluster, SocketAddr)> {
     c.wait_ready(APP, &PROVIDERS, REPLICAS, 1, timeout)?;
     c.start_edge(&[])?;
     let all = REPLICAS * PROVIDERS.len();
-    c.wait_until(
-        &format!("the front door to route to all {all} replicas"),
-        timeout,
-        |_| {
-            let mut seen = BTreeSet::new();
-            for _ in 0..10 * all {
-                if let Ok((200, h, _)) =
-                    http_get_headers(&front.to_string(), "/", Duration::from_secs(1))
-                    && let Some(r) = h.get("x-skymirror-replica")
-                {
-                    seen.insert(r.clone());
-                }
-            }
-            Ok((seen.len() == all).then_some(()))
-        },
-    )?;
+    c.wait_front_door(front, all, timeout)?;
     Ok((c, front))
 }
 

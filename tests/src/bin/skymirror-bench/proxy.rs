@@ -17,7 +17,6 @@
 //! `wrk` and `nginx` come from Debian (`apt-get install nginx-light wrk`);
 //! without wrk the benchmark is skipped, without nginx its column is.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,8 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use skymirror_tests::{
-    Bins, Cluster, MARKER_VAR, app_yaml, free_port, http_get_headers, processes_with,
-    providers_yaml,
+    Bins, Cluster, MARKER_VAR, app_yaml, free_port, processes_with, providers_yaml,
 };
 
 use crate::{USER_HZ, cpu_secs, missed, profile};
@@ -235,22 +233,7 @@ fn setup(timeout: Duration) -> Result<(Cluster, SocketAddr, Vec<Upstream>)> {
     upstreams.sort();
     c.start_edge(&[])?;
     let all = upstreams.len();
-    c.wait_until(
-        &format!("the front door to route to all {all} replicas"),
-        timeout,
-        |_| {
-            let mut seen = BTreeSet::new();
-            for _ in 0..10 * all {
-                if let Ok((200, h, _)) =
-                    http_get_headers(&front.to_string(), "/", Duration::from_secs(1))
-                    && let Some(r) = h.get("x-skymirror-replica")
-                {
-                    seen.insert(r.clone());
-                }
-            }
-            Ok((seen.len() == all).then_some(()))
-        },
-    )?;
+    c.wait_front_door(front, all, timeout)?;
     Ok((c, front, upstreams))
 }
 
