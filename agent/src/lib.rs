@@ -44,6 +44,9 @@ pub enum DriverConfig {
     Docker {
         /// Host address container ports are published on and reported at.
         bind_host: IpAddr,
+        /// Docker network replicas join instead of publishing ports; they are
+        /// then reached at their address on it.
+        network: Option<String>,
     },
 }
 
@@ -93,14 +96,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             run_with_driver(ProcessDriver::new(dc)?, config, shutdown).await
         }
         #[cfg(feature = "docker")]
-        DriverConfig::Docker { bind_host } => {
+        DriverConfig::Docker { bind_host, network } => {
             let dc = driver::docker::DockerDriverConfig {
                 bind_host: *bind_host,
+                network: network.clone(),
                 ..Default::default()
             };
             let driver = driver::docker::DockerDriver::connect(dc).await?;
             let mut config = config.clone();
-            config.supervisor.probe_host = Some(*bind_host);
+            // On a network, probes go to each replica's own address.
+            config.supervisor.probe_host = Some(*bind_host).filter(|_| network.is_none());
             run_with_driver(driver, config, shutdown).await
         }
     }

@@ -43,6 +43,10 @@ struct Args {
     /// on (docker driver), and where they are reported at.
     #[arg(long, default_value = "127.0.0.1")]
     bind_host: IpAddr,
+    /// Docker driver: containers join this Docker network and are reached at
+    /// their address on it, instead of publishing ports on --bind-host.
+    #[arg(long, env = "SKYMIRROR_DOCKER_NETWORK")]
+    docker_network: Option<String>,
     /// Log filter, e.g. `info` or `skymirror_agent=debug`.
     #[arg(long, env = "SKYMIRROR_LOG", default_value = "info")]
     log: String,
@@ -89,6 +93,7 @@ async fn real_main() -> anyhow::Result<()> {
         #[cfg(feature = "docker")]
         "docker" => DriverConfig::Docker {
             bind_host: args.bind_host,
+            network: args.docker_network,
         },
         other => anyhow::bail!("unknown driver {other:?}; this build supports: {DRIVERS}"),
     };

@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# Builds the Docker images the docker driver's tests run: `skymirror-example:test`
-# and `skymirror-example:test2` (the same static `skymirror-example` binary in a
-# `FROM scratch` image, under two tags so a test can change an app's image).
+# Builds the Docker images the docker and lab tests run, from the debug binaries
+# the test command has just built (never building anything itself):
+# skymirror-daemon:test, skymirror-agent:test and skymirror-example:test, plus
+# skymirror-example:test2 (the same image under another tag, so a test can
+# change an app's image). See deploy/docker/build-images.sh; nothing is pulled.
 #
-# Nothing is pulled: `FROM scratch` needs no registry. Without a reachable Docker
-# engine the images cannot be built: with CI=true that fails the run; otherwise
-# the script says so and exits 0, and the docker tests skip themselves.
-#
-# The image runs `/skymirror-example` as its entrypoint; it listens on $PORT and
-# binds 127.0.0.1 unless given `--host 0.0.0.0`, which the tests pass as `args`.
+# Without a reachable Docker engine the images cannot be built: with CI=true
+# that fails the run; otherwise the script says so and exits 0, and the docker
+# tests skip themselves.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -21,21 +20,6 @@ if ! command -v docker >/dev/null 2>&1 || ! docker info >/dev/null 2>&1; then
   exit 0
 fi
 
-# A static binary runs in an empty image; the explicit --target keeps these
-# flags from rebuilding the host's own build.
-RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build -p skymirror-example --target x86_64-unknown-linux-gnu --locked
-binary=target/x86_64-unknown-linux-gnu/debug/skymirror-example
-
-context=$(mktemp -d)
-trap 'rm -rf "$context"' EXIT
-cp "$binary" "$context/skymirror-example"
-cat >"$context/Dockerfile" <<'DOCKERFILE'
-FROM scratch
-COPY skymirror-example /skymirror-example
-EXPOSE 8080
-ENTRYPOINT ["/skymirror-example"]
-DOCKERFILE
-
-docker build --quiet --tag skymirror-example:test --tag skymirror-example:test2 "$context" >/dev/null
-echo "build-test-images: built skymirror-example:test and skymirror-example:test2" >&2
+deploy/docker/build-images.sh --profile debug --tag test --no-build
+docker tag skymirror-example:test skymirror-example:test2
+echo "build-test-images: tagged skymirror-example:test2" >&2

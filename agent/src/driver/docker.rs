@@ -14,11 +14,18 @@
 //! | `skymirror.index` | the replica's index |
 //! | `skymirror.workload-generation` | the workload generation it runs |
 //!
-//! Every named port is published on `bind_host:<free host port>`; the host ports
-//! are the replica's address, where the agent's health probes and the front door
-//! connect. Inside the container the app listens on the port's `containerPort`,
-//! or, when the spec gives none, on the same number as the host port; `PORT` and
-//! `PORT_<NAME>` say which.
+//! Addresses. By default every named port is published on
+//! `bind_host:<free host port>`; the host ports are the replica's address, where
+//! the agent's health probes and the front door connect. Inside the container
+//! the app listens on the port's `containerPort`, or, when the spec gives none,
+//! on the same number as the host port; `PORT` and `PORT_<NAME>` say which.
+//!
+//! With a `network` (`skymirror-agent --docker-network NAME`), containers join
+//! that Docker network instead and publish nothing: the replica's address is the
+//! container's IP on the network and the container port. That is how a provider
+//! whose replicas live on a private network (a cloud's VPC; the lab's per-cloud
+//! networks) is run: the agent, the front door and the daemon's outside probes
+//! reach the replicas over that network.
 //!
 //! The handle's instance id is the container id, so an agent restart adopts the
 //! same containers ([`Driver::recover`]); [`Driver::list_instances`] finds the
@@ -82,6 +89,9 @@ pub struct DockerDriverConfig {
     pub docker_host: Option<String>,
     /// Host address ports are published on and replicas are reported at.
     pub bind_host: IpAddr,
+    /// Docker network the containers join; `None` publishes ports on
+    /// `bind_host` instead (see the module docs).
+    pub network: Option<String>,
 }
 
 impl Default for DockerDriverConfig {
@@ -90,6 +100,7 @@ impl Default for DockerDriverConfig {
         DockerDriverConfig {
             docker_host: None,
             bind_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            network: None,
         }
     }
 }
@@ -103,6 +114,8 @@ pub struct DockerDriver {
     host: String,
     /// Host address ports are published on.
     bind_host: IpAddr,
+    /// Network the containers join instead of publishing ports.
+    network: Option<String>,
 }
 
 /// What the driver keeps in [`Handle::data`]; the container id is the handle's
@@ -142,10 +155,22 @@ impl DockerDriver {
             Err(_) => return Err(unreachable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
         };
         tracing::info!(host = %host, api = %docker.client_version(), "connected to the Docker engine");
+        if let Some(network) = &config.network {
+            match docker.inspect_network(network, None).await {
+                Ok(_) => {}
+                Err(e) if status(&e) == Some(404) => {
+                    return Err(DriverError::Runtime(format!(
+                        "Docker network {network} does not exist (docker network create {network})"
+                    )));
+                }
+                Err(e) => return Err(unreachable(e.to_string())),
+            }
+        }
         Ok(DockerDriver {
             docker,
             host,
             bind_host: config.bind_host,
+            network: config.network,
         })
     }
 
@@ -236,6 +261,42 @@ impl DockerDriver {
         }
     }
 
+    /// The container's address on `network`.
+    async fn network_ip(
+        &self,
+        id: &str,
+        name: &str,
+        network: &str,
+    ) -> Result<IpAddr, DriverError> {
+        let inspected = self
+            .docker
+            .inspect_container(id, None)
+            .await
+            .map_err(|e| self.engine_error(&format!("inspect container {name}"), &e))?;
+        let networks = inspected
+            .network_settings
+            .and_then(|s| s.networks)
+            .unwrap_or_default();
+        // Keyed by name; a network given by id matches its endpoint's id.
+        let endpoint = networks.get(network).or_else(|| {
+            networks
+                .values()
+                .find(|e| e.network_id.as_deref().is_some_and(|n| n.starts_with(network)))
+        });
+        let ip = endpoint
+            .and_then(|e| e.ip_address.as_deref())
+            .filter(|ip| !ip.is_empty());
+        match ip.map(str::parse::<IpAddr>) {
+            Some(Ok(ip)) => Ok(ip),
+            Some(Err(e)) => Err(DriverError::Runtime(format!(
+                "container {name}: bad address on network {network}: {e}"
+            ))),
+            None => Err(DriverError::Runtime(format!(
+                "container {name} has no address on network {network}"
+            ))),
+        }
+    }
+
     /// Reads the container's state; a container that is gone has exited.
     async fn state(&self, handle: &Handle) -> Result<Inspection, DriverError> {
         let data = decode(handle)?;
@@ -288,12 +349,15 @@ impl Driver for DockerDriver {
         let mut bindings = HashMap::with_capacity(ports.len());
         for p in &ports {
             let inside = format!("{}/{}", p.container, p.protocol);
+            // On a network, replicas are reached at their own address: nothing
+            // is published on the host.
             let binding = PortBinding {
                 host_ip: Some(self.bind_host.to_string()),
                 host_port: Some(p.host.to_string()),
             };
+            let binding = Some(binding).filter(|_| self.network.is_none());
             if bindings
-                .insert(inside.clone(), Some(vec![binding]))
+                .insert(inside.clone(), binding.map(|b| vec![b]))
                 .is_some()
             {
                 return Err(DriverError::InvalidWorkload(format!(
@@ -322,7 +386,8 @@ impl Driver for DockerDriver {
             ),
         ]);
         let host_config = HostConfig {
-            port_bindings: Some(bindings),
+            port_bindings: Some(bindings).filter(|_| self.network.is_none()),
+            network_mode: self.network.clone(),
             nano_cpus: workload
                 .cpu_millis
                 .map(|m| i64::from(m).saturating_mul(1_000_000)),
@@ -414,7 +479,27 @@ impl Driver for DockerDriver {
         let started_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        tracing::info!(replica = %key, container = %id, %name, %image, "container started");
+        // Where the replica is reached: its published host ports, or its own
+        // address on the network and the container ports.
+        let (ip, ports): (IpAddr, BTreeMap<String, u16>) = match &self.network {
+            None => (
+                self.bind_host,
+                ports.into_iter().map(|p| (p.name, p.host)).collect(),
+            ),
+            Some(network) => match self.network_ip(&id, &name, network).await {
+                Ok(ip) => (
+                    ip,
+                    ports.into_iter().map(|p| (p.name, p.container)).collect(),
+                ),
+                Err(e) => {
+                    if let Err(cleanup) = self.remove(&id, &name).await {
+                        tracing::warn!(container = %name, error = %cleanup, "cannot remove a container without an address");
+                    }
+                    return Err(e);
+                }
+            },
+        };
+        tracing::info!(replica = %key, container = %id, %name, %image, %ip, "container started");
 
         let data = DockerData {
             name,
@@ -423,13 +508,12 @@ impl Driver for DockerDriver {
         Ok(Handle {
             driver: KIND.to_string(),
             instance_id: id,
-            address: ports
+            address: workload
+                .ports
                 .first()
-                .map(|p| SocketAddr::new(self.bind_host, p.host).to_string()),
-            ports: ports
-                .into_iter()
-                .map(|p| (p.name, p.host))
-                .collect::<BTreeMap<_, _>>(),
+                .and_then(|p| ports.get(&p.name))
+                .map(|port| SocketAddr::new(ip, *port).to_string()),
+            ports,
             started_at_ms,
             data: serde_json::to_value(&data)
                 .map_err(|e| DriverError::Runtime(format!("encode handle data: {e}")))?,
@@ -1075,6 +1159,78 @@ mod tests {
             .expect("inspect container");
         let env = c.config.and_then(|c| c.env).expect("env");
         assert!(env.contains(&"PORT=8080".to_string()), "{env:?}");
+    }
+
+    #[tokio::test]
+    async fn on_a_network_the_replica_is_reached_at_its_own_address() {
+        let Some((driver, provider, _cleanup)) = setup("network").await else {
+            return;
+        };
+        let network = format!("skymirror-unit-{}", std::process::id());
+        driver
+            .docker
+            .create_network(bollard::models::NetworkCreateRequest {
+                name: network.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("create network");
+        let config = DockerDriverConfig {
+            network: Some(network.clone()),
+            ..Default::default()
+        };
+        let on_network = DockerDriver::connect(config).await.expect("connect");
+        let spec = spec(&provider, "private", workload(IMAGE, Some(8080), &[]));
+        let started = on_network.start(&spec).await;
+        let answered = match &started {
+            Ok(handle) => Some(
+                tokio::time::timeout(
+                    Duration::from_secs(30),
+                    wait_ok(handle.address.as_deref().unwrap_or(""), "/healthz"),
+                )
+                .await,
+            ),
+            Err(_) => None,
+        };
+        let published = match &started {
+            Ok(handle) => on_network
+                .docker
+                .inspect_container(&handle.instance_id, None)
+                .await
+                .ok()
+                .and_then(|c| c.host_config)
+                .and_then(|h| h.port_bindings),
+            Err(_) => None,
+        };
+        if let Ok(handle) = &started {
+            let _ = on_network.destroy(handle).await;
+        }
+        let _ = driver.docker.remove_network(&network).await;
+
+        let handle = started.expect("start on the network");
+        assert_eq!(handle.ports["http"], 8080, "the container port, not a host port");
+        let address: SocketAddr = handle
+            .address
+            .as_deref()
+            .expect("address")
+            .parse()
+            .expect("an ip:port");
+        assert!(!address.ip().is_loopback(), "{address}");
+        assert_eq!(address.port(), 8080);
+        assert!(answered.is_some_and(|r| r.is_ok()), "{address} never answered");
+        assert!(
+            published.is_none_or(|b| b.values().all(Option::is_none)),
+            "nothing is published on the host"
+        );
+
+        let missing = DockerDriverConfig {
+            network: Some(format!("{network}-missing")),
+            ..Default::default()
+        };
+        let err = DockerDriver::connect(missing)
+            .await
+            .expect_err("no such network");
+        assert!(err.to_string().contains("does not exist"), "{err}");
     }
 
     #[tokio::test]
