@@ -226,6 +226,27 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// A cluster whose daemon runs elsewhere (in a container, say) at `addr`:
+    /// the CLI helpers and waits work against it; nothing is started here, and
+    /// dropping it stops nothing but the event feed.
+    pub fn attach(addr: SocketAddr) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("skymirror-e2e-")
+            .tempdir()?;
+        Ok(Cluster {
+            bins: Bins::locate()?,
+            dir,
+            addr,
+            token: String::new(),
+            marker: random_marker(),
+            daemon: None,
+            agents: BTreeMap::new(),
+            relays: BTreeMap::new(),
+            edges: Vec::new(),
+            events: None,
+        })
+    }
+
     /// The environment marker of this cluster's processes (see [`MARKER_VAR`]).
     pub fn marker(&self) -> &str {
         &self.marker
@@ -803,6 +824,56 @@ pub fn alive(pid: u32) -> bool {
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
+}
+
+/// Runs the docker CLI and returns its stdout, failing with its stderr.
+pub fn docker(args: &[&str]) -> Result<String> {
+    let out = Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running docker")?;
+    if !out.status.success() {
+        bail!(
+            "`docker {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Whether the Docker engine answers and has `images` (built by
+/// tests/scripts/build-test-images.sh). When not, `Ok(false)`: the test skips
+/// with a message, unless CI=true, where this is an error and the test fails.
+pub fn docker_images_ready(test: &str, images: &[&str]) -> Result<bool> {
+    let reason = match Command::new("docker")
+        .args(["image", "inspect"])
+        .args(images)
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(out) if out.status.success() => return Ok(true),
+        Ok(out) => String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .next()
+            .unwrap_or("docker image inspect failed")
+            .to_string(),
+        Err(e) => format!("cannot run docker: {e}"),
+    };
+    let message = format!(
+        "{test}: Docker or the test images are missing ({reason}); build them with tests/scripts/build-test-images.sh"
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        bail!("{message}");
+    }
+    eprintln!("skipping {message}");
+    Ok(false)
+}
+
+/// A short id unique to this test run, for names on the shared Docker engine.
+pub fn unique_id() -> String {
+    random_marker().replace('-', "").chars().take(8).collect()
 }
 
 /// A free loopback port (bound and released; fine for tests on one machine).

@@ -10,60 +10,17 @@
 //! when it ends, even by failing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
-use skymirror_tests::{Cluster, http_get};
+use skymirror_tests::{Cluster, docker, docker_images_ready, http_get, unique_id};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// The test image and the same image under another tag.
 const IMAGE: &str = "skymirror-example:test";
 const IMAGE2: &str = "skymirror-example:test2";
-
-/// Whether the engine and the test images are there; when they are not, `Ok(false)`
-/// (skip) or, with CI=true, an error.
-fn docker_ready(test: &str) -> Result<bool> {
-    let reason = match Command::new("docker")
-        .args(["image", "inspect", IMAGE, IMAGE2])
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(out) if out.status.success() => return Ok(true),
-        Ok(out) => String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .next()
-            .unwrap_or("docker image inspect failed")
-            .to_string(),
-        Err(e) => format!("cannot run docker: {e}"),
-    };
-    let message = format!(
-        "{test}: Docker or the test images are missing ({reason}); build them with tests/scripts/build-test-images.sh"
-    );
-    if std::env::var("CI").as_deref() == Ok("true") {
-        bail!("{message}");
-    }
-    eprintln!("skipping {message}");
-    Ok(false)
-}
-
-/// Runs the docker CLI and returns its stdout, failing with its stderr.
-fn docker(args: &[&str]) -> Result<String> {
-    let out = Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running docker")?;
-    if !out.status.success() {
-        bail!(
-            "`docker {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
-}
 
 /// Full ids of every container of `provider`, running or not.
 fn containers(provider: &str) -> Result<BTreeSet<String>> {
@@ -85,10 +42,7 @@ fn labels_and_image(id: &str) -> Result<(BTreeMap<String, String>, String)> {
 /// Provider names of this test run: Docker is shared by everything on the
 /// machine, so they must not collide with another run's.
 fn unique_providers(n: usize) -> Vec<String> {
-    let id = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
-        .map(|s| s.trim().replace('-', ""))
-        .unwrap_or_else(|_| format!("{:x}", std::process::id()));
-    let id: String = id.chars().take(8).collect();
+    let id = unique_id();
     (0..n)
         .map(|i| format!("dk-{id}-{}", char::from(b'a' + i as u8)))
         .collect()
@@ -224,7 +178,10 @@ fn wait_containers(c: &mut Cluster, providers: &[String], want: &BTreeSet<String
 
 #[test]
 fn docker_apply_scale_replace_adopt_and_delete() -> Result<()> {
-    if !docker_ready("docker_apply_scale_replace_adopt_and_delete")? {
+    if !docker_images_ready(
+        "docker_apply_scale_replace_adopt_and_delete",
+        &[IMAGE, IMAGE2],
+    )? {
         return Ok(());
     }
     let mut c = Cluster::start()?;
@@ -363,7 +320,10 @@ fn docker_apply_scale_replace_adopt_and_delete() -> Result<()> {
 
 #[test]
 fn docker_image_that_cannot_be_pulled_fails_only_its_app() -> Result<()> {
-    if !docker_ready("docker_image_that_cannot_be_pulled_fails_only_its_app")? {
+    if !docker_images_ready(
+        "docker_image_that_cannot_be_pulled_fails_only_its_app",
+        &[IMAGE, IMAGE2],
+    )? {
         return Ok(());
     }
     let mut c = Cluster::start()?;

@@ -262,12 +262,7 @@ impl DockerDriver {
     }
 
     /// The container's address on `network`.
-    async fn network_ip(
-        &self,
-        id: &str,
-        name: &str,
-        network: &str,
-    ) -> Result<IpAddr, DriverError> {
+    async fn network_ip(&self, id: &str, name: &str, network: &str) -> Result<IpAddr, DriverError> {
         let inspected = self
             .docker
             .inspect_container(id, None)
@@ -279,9 +274,11 @@ impl DockerDriver {
             .unwrap_or_default();
         // Keyed by name; a network given by id matches its endpoint's id.
         let endpoint = networks.get(network).or_else(|| {
-            networks
-                .values()
-                .find(|e| e.network_id.as_deref().is_some_and(|n| n.starts_with(network)))
+            networks.values().find(|e| {
+                e.network_id
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with(network))
+            })
         });
         let ip = endpoint
             .and_then(|e| e.ip_address.as_deref())
@@ -1208,7 +1205,10 @@ mod tests {
         let _ = driver.docker.remove_network(&network).await;
 
         let handle = started.expect("start on the network");
-        assert_eq!(handle.ports["http"], 8080, "the container port, not a host port");
+        assert_eq!(
+            handle.ports["http"], 8080,
+            "the container port, not a host port"
+        );
         let address: SocketAddr = handle
             .address
             .as_deref()
@@ -1217,7 +1217,10 @@ mod tests {
             .expect("an ip:port");
         assert!(!address.ip().is_loopback(), "{address}");
         assert_eq!(address.port(), 8080);
-        assert!(answered.is_some_and(|r| r.is_ok()), "{address} never answered");
+        assert!(
+            answered.is_some_and(|r| r.is_ok()),
+            "{address} never answered"
+        );
         assert!(
             published.is_none_or(|b| b.values().all(Option::is_none)),
             "nothing is published on the host"
