@@ -23,7 +23,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::convert::{DesiredApp, DesiredSet};
-use crate::driver::{Driver, DriverError, Handle, Inspection, ReplicaKey, ReplicaSpec};
+use crate::driver::{
+    Driver, DriverError, Handle, Inspection, ReplicaKey, ReplicaSpec, RuntimeHealth,
+};
 use crate::health::{Health, HealthSpec, HealthTracker, probe_once};
 use crate::state::{PersistedReplica, StateDir};
 
@@ -210,6 +212,9 @@ struct Replica {
     /// Bumped per driver operation; results of older operations are ignored.
     op: u64,
     health: Option<HealthTracker>,
+    /// The runtime's own verdict (an image's HEALTHCHECK), from the last
+    /// inspection; `None` when the runtime has no check of its own.
+    runtime_health: Option<RuntimeHealth>,
     probe: Option<CancellationToken>,
     restarts: u32,
     crashes_in_row: u32,
@@ -228,6 +233,7 @@ impl Replica {
             phase: Phase::Starting,
             op: 0,
             health: None,
+            runtime_health: None,
             probe: None,
             restarts: 0,
             crashes_in_row: 0,
@@ -239,11 +245,37 @@ impl Replica {
     }
 
     fn ready(&self, has_check: bool) -> bool {
-        self.phase == Phase::Running
-            && match &self.health {
-                Some(t) => t.state() == Health::Healthy,
-                None => !has_check,
-            }
+        matches!(
+            self.running_state(has_check),
+            pb::ReplicaState::Healthy | pb::ReplicaState::Running
+        )
+    }
+
+    /// The reported state of a replica, from its phase and both health
+    /// verdicts: the app's check (`has_check`: the app has one) and the
+    /// runtime's own. Either one failing makes it unhealthy; either one not
+    /// passed yet keeps it starting.
+    fn running_state(&self, has_check: bool) -> pb::ReplicaState {
+        let app = self.health.as_ref().map(HealthTracker::state);
+        match self.phase {
+            Phase::Starting => pb::ReplicaState::Starting,
+            Phase::Backoff { .. } => pb::ReplicaState::Backoff,
+            Phase::Failed { .. } => pb::ReplicaState::Failed,
+            Phase::Stopping { .. } => pb::ReplicaState::Stopping,
+            Phase::Running => match (app, self.runtime_health) {
+                (Some(Health::Unhealthy), _) | (_, Some(RuntimeHealth::Unhealthy)) => {
+                    pb::ReplicaState::Unhealthy
+                }
+                (Some(Health::Unknown), _) | (_, Some(RuntimeHealth::Starting)) => {
+                    pb::ReplicaState::Starting
+                }
+                (None, _) if has_check => pb::ReplicaState::Starting,
+                (Some(Health::Healthy), _) | (None, Some(RuntimeHealth::Healthy)) => {
+                    pb::ReplicaState::Healthy
+                }
+                (None, None) => pb::ReplicaState::Running,
+            },
+        }
     }
 
     fn stop_probe(&mut self) {
@@ -461,9 +493,10 @@ impl<D: Driver> Supervisor<D> {
             let mut r = Replica::new(p.generation, p.workload_generation);
             r.restarts = p.restarts;
             match sup.driver.recover(&p.handle).await {
-                Ok(Inspection::Running) => {
+                Ok(Inspection::Running { health }) => {
                     tracing::info!(replica = %p.key, instance = %p.handle.instance_id, "adopted running replica");
                     r.phase = Phase::Running;
+                    r.runtime_health = health;
                     r.started_at = Some(Instant::now());
                     r.message = "adopted after agent restart".into();
                     r.handle = Some(p.handle);
@@ -654,6 +687,7 @@ impl<D: Driver> Supervisor<D> {
                         until: Instant::now(),
                     };
                     r.health = None;
+                    r.runtime_health = None;
                     r.message = "replacing with a new workload".into();
                 } else {
                     self.replicas.remove(&key);
@@ -717,7 +751,21 @@ impl<D: Driver> Supervisor<D> {
                 continue;
             };
             match inspection {
-                Inspection::Running => {
+                Inspection::Running { health } => {
+                    if health != r.runtime_health {
+                        tracing::info!(replica = %key, health = ?health, "the runtime's own health check changed");
+                        r.message = match health {
+                            Some(RuntimeHealth::Unhealthy) => {
+                                "the image's HEALTHCHECK reports unhealthy".to_string()
+                            }
+                            Some(RuntimeHealth::Starting) => {
+                                "the image's HEALTHCHECK has not passed yet".to_string()
+                            }
+                            _ => String::new(),
+                        };
+                        r.runtime_health = health;
+                        changed = true;
+                    }
                     if r.crashes_in_row > 0
                         && r.started_at
                             .is_some_and(|s| now.duration_since(s) >= min_run)
@@ -729,6 +777,7 @@ impl<D: Driver> Supervisor<D> {
                 Inspection::Exited { code, signal } => {
                     r.stop_probe();
                     r.health = None;
+                    r.runtime_health = None;
                     let ran = r
                         .started_at
                         .map_or(Duration::ZERO, |s| now.duration_since(s));
@@ -843,6 +892,7 @@ impl<D: Driver> Supervisor<D> {
         r.generation = d.generation;
         r.workload_generation = d.workload_generation;
         r.health = None;
+        r.runtime_health = None;
         let spec = ReplicaSpec {
             key: key.clone(),
             provider: self.provider.clone(),
@@ -952,19 +1002,7 @@ impl<D: Driver> Supervisor<D> {
             .as_ref()
             .and_then(|d| d.apps.get(&key.app))
             .is_some_and(|d| d.health.is_some());
-        let state = match r.phase {
-            Phase::Starting => pb::ReplicaState::Starting,
-            Phase::Running => match r.health.as_ref().map(HealthTracker::state) {
-                Some(Health::Healthy) => pb::ReplicaState::Healthy,
-                Some(Health::Unhealthy) => pb::ReplicaState::Unhealthy,
-                Some(Health::Unknown) => pb::ReplicaState::Starting,
-                None if has_check => pb::ReplicaState::Starting,
-                None => pb::ReplicaState::Running,
-            },
-            Phase::Backoff { .. } => pb::ReplicaState::Backoff,
-            Phase::Failed { .. } => pb::ReplicaState::Failed,
-            Phase::Stopping { .. } => pb::ReplicaState::Stopping,
-        };
+        let state = r.running_state(has_check);
         let h = r.handle.as_ref();
         pb::ReplicaStatus {
             app: key.app.clone(),
@@ -1101,6 +1139,79 @@ mod tests {
                 singleton: false,
             },
         )
+    }
+
+    #[test]
+    fn both_health_verdicts_decide_the_state_and_readiness() {
+        use pb::ReplicaState as S;
+        let spec = HealthSpec {
+            probe: crate::health::Probe::Tcp {
+                port: "http".into(),
+            },
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            failure_threshold: 1,
+            success_threshold: 1,
+        };
+        let tracker = |result: Option<bool>| {
+            let mut t = HealthTracker::new(&spec);
+            if let Some(ok) = result {
+                t.record(ok);
+            }
+            t
+        };
+        let replica = |app: Option<Option<bool>>, runtime: Option<RuntimeHealth>| {
+            let mut r = Replica::new(1, 1);
+            r.phase = Phase::Running;
+            r.health = app.map(tracker);
+            r.runtime_health = runtime;
+            r
+        };
+        // (app check: None = the app has none, Some(None) = no result yet;
+        //  the runtime's verdict) -> (state, ready)
+        let cases = [
+            (None, None, S::Running, true),
+            (None, Some(RuntimeHealth::Starting), S::Starting, false),
+            (None, Some(RuntimeHealth::Healthy), S::Healthy, true),
+            (None, Some(RuntimeHealth::Unhealthy), S::Unhealthy, false),
+            (Some(None), None, S::Starting, false),
+            (Some(Some(true)), None, S::Healthy, true),
+            (Some(Some(false)), None, S::Unhealthy, false),
+            (
+                Some(Some(true)),
+                Some(RuntimeHealth::Healthy),
+                S::Healthy,
+                true,
+            ),
+            (
+                Some(Some(true)),
+                Some(RuntimeHealth::Starting),
+                S::Starting,
+                false,
+            ),
+            (
+                Some(Some(true)),
+                Some(RuntimeHealth::Unhealthy),
+                S::Unhealthy,
+                false,
+            ),
+            (
+                Some(Some(false)),
+                Some(RuntimeHealth::Healthy),
+                S::Unhealthy,
+                false,
+            ),
+        ];
+        for (app, runtime, state, ready) in cases {
+            let has_check = app.is_some();
+            let r = replica(app, runtime);
+            assert_eq!(r.running_state(has_check), state, "{app:?} {runtime:?}");
+            assert_eq!(r.ready(has_check), ready, "{app:?} {runtime:?}");
+        }
+        // An app with a check whose tracker is not set up yet is starting.
+        let r = replica(None, Some(RuntimeHealth::Healthy));
+        assert_eq!(r.running_state(true), S::Starting);
+        assert!(!r.ready(true));
     }
 
     fn key(app: &str, index: u32) -> ReplicaKey {

@@ -372,3 +372,54 @@ fn docker_image_that_cannot_be_pulled_fails_only_its_app() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn docker_image_healthcheck_decides_readiness_with_the_apps_check() -> Result<()> {
+    const PASSING: &str = "skymirror-example:test-healthcheck-passing";
+    const FAILING: &str = "skymirror-example:test-healthcheck-failing";
+    if !docker_images_ready(
+        "docker_image_healthcheck_decides_readiness_with_the_apps_check",
+        &[PASSING, FAILING],
+    )? {
+        return Ok(());
+    }
+    let mut c = Cluster::start()?;
+    let mut agents = DockerAgents::default();
+    let providers = unique_providers(1);
+    let provider = providers[0].as_str();
+    c.apply_ok("providers.yaml", &providers_yaml(&providers))?;
+    agents.start(&c, provider)?;
+    wait_up(&mut c, &providers)?;
+
+    // Both apps have their own HTTP check, which passes: the image's verdict
+    // decides.
+    c.apply_ok("passing.yaml", &app_yaml("passing", PASSING, 1))?;
+    c.apply_ok("failing.yaml", &app_yaml("failing", FAILING, 1))?;
+    c.wait_ready("passing", &[provider], 1, 1, WAIT)?;
+    let failing = c.wait_until("the replica of failing to be unhealthy", WAIT, |c| {
+        Ok(c.replicas()?
+            .into_iter()
+            .find(|r| r["app"] == "failing" && r["state"] == "unhealthy"))
+    })?;
+    let message = failing["message"].as_str().unwrap_or_default();
+    ensure!(
+        failing["ready"] == false && message.contains("HEALTHCHECK reports unhealthy"),
+        "failing: {failing:?}"
+    );
+    // It answers the app's own check: only the image's verdict holds it back,
+    // and it keeps running (the agent does not restart unhealthy replicas).
+    let addr = failing["address"].as_str().context("address")?;
+    let (status, _) = http_get(addr, "/healthz", Duration::from_secs(2))?;
+    ensure!(status == 200, "{addr}/healthz answered {status}");
+    std::thread::sleep(Duration::from_secs(1));
+    let again = c
+        .replicas()?
+        .into_iter()
+        .find(|r| r["app"] == "failing")
+        .context("the replica of failing")?;
+    ensure!(
+        again["instanceId"] == failing["instanceId"] && again["ready"] == false,
+        "failing changed: {again:?}"
+    );
+    Ok(())
+}

@@ -57,7 +57,9 @@ use bollard::query_parameters::{
 use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt;
 
-use super::{Capabilities, Driver, DriverError, Handle, Inspection, ReplicaKey, ReplicaSpec};
+use super::{
+    Capabilities, Driver, DriverError, Handle, Inspection, ReplicaKey, ReplicaSpec, RuntimeHealth,
+};
 
 /// Driver kind stored in every handle this driver makes.
 const KIND: &str = "docker";
@@ -719,12 +721,9 @@ fn container_name(provider: &str, key: &ReplicaKey) -> Result<String, DriverErro
     }
 }
 
-/// What a container's state means to the supervisor.
-///
-/// The image's own HEALTHCHECK does not decide anything here: readiness is the
-/// agent's health checks' to judge, and an `unhealthy` container still runs.
-/// To let it feed in later, `Inspection::Running` could carry the Docker health
-/// status and the supervisor's `HealthTracker` take it as one more probe result.
+/// What a container's state means to the supervisor. A running container's
+/// HEALTHCHECK status, when its image has one, comes along as the runtime's
+/// own verdict; an `unhealthy` container still runs (the supervisor decides).
 fn inspection_of(state: Option<&ContainerState>, name: &str) -> Inspection {
     let Some(state) = state else {
         return Inspection::Exited {
@@ -743,10 +742,17 @@ fn inspection_of(state: Option<&ContainerState>, name: &str) -> Inspection {
         None => state.running == Some(true),
     };
     if running {
-        if state.health.as_ref().and_then(|h| h.status) == Some(HealthStatusEnum::UNHEALTHY) {
-            tracing::debug!(container = %name, "the image's HEALTHCHECK reports unhealthy");
-        }
-        return Inspection::Running;
+        let health = match state.health.as_ref().and_then(|h| h.status) {
+            Some(HealthStatusEnum::STARTING) => Some(RuntimeHealth::Starting),
+            Some(HealthStatusEnum::HEALTHY) => Some(RuntimeHealth::Healthy),
+            Some(HealthStatusEnum::UNHEALTHY) => {
+                tracing::debug!(container = %name, "the image's HEALTHCHECK reports unhealthy");
+                Some(RuntimeHealth::Unhealthy)
+            }
+            // `none` (no HEALTHCHECK, or disabled) and an empty status.
+            _ => None,
+        };
+        return Inspection::Running { health };
     }
     let finished = matches!(
         state.status,
@@ -952,7 +958,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let inspection = driver.inspect(handle).await.expect("inspect");
-            if inspection != Inspection::Running {
+            if !matches!(inspection, Inspection::Running { .. }) {
                 return inspection;
             }
             assert!(Instant::now() < deadline, "container did not exit");
@@ -976,16 +982,28 @@ mod tests {
         use ContainerStateStatusEnum as S;
         assert_eq!(
             inspection_of(Some(&state(S::RUNNING, 0, None)), "c"),
-            Inspection::Running
+            Inspection::RUNNING
         );
         assert_eq!(
             inspection_of(
                 Some(&state(S::RUNNING, 0, Some(HealthStatusEnum::UNHEALTHY))),
                 "c"
             ),
-            Inspection::Running,
-            "the image's HEALTHCHECK does not stop a running container from running"
+            Inspection::Running {
+                health: Some(RuntimeHealth::Unhealthy)
+            },
+            "an unhealthy container still runs, with the image's verdict"
         );
+        for (status, verdict) in [
+            (HealthStatusEnum::STARTING, Some(RuntimeHealth::Starting)),
+            (HealthStatusEnum::HEALTHY, Some(RuntimeHealth::Healthy)),
+            (HealthStatusEnum::NONE, None),
+        ] {
+            assert_eq!(
+                inspection_of(Some(&state(S::RUNNING, 0, Some(status))), "c"),
+                Inspection::Running { health: verdict }
+            );
+        }
         assert_eq!(
             inspection_of(Some(&state(S::EXITED, 3, None)), "c"),
             exited(Some(3))
@@ -1063,7 +1081,7 @@ mod tests {
         assert_eq!(handle.address, Some(format!("127.0.0.1:{port}")));
         assert_eq!(
             driver.inspect(&handle).await.expect("inspect"),
-            Inspection::Running
+            Inspection::RUNNING
         );
 
         // It answers its health check at the reported address, as itself.
@@ -1237,6 +1255,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_images_own_healthcheck_comes_with_the_inspection() {
+        let Some((driver, provider, _cleanup)) = setup("healthcheck").await else {
+            return;
+        };
+        for (tag, verdict) in [
+            ("test-healthcheck-failing", RuntimeHealth::Unhealthy),
+            ("test-healthcheck-passing", RuntimeHealth::Healthy),
+        ] {
+            let image = format!("skymirror-example:{tag}");
+            let app = tag.replace("test-", "");
+            let handle = driver
+                .start(&spec(&provider, &app, workload(&image, None, &[])))
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("start {image}: {e} (built by tests/scripts/build-test-images.sh)")
+                });
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let inspection = driver.inspect(&handle).await.expect("inspect");
+                if inspection
+                    == (Inspection::Running {
+                        health: Some(verdict),
+                    })
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{image}: still {inspection:?}, want {verdict:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            driver.destroy(&handle).await.expect("destroy");
+        }
+    }
+
+    #[tokio::test]
     async fn a_fresh_driver_recovers_the_same_container_and_execs() {
         let Some((first, provider, _cleanup)) = setup("recover").await else {
             return;
@@ -1254,7 +1309,7 @@ mod tests {
         let handle: Handle = serde_json::from_str(&persisted).expect("load");
         assert_eq!(
             second.recover(&handle).await.expect("recover"),
-            Inspection::Running
+            Inspection::RUNNING
         );
         let listed = second.list_instances(&provider).await.expect("list");
         assert_eq!(

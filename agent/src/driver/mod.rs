@@ -108,7 +108,11 @@ pub struct Handle {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inspection {
     /// The instance is running.
-    Running,
+    Running {
+        /// The runtime's own verdict on the instance's health (a container
+        /// image's HEALTHCHECK), when it has one; `None` when it has none.
+        health: Option<RuntimeHealth>,
+    },
     /// The instance exited; the status is known only for instances the driver
     /// itself saw exit.
     Exited {
@@ -117,6 +121,24 @@ pub enum Inspection {
         /// Signal that ended it, if known.
         signal: Option<i32>,
     },
+}
+
+impl Inspection {
+    /// Running, with no verdict of the runtime's own.
+    pub const RUNNING: Inspection = Inspection::Running { health: None };
+}
+
+/// A runtime's own health verdict on an instance (Docker's HEALTHCHECK
+/// states). The supervisor combines it with the app's health check: a replica
+/// is ready only when neither says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeHealth {
+    /// Checks have not passed yet (Docker's `starting`, the start period).
+    Starting,
+    /// The runtime's checks pass.
+    Healthy,
+    /// The runtime's checks fail.
+    Unhealthy,
 }
 
 /// Optional features of a driver.

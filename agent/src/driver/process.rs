@@ -177,12 +177,12 @@ impl ProcessDriver {
                     code: status.code(),
                     signal: status.signal(),
                 },
-                None => Inspection::Running,
+                None => Inspection::RUNNING,
             };
         }
         match read_stat(data.pid) {
             Ok(stat) if stat.start_time == data.start_time && !matches!(stat.state, 'Z' | 'X') => {
-                Inspection::Running
+                Inspection::RUNNING
             }
             _ => Inspection::Exited {
                 code: None,
@@ -668,7 +668,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let inspection = driver.inspect(handle).await.expect("inspect");
-            if inspection != Inspection::Running {
+            if inspection != Inspection::RUNNING {
                 return inspection;
             }
             assert!(Instant::now() < deadline, "replica did not exit");
@@ -716,7 +716,7 @@ mod tests {
         assert_eq!(stat.pgrp, pid as i32, "own process group");
         assert_eq!(
             driver.inspect(&handle).await.expect("inspect"),
-            Inspection::Running
+            Inspection::RUNNING
         );
 
         driver
@@ -908,7 +908,7 @@ mod tests {
         }
         assert_eq!(
             driver.inspect(&handle).await.expect("inspect"),
-            Inspection::Running
+            Inspection::RUNNING
         );
         driver
             .stop(&handle, Duration::from_secs(5))
@@ -928,7 +928,7 @@ mod tests {
         let handle: Handle = serde_json::from_str(&persisted).expect("load");
         assert_eq!(
             second.recover(&handle).await.expect("recover"),
-            Inspection::Running
+            Inspection::RUNNING
         );
         assert_eq!(
             second

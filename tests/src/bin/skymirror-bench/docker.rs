@@ -1,6 +1,8 @@
 //! `docker`: time from `apply` to every replica healthy with the docker
 //! driver, for 1, 10 and 50 replicas on one host, against the engine's own
-//! `docker run` of the same image measured in the same run.
+//! `docker run` of the same image measured in the same run. Each count is
+//! measured `--rounds` times, baseline and skymirror alternating, and the
+//! medians are compared: one round on a shared machine is noise.
 //!
 //! Containers do not inherit the cluster's marker variable, so everything this
 //! benchmark creates carries a label of its own (baseline containers
@@ -8,11 +10,11 @@
 //! [`Containers`] removes them by label when the benchmark ends, even by failing.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use skymirror_tests::{Cluster, http_get};
+use skymirror_tests::{Cluster, docker as docker_cli, http_get, unique_id};
 
 use crate::{free_ports, missed, profile, secs};
 
@@ -32,17 +34,37 @@ pub(crate) struct DockerArgs {
     /// Replica counts to measure, one after the other.
     #[arg(long, value_delimiter = ',', default_values_t = [1u32, 10, 50])]
     replicas: Vec<u32>,
+    /// Rounds per replica count (baseline and skymirror each time).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
     /// Longest wait for everything to be healthy (or gone), seconds, per step.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
 }
 
-/// Figures for one replica count.
+/// Figures for one replica count, one entry per round.
 #[derive(Debug)]
 struct Row {
     replicas: u32,
-    baseline: Duration,
-    skymirror: Duration,
+    baseline: Vec<Duration>,
+    skymirror: Vec<Duration>,
+}
+
+/// The median of `times` (the lower middle one of an even count).
+fn median(times: &[Duration]) -> Duration {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    sorted
+        .get(sorted.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or_default()
+}
+
+/// `min–max` of `times`, in seconds.
+fn range(times: &[Duration]) -> String {
+    let min = times.iter().min().copied().unwrap_or_default();
+    let max = times.iter().max().copied().unwrap_or_default();
+    format!("{:.2}–{:.2}", min.as_secs_f64(), max.as_secs_f64())
 }
 
 pub(crate) fn docker(args: &DockerArgs) -> Result<()> {
@@ -52,7 +74,7 @@ pub(crate) fn docker(args: &DockerArgs) -> Result<()> {
         );
     }
     let timeout = Duration::from_secs(args.timeout_secs);
-    let run = run_id();
+    let run = unique_id();
     let provider = format!("bench-{run}");
     let mut cluster = Cluster::start()?;
     // Declared after the cluster so it drops first: the agent is gone before
@@ -75,38 +97,48 @@ pub(crate) fn docker(args: &DockerArgs) -> Result<()> {
 
     let mut rows = Vec::new();
     for &n in &args.replicas {
-        let baseline = baseline(&run, n, timeout).with_context(|| format!("baseline, {n}"))?;
-        println!(
-            "{n} replicas: docker run -> all healthy in {}",
-            secs(baseline)
-        );
-        let skymirror = skymirror(&mut cluster, &provider, n, timeout)
-            .with_context(|| format!("skymirror, {n} replicas"))?;
-        println!("{n} replicas: apply -> all ready in {}", secs(skymirror));
-        rows.push(Row {
+        let mut row = Row {
             replicas: n,
-            baseline,
-            skymirror,
-        });
+            baseline: Vec::new(),
+            skymirror: Vec::new(),
+        };
+        for round in 1..=args.rounds.max(1) {
+            let baseline = baseline(&run, n, timeout)
+                .with_context(|| format!("baseline, {n} replicas, round {round}"))?;
+            let skymirror = skymirror(&mut cluster, &provider, n, timeout)
+                .with_context(|| format!("skymirror, {n} replicas, round {round}"))?;
+            println!(
+                "{n} replicas, round {round}: docker run -> all healthy in {}; apply -> all ready in {}",
+                secs(baseline),
+                secs(skymirror)
+            );
+            row.baseline.push(baseline);
+            row.skymirror.push(skymirror);
+        }
+        rows.push(row);
     }
 
     println!();
     println!(
-        "docker benchmark ({} build), image {IMAGE}, one host, provider {provider}:",
-        profile(&cluster.bins)
+        "docker benchmark ({} build), image {IMAGE}, one host, provider {provider}, {} rounds (median, min–max in s):",
+        profile(&cluster.bins),
+        args.rounds.max(1)
     );
     println!(
-        "{:>8}  {:>9}  {:>9}  {:>9}  {:>8}",
-        "replicas", "baseline", "skymirror", "overhead", "overhead"
+        "{:>8}  {:>9}  {:>11}  {:>9}  {:>11}  {:>9}  {:>8}",
+        "replicas", "baseline", "", "skymirror", "", "overhead", "overhead"
     );
     for r in &rows {
-        let overhead = r.skymirror.as_secs_f64() - r.baseline.as_secs_f64();
-        let pct = overhead / r.baseline.as_secs_f64().max(1e-9) * 100.0;
+        let (baseline, skymirror) = (median(&r.baseline), median(&r.skymirror));
+        let overhead = skymirror.as_secs_f64() - baseline.as_secs_f64();
+        let pct = overhead / baseline.as_secs_f64().max(1e-9) * 100.0;
         println!(
-            "{:>8}  {:>9}  {:>9}  {:>7.2} s  {:>7.1}% (target < {OVERHEAD_TARGET_PCT:.0}%){}",
+            "{:>8}  {:>9}  {:>11}  {:>9}  {:>11}  {:>7.2} s  {:>7.1}% (target < {OVERHEAD_TARGET_PCT:.0}%){}",
             r.replicas,
-            secs(r.baseline),
-            secs(r.skymirror),
+            secs(baseline),
+            range(&r.baseline),
+            secs(skymirror),
+            range(&r.skymirror),
             overhead,
             pct,
             missed(pct >= OVERHEAD_TARGET_PCT)
@@ -263,32 +295,4 @@ fn remove_labelled(label: &str) {
         args.extend(ids.iter().map(String::as_str));
         let _ = docker_cli(&args);
     }
-}
-
-/// Runs the docker CLI and returns its stdout, failing with its stderr.
-fn docker_cli(args: &[&str]) -> Result<String> {
-    let out = Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running docker")?;
-    if !out.status.success() {
-        bail!(
-            "`docker {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
-}
-
-/// A short id of this run: Docker is shared by everything on the machine, so
-/// container names and labels must not collide with another run's.
-fn run_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
-        .map(|s| s.trim().replace('-', ""))
-        .unwrap_or_else(|_| format!("{:x}", std::process::id()))
-        .chars()
-        .take(8)
-        .collect()
 }
