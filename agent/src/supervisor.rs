@@ -285,6 +285,10 @@ impl Replica {
     }
 }
 
+/// First retry of a replica's health probe while it starts; retries double
+/// up to [`SupervisorConfig::startup_probe_interval`].
+const FIRST_STARTUP_PROBE: Duration = Duration::from_millis(10);
+
 /// Inputs of the supervisor loop.
 #[derive(Debug)]
 pub enum Input {
@@ -304,6 +308,9 @@ pub enum Input {
         op: u64,
         result: Result<(), String>,
     },
+    /// An inspection pass finished: what each running instance looked like,
+    /// with the operation it was inspected under.
+    Inspected(Vec<(ReplicaKey, u64, Inspection)>),
 }
 
 /// What [`plan`] decides for one pass.
@@ -432,6 +439,9 @@ pub struct Supervisor<D: Driver> {
     saved_lease: Option<Instant>,
     /// Handles changed since the last save.
     dirty: bool,
+    /// An inspection pass is in flight; ticks meanwhile start none, so passes
+    /// never overlap.
+    inspecting: bool,
 }
 
 impl<D: Driver> std::fmt::Debug for Supervisor<D> {
@@ -488,6 +498,7 @@ impl<D: Driver> Supervisor<D> {
             lease: lease.clone(),
             saved_lease: None,
             dirty: false,
+            inspecting: false,
         };
         for p in sup.state.load_replicas()? {
             let mut r = Replica::new(p.generation, p.workload_generation);
@@ -563,7 +574,10 @@ impl<D: Driver> Supervisor<D> {
                     }
                     changed
                 }
-                _ = tick.tick() => self.inspect().await,
+                _ = tick.tick() => {
+                    self.start_inspection();
+                    false
+                }
             };
             changed |= self.converge();
             if changed {
@@ -695,6 +709,7 @@ impl<D: Driver> Supervisor<D> {
                 self.dirty = true;
                 true
             }
+            Input::Inspected(seen) => self.inspected(seen),
             Input::Probe { key, op, result } => {
                 let Some(r) = self
                     .replicas
@@ -723,31 +738,52 @@ impl<D: Driver> Supervisor<D> {
         }
     }
 
-    /// Looks at every running instance; an exit is a crash (stops we asked for
-    /// are in `Stopping` and not inspected).
-    async fn inspect(&mut self) -> bool {
-        let now = Instant::now();
-        let mut changed = false;
-        let keys: Vec<ReplicaKey> = self
+    /// Inspects every running instance in a task of its own, one after the
+    /// other: the loop never waits on the runtime (inspecting 50 containers
+    /// takes the engine a while), and the runtime gets one request at a time
+    /// besides starts and stops. The results come back as [`Input::Inspected`].
+    fn start_inspection(&mut self) {
+        if self.inspecting {
+            return;
+        }
+        let targets: Vec<(ReplicaKey, u64, Handle)> = self
             .replicas
             .iter()
             .filter(|(_, r)| r.phase == Phase::Running)
-            .map(|(k, _)| k.clone())
+            .filter_map(|(k, r)| Some((k.clone(), r.op, r.handle.clone()?)))
             .collect();
-        for key in keys {
-            let Some(handle) = self.replicas.get(&key).and_then(|r| r.handle.clone()) else {
-                continue;
-            };
-            let inspection = match self.driver.inspect(&handle).await {
-                Ok(i) => i,
-                Err(e) => {
-                    tracing::warn!(replica = %key, error = %e, "inspect failed");
-                    continue;
+        if targets.is_empty() {
+            return;
+        }
+        self.inspecting = true;
+        let (driver, tx) = (self.driver.clone(), self.inbox_tx.clone());
+        tokio::spawn(async move {
+            let mut seen = Vec::with_capacity(targets.len());
+            for (key, op, handle) in targets {
+                match driver.inspect(&handle).await {
+                    Ok(inspection) => seen.push((key, op, inspection)),
+                    Err(e) => tracing::warn!(replica = %key, error = %e, "inspect failed"),
                 }
-            };
+            }
+            let _ = tx.send(Input::Inspected(seen)).await;
+        });
+    }
+
+    /// Takes in an inspection pass; an exit is a crash (stops we asked for are
+    /// in `Stopping` and not inspected). Results for an instance that was
+    /// replaced or stopped meanwhile (another `op`) are stale and ignored.
+    fn inspected(&mut self, seen: Vec<(ReplicaKey, u64, Inspection)>) -> bool {
+        self.inspecting = false;
+        let now = Instant::now();
+        let mut changed = false;
+        for (key, op, inspection) in seen {
             let config = self.config.clone();
             let (min_run, loop_after) = (config.min_run, config.crash_loop_after);
-            let Some(r) = self.replicas.get_mut(&key) else {
+            let Some(r) = self
+                .replicas
+                .get_mut(&key)
+                .filter(|r| r.op == op && r.phase == Phase::Running)
+            else {
                 continue;
             };
             match inspection {
@@ -971,23 +1007,43 @@ impl<D: Driver> Supervisor<D> {
         let fast = self.config.startup_probe_interval.min(spec.interval);
         tokio::spawn(async move {
             let mut passed = false;
+            // Until the first pass, probes start quick and back off to `fast`,
+            // so an app that is up within milliseconds is seen within
+            // milliseconds; failures meanwhile count once per `fast`, as if
+            // probed only then, so the quick retries do not make a starting
+            // replica unhealthy sooner.
+            let mut retry = FIRST_STARTUP_PROBE.min(fast);
+            let mut failure_counted: Option<tokio::time::Instant> = None;
             loop {
                 let result = probe_once(driver.as_ref(), &handle, host, &spec)
                     .await
                     .map_err(|e| e.to_string());
+                let count = passed
+                    || result.is_ok()
+                    || failure_counted.is_none_or(|at| at.elapsed() >= fast);
                 passed |= result.is_ok();
-                if tx
-                    .send(Input::Probe {
-                        key: key.clone(),
-                        op,
-                        result,
-                    })
-                    .await
-                    .is_err()
+                if !passed && count {
+                    failure_counted = Some(tokio::time::Instant::now());
+                }
+                if count
+                    && tx
+                        .send(Input::Probe {
+                            key: key.clone(),
+                            op,
+                            result,
+                        })
+                        .await
+                        .is_err()
                 {
                     return;
                 }
-                let wait = if passed { spec.interval } else { fast };
+                let wait = if passed {
+                    spec.interval
+                } else {
+                    let wait = retry;
+                    retry = retry.saturating_mul(2).min(fast);
+                    wait
+                };
                 tokio::select! {
                     _ = token.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}

@@ -1248,6 +1248,7 @@ impl Daemon {
     /// Runs reconcile passes when woken and on every resync interval until cancelled.
     pub async fn reconcile_loop(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
+            let began = tokio::time::Instant::now();
             let span = tracing::debug_span!("reconcile");
             let _enter = span.enter();
             if let Err(e) = self.reconcile() {
@@ -1260,10 +1261,11 @@ impl Daemon {
                 _ = tokio::time::sleep(self.config.resync_interval) => {}
             }
             // Coalesce bursts (hundreds of status reports while replicas start):
-            // at most one pass per interval; wake-ups meanwhile fold into the next.
+            // at most one pass per interval, wake-ups meanwhile folding into the
+            // next. A wake-up after a quiet spell (an apply) runs at once.
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(MIN_PASS_INTERVAL) => {}
+                _ = tokio::time::sleep_until(began + MIN_PASS_INTERVAL) => {}
             }
         }
     }

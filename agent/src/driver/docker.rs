@@ -341,7 +341,6 @@ impl Driver for DockerDriver {
                 ))
             })?;
         let name = container_name(&spec.provider, key)?;
-        self.remove_stale(&name, spec).await?;
 
         let ports = pick_ports(self.bind_host, workload)?;
         let mut exposed = Vec::with_capacity(ports.len());
@@ -430,7 +429,14 @@ impl Driver for DockerDriver {
             let options = CreateContainerOptionsBuilder::new().name(&name).build();
             self.docker.create_container(Some(options), body.clone())
         };
-        let created = match create().await {
+        let mut created = create().await;
+        // 409: the name is taken, usually by an earlier instance of this
+        // replica. Looking only now saves a round trip on every start.
+        if matches!(&created, Err(e) if status(e) == Some(409)) {
+            self.remove_stale(&name, spec).await?;
+            created = create().await;
+        }
+        let created = match created {
             Err(e) if status(&e) == Some(404) => {
                 self.pull(image).await?;
                 create().await
