@@ -738,10 +738,10 @@ impl<D: Driver> Supervisor<D> {
         }
     }
 
-    /// Inspects every running instance in a task of its own, one after the
-    /// other: the loop never waits on the runtime (inspecting 50 containers
-    /// takes the engine a while), and the runtime gets one request at a time
-    /// besides starts and stops. The results come back as [`Input::Inspected`].
+    /// Inspects every running instance in a task of its own
+    /// ([`Driver::inspect_all`]): the loop never waits on the runtime, and a
+    /// pass puts one request at a time on it besides starts and stops. The
+    /// results come back as [`Input::Inspected`].
     fn start_inspection(&mut self) {
         if self.inspecting {
             return;
@@ -758,9 +758,11 @@ impl<D: Driver> Supervisor<D> {
         self.inspecting = true;
         let (driver, tx) = (self.driver.clone(), self.inbox_tx.clone());
         tokio::spawn(async move {
+            let handles: Vec<Handle> = targets.iter().map(|(_, _, h)| h.clone()).collect();
+            let results = driver.inspect_all(&handles).await;
             let mut seen = Vec::with_capacity(targets.len());
-            for (key, op, handle) in targets {
-                match driver.inspect(&handle).await {
+            for ((key, op, _), result) in targets.into_iter().zip(results) {
+                match result {
                     Ok(inspection) => seen.push((key, op, inspection)),
                     Err(e) => tracing::warn!(replica = %key, error = %e, "inspect failed"),
                 }

@@ -551,6 +551,37 @@ impl Cluster {
         self.events.as_ref().context("event feed")
     }
 
+    /// Starts following the daemon's event stream now (if it is not followed
+    /// yet), so that [`Cluster::wait_events`] sees every event from here on.
+    pub fn follow_events(&mut self) -> Result<()> {
+        self.feed().map(|_| ())
+    }
+
+    /// Reads the event stream until `done` returns true for an event, up to
+    /// `timeout`. Unlike [`Cluster::wait_until`] it runs no CLI per event, for
+    /// measurements that such polling would disturb.
+    pub fn wait_events(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&Value) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("timed out after {timeout:?} waiting for {what}");
+            }
+            match self.feed()?.rx.recv_timeout(left) {
+                Ok(event) if done(&event) => return Ok(()),
+                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("the event stream ended while waiting for {what}")
+                }
+            }
+        }
+    }
+
     /// Waits until `check` returns `Ok(Some(value))`, re-checking on every event
     /// from the daemon and at least once a second, up to `timeout`. `check`
     /// returning `Err` is taken as "not yet" (e.g. the daemon is restarting);

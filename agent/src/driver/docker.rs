@@ -47,7 +47,8 @@ use bollard::Docker;
 use bollard::errors::Error as EngineError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{
-    ContainerCreateBody, ContainerState, ContainerStateStatusEnum, HealthStatusEnum, HostConfig,
+    ContainerCreateBody, ContainerState, ContainerStateStatusEnum, ContainerSummary,
+    ContainerSummaryHealthStatusEnum, ContainerSummaryStateEnum, HealthStatusEnum, HostConfig,
     PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
@@ -533,6 +534,41 @@ impl Driver for DockerDriver {
         self.state(handle).await
     }
 
+    /// One list of the engine's skymirror containers answers for every
+    /// running one; only a container that stopped is inspected on its own,
+    /// for its exit code.
+    async fn inspect_all(&self, handles: &[Handle]) -> Vec<Result<Inspection, DriverError>> {
+        let filters = HashMap::from([("label", vec![format!("{LABEL_MANAGED}=true")])]);
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let listed: HashMap<String, ContainerSummary> =
+            match self.docker.list_containers(Some(options)).await {
+                Ok(containers) => containers
+                    .into_iter()
+                    .filter_map(|c| Some((c.id.clone()?, c)))
+                    .collect(),
+                Err(e) => {
+                    let e = self.engine_error("list containers", &e);
+                    return handles
+                        .iter()
+                        .map(|_| Err(DriverError::Runtime(e.to_string())))
+                        .collect();
+                }
+            };
+        let mut out = Vec::with_capacity(handles.len());
+        for handle in handles {
+            let result = match listed.get(&handle.instance_id).and_then(running_summary) {
+                Some(running) => decode(handle).map(|_| running),
+                // Stopped, or gone (which `state` reads as exited).
+                None => self.state(handle).await,
+            };
+            out.push(result);
+        }
+        out
+    }
+
     async fn stop(&self, handle: &Handle, grace: Duration) -> Result<(), DriverError> {
         let data = decode(handle)?;
         let options = StopContainerOptionsBuilder::new()
@@ -771,6 +807,32 @@ fn inspection_of(state: Option<&ContainerState>, name: &str) -> Inspection {
             .and_then(|c| i32::try_from(c).ok()),
         signal: None,
     }
+}
+
+/// A listed container's inspection if it runs, with its HEALTHCHECK verdict;
+/// `None` if it does not (its exit code needs a full inspection).
+fn running_summary(c: &ContainerSummary) -> Option<Inspection> {
+    use ContainerSummaryStateEnum as S;
+    if !matches!(
+        c.state,
+        Some(S::RUNNING | S::PAUSED | S::RESTARTING | S::STOPPING)
+    ) {
+        return None;
+    }
+    // Engines before API 1.52 give the health only in the status text
+    // ("Up 3 seconds (healthy)").
+    let health = match c.health.as_ref().and_then(|h| h.status) {
+        Some(ContainerSummaryHealthStatusEnum::STARTING) => Some(RuntimeHealth::Starting),
+        Some(ContainerSummaryHealthStatusEnum::HEALTHY) => Some(RuntimeHealth::Healthy),
+        Some(ContainerSummaryHealthStatusEnum::UNHEALTHY) => Some(RuntimeHealth::Unhealthy),
+        _ => match c.status.as_deref() {
+            Some(s) if s.ends_with("(health: starting)") => Some(RuntimeHealth::Starting),
+            Some(s) if s.ends_with("(unhealthy)") => Some(RuntimeHealth::Unhealthy),
+            Some(s) if s.ends_with("(healthy)") => Some(RuntimeHealth::Healthy),
+            _ => None,
+        },
+    };
+    Some(Inspection::Running { health })
 }
 
 /// The reference to pull: Docker pulls *every* tag of a reference without a
@@ -1260,6 +1322,105 @@ mod tests {
         assert!(err.to_string().contains("does not exist"), "{err}");
     }
 
+    #[test]
+    fn a_listed_container_reads_as_running_with_its_health() {
+        use bollard::models::ContainerSummaryHealth;
+        let summary = |state, status: &str, health: Option<ContainerSummaryHealthStatusEnum>| {
+            ContainerSummary {
+                state: Some(state),
+                status: Some(status.to_string()),
+                health: health.map(|status| ContainerSummaryHealth {
+                    status: Some(status),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        };
+        let running = |health| Some(Inspection::Running { health });
+        use ContainerSummaryStateEnum as S;
+        assert_eq!(
+            running_summary(&summary(S::RUNNING, "Up 3 seconds", None)),
+            running(None)
+        );
+        for (text, verdict) in [
+            ("Up 3 seconds (healthy)", RuntimeHealth::Healthy),
+            ("Up 1 second (health: starting)", RuntimeHealth::Starting),
+            ("Up 2 minutes (unhealthy)", RuntimeHealth::Unhealthy),
+        ] {
+            assert_eq!(
+                running_summary(&summary(S::RUNNING, text, None)),
+                running(Some(verdict)),
+                "{text}"
+            );
+        }
+        // Newer engines say it in a field of its own, which wins.
+        assert_eq!(
+            running_summary(&summary(
+                S::RUNNING,
+                "Up 3 seconds (healthy)",
+                Some(ContainerSummaryHealthStatusEnum::UNHEALTHY)
+            )),
+            running(Some(RuntimeHealth::Unhealthy))
+        );
+        // A stopped container needs a full inspection for its exit code.
+        assert_eq!(
+            running_summary(&summary(S::EXITED, "Exited (1) 2 seconds ago", None)),
+            None
+        );
+        assert_eq!(running_summary(&summary(S::CREATED, "Created", None)), None);
+    }
+
+    #[tokio::test]
+    async fn inspecting_many_at_once_agrees_with_one_by_one() {
+        let Some((driver, provider, _cleanup)) = setup("inspect-all").await else {
+            return;
+        };
+        let mut handles = Vec::new();
+        for app in ["runs", "crashes", "removed"] {
+            let extra: &[&str] = if app == "crashes" {
+                &["--exit-code", "3"]
+            } else {
+                &[]
+            };
+            handles.push(
+                driver
+                    .start(&spec(&provider, app, workload(IMAGE, None, extra)))
+                    .await
+                    .expect("start"),
+            );
+        }
+        assert_eq!(
+            wait_exit(&driver, &handles[1]).await,
+            Inspection::Exited {
+                code: Some(3),
+                signal: None
+            }
+        );
+        driver.destroy(&handles[2]).await.expect("destroy");
+
+        let all = driver.inspect_all(&handles).await;
+        let mut one_by_one = Vec::new();
+        for h in &handles {
+            one_by_one.push(driver.inspect(h).await.expect("inspect"));
+        }
+        let all: Vec<Inspection> = all.into_iter().map(|r| r.expect("inspect_all")).collect();
+        assert_eq!(all, one_by_one);
+        assert_eq!(
+            all,
+            vec![
+                Inspection::RUNNING,
+                Inspection::Exited {
+                    code: Some(3),
+                    signal: None
+                },
+                Inspection::Exited {
+                    code: None,
+                    signal: None
+                },
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn the_images_own_healthcheck_comes_with_the_inspection() {
         let Some((driver, provider, _cleanup)) = setup("healthcheck").await else {
@@ -1278,15 +1439,17 @@ mod tests {
                     panic!("start {image}: {e} (built by tests/scripts/build-test-images.sh)")
                 });
             let deadline = Instant::now() + Duration::from_secs(20);
+            let want = Inspection::Running {
+                health: Some(verdict),
+            };
             loop {
-                let inspection = driver.inspect(&handle).await.expect("inspect");
-                if inspection
-                    == (Inspection::Running {
-                        health: Some(verdict),
-                    })
-                {
+                let one = driver.inspect(&handle).await.expect("inspect");
+                let all = driver.inspect_all(std::slice::from_ref(&handle)).await;
+                let listed = all.first().and_then(|r| r.as_ref().ok()).copied();
+                if one == want && listed == Some(want) {
                     break;
                 }
+                let inspection = (one, listed);
                 assert!(
                     Instant::now() < deadline,
                     "{image}: still {inspection:?}, want {verdict:?}"

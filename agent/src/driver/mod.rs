@@ -283,6 +283,23 @@ pub trait Driver: Send + Sync + 'static {
         handle: &Handle,
     ) -> impl Future<Output = Result<Inspection, DriverError>> + Send;
 
+    /// [`Driver::inspect`] of each of `handles`, in order. A runtime that can
+    /// answer for many instances in one request overrides it (the docker
+    /// driver lists its containers once rather than asking the engine about
+    /// each every pass); the default inspects one after the other.
+    fn inspect_all(
+        &self,
+        handles: &[Handle],
+    ) -> impl Future<Output = Vec<Result<Inspection, DriverError>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(handles.len());
+            for handle in handles {
+                out.push(self.inspect(handle).await);
+            }
+            out
+        }
+    }
+
     /// Stops the instance: a polite signal, then a forced kill after `grace`.
     /// Stopping an instance that already exited succeeds.
     fn stop(

@@ -146,7 +146,7 @@ pub(crate) fn docker(args: &DockerArgs) -> Result<()> {
     }
     println!(
         "baseline: `docker run -d` of N containers from N threads until every one answers GET /healthz; \
-skymirror: `apply` of an app with N replicas until `get replicas` shows N ready (health interval 500ms)"
+skymirror: `apply` of an app with N replicas until the event stream has said each is healthy (checked against `get replicas` after)"
     );
     Ok(())
 }
@@ -202,17 +202,35 @@ fn skymirror(cluster: &mut Cluster, provider: &str, n: u32, timeout: Duration) -
     let spec = cluster.write_spec(&format!("{app}.yaml"), &app_yaml(&app, n))?;
     let spec = spec.to_string_lossy().into_owned();
     let want = usize::try_from(n)?;
+    // Readiness is read off the event stream: a CLI call per event would cost
+    // the machine more than some of what is measured.
+    cluster.follow_events()?;
+    let applied_ms = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis(),
+    )?;
     let start = Instant::now();
     cluster.cli_ok(&["apply", "-f", &spec])?;
-    cluster.wait_until(&format!("{n} replicas of {app} ready"), timeout, |c| {
-        let ready = c
-            .replicas()?
-            .iter()
-            .filter(|r| r["app"] == app.as_str() && r["ready"] == true)
-            .count();
-        Ok((ready == want).then_some(()))
+    let mut healthy = BTreeSet::new();
+    cluster.wait_events(&format!("{n} replicas of {app} healthy"), timeout, |e| {
+        if e["reason"] == "ReplicaHealthy"
+            && e["app"] == app.as_str()
+            && e["timeMs"].as_i64().is_some_and(|t| t >= applied_ms)
+        {
+            healthy.insert(e["object"].as_str().unwrap_or_default().to_string());
+        }
+        healthy.len() == want
     })?;
     let took = start.elapsed();
+    let ready = cluster
+        .replicas()?
+        .iter()
+        .filter(|r| r["app"] == app.as_str() && r["ready"] == true)
+        .count();
+    if ready != want {
+        bail!("{n} replicas of {app} reported healthy, but {ready} are ready");
+    }
     cluster.cli_ok(&["delete", "app", &app])?;
     cluster.wait_until(
         &format!("the containers of {app} to be gone"),
