@@ -204,24 +204,7 @@ fn random_marker() -> String {
 impl Cluster {
     /// Starts a daemon on a free loopback port.
     pub fn start() -> Result<Self> {
-        let bins = Bins::locate()?;
-        // SKYMIRROR_KEEP_TEST_DIRS=1 keeps the scratch directory (logs, state) for a post-mortem.
-        let dir = tempfile::Builder::new()
-            .prefix("skymirror-e2e-")
-            .disable_cleanup(std::env::var_os("SKYMIRROR_KEEP_TEST_DIRS").is_some())
-            .tempdir()?;
-        let mut cluster = Cluster {
-            bins,
-            dir,
-            addr: "127.0.0.1:0".parse()?,
-            token: random_marker(),
-            marker: random_marker(),
-            daemon: None,
-            agents: BTreeMap::new(),
-            relays: BTreeMap::new(),
-            edges: Vec::new(),
-            events: None,
-        };
+        let mut cluster = Self::new("127.0.0.1:0".parse()?, random_marker())?;
         cluster.start_daemon()?;
         Ok(cluster)
     }
@@ -230,14 +213,21 @@ impl Cluster {
     /// the CLI helpers and waits work against it; nothing is started here, and
     /// dropping it stops nothing but the event feed.
     pub fn attach(addr: SocketAddr) -> Result<Self> {
+        Self::new(addr, String::new())
+    }
+
+    /// A cluster with nothing started yet.
+    fn new(addr: SocketAddr, token: String) -> Result<Self> {
+        // SKYMIRROR_KEEP_TEST_DIRS=1 keeps the scratch directory (logs, state) for a post-mortem.
         let dir = tempfile::Builder::new()
             .prefix("skymirror-e2e-")
+            .disable_cleanup(std::env::var_os("SKYMIRROR_KEEP_TEST_DIRS").is_some())
             .tempdir()?;
         Ok(Cluster {
             bins: Bins::locate()?,
             dir,
             addr,
-            token: String::new(),
+            token,
             marker: random_marker(),
             daemon: None,
             agents: BTreeMap::new(),

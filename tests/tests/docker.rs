@@ -147,6 +147,19 @@ fn wait_up(c: &mut Cluster, providers: &[String]) -> Result<()> {
     })
 }
 
+/// A daemon and one docker provider with its agent up. Keep the agents alive
+/// for the test: dropping them removes the provider's containers.
+fn one_docker_provider() -> Result<(Cluster, DockerAgents, String)> {
+    let mut c = Cluster::start()?;
+    let mut agents = DockerAgents::default();
+    let providers = unique_providers(1);
+    c.apply_ok("providers.yaml", &providers_yaml(&providers))?;
+    agents.start(&c, &providers[0])?;
+    wait_up(&mut c, &providers)?;
+    let provider = providers[0].clone();
+    Ok((c, agents, provider))
+}
+
 /// `replica id -> container id` of an app.
 fn instances(replicas: &[Value], app: &str) -> BTreeMap<String, String> {
     replicas
@@ -326,13 +339,8 @@ fn docker_image_that_cannot_be_pulled_fails_only_its_app() -> Result<()> {
     )? {
         return Ok(());
     }
-    let mut c = Cluster::start()?;
-    let mut agents = DockerAgents::default();
-    let providers = unique_providers(1);
-    let provider = providers[0].as_str();
-    c.apply_ok("providers.yaml", &providers_yaml(&providers))?;
-    agents.start(&c, provider)?;
-    wait_up(&mut c, &providers)?;
+    let (mut c, _agents, provider) = one_docker_provider()?;
+    let provider = provider.as_str();
 
     c.apply_ok("good.yaml", &app_yaml("good", IMAGE, 1))?;
     c.apply_ok("nope.yaml", &app_yaml("nope", "skymirror-nope:1", 1))?;
@@ -383,13 +391,8 @@ fn docker_image_healthcheck_decides_readiness_with_the_apps_check() -> Result<()
     )? {
         return Ok(());
     }
-    let mut c = Cluster::start()?;
-    let mut agents = DockerAgents::default();
-    let providers = unique_providers(1);
-    let provider = providers[0].as_str();
-    c.apply_ok("providers.yaml", &providers_yaml(&providers))?;
-    agents.start(&c, provider)?;
-    wait_up(&mut c, &providers)?;
+    let (mut c, _agents, provider) = one_docker_provider()?;
+    let provider = provider.as_str();
 
     // Both apps have their own HTTP check, which passes: the image's verdict
     // decides.
