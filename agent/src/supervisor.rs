@@ -439,9 +439,9 @@ pub struct Supervisor<D: Driver> {
     saved_lease: Option<Instant>,
     /// Handles changed since the last save.
     dirty: bool,
-    /// An inspection pass is in flight; ticks meanwhile start none, so passes
-    /// never overlap.
-    inspecting: bool,
+    /// The inspection pass in flight; ticks start none until it has ended, so
+    /// passes never overlap (and one that died does not stop them).
+    inspection: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl<D: Driver> std::fmt::Debug for Supervisor<D> {
@@ -498,7 +498,7 @@ impl<D: Driver> Supervisor<D> {
             lease: lease.clone(),
             saved_lease: None,
             dirty: false,
-            inspecting: false,
+            inspection: None,
         };
         for p in sup.state.load_replicas()? {
             let mut r = Replica::new(p.generation, p.workload_generation);
@@ -743,7 +743,7 @@ impl<D: Driver> Supervisor<D> {
     /// pass puts one request at a time on it besides starts and stops. The
     /// results come back as [`Input::Inspected`].
     fn start_inspection(&mut self) {
-        if self.inspecting {
+        if self.inspection.as_ref().is_some_and(|t| !t.is_finished()) {
             return;
         }
         let targets: Vec<(ReplicaKey, u64, Handle)> = self
@@ -755,9 +755,8 @@ impl<D: Driver> Supervisor<D> {
         if targets.is_empty() {
             return;
         }
-        self.inspecting = true;
         let (driver, tx) = (self.driver.clone(), self.inbox_tx.clone());
-        tokio::spawn(async move {
+        self.inspection = Some(tokio::spawn(async move {
             let handles: Vec<Handle> = targets.iter().map(|(_, _, h)| h.clone()).collect();
             let results = driver.inspect_all(&handles).await;
             let mut seen = Vec::with_capacity(targets.len());
@@ -768,14 +767,13 @@ impl<D: Driver> Supervisor<D> {
                 }
             }
             let _ = tx.send(Input::Inspected(seen)).await;
-        });
+        }));
     }
 
     /// Takes in an inspection pass; an exit is a crash (stops we asked for are
     /// in `Stopping` and not inspected). Results for an instance that was
     /// replaced or stopped meanwhile (another `op`) are stale and ignored.
     fn inspected(&mut self, seen: Vec<(ReplicaKey, u64, Inspection)>) -> bool {
-        self.inspecting = false;
         let now = Instant::now();
         let mut changed = false;
         for (key, op, inspection) in seen {
