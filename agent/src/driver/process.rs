@@ -1150,7 +1150,10 @@ mod tests {
             "line 19997\nline 19998\nline 19999\n"
         );
         let cut = tail_of(&long, 20_000, 100_000).await;
-        assert!(cut.len() <= 100_000 && cut.starts_with("line "), "{}", &cut[..20]);
+        assert!(
+            cut.len() <= 100_000 && cut.starts_with("line "),
+            "{cut:.20}"
+        );
     }
 
     /// Everything `logs` sends, once it returns.
@@ -1224,7 +1227,10 @@ mod tests {
         let driver = driver(&dir);
         let (handle, _guard) = start(
             &driver,
-            &spec("quiet", workload("sh", &["-c", "echo hello; exec sleep 60"])),
+            &spec(
+                "quiet",
+                workload("sh", &["-c", "echo hello; exec sleep 60"]),
+            ),
         )
         .await;
         let (tx, mut rx) = mpsc::channel(4);
