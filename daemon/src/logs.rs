@@ -316,7 +316,9 @@ async fn forward(
             }
         }
     };
-    if ended == Ended::Stopped && daemon.log_requests.cancel(id) {
+    // A stopping daemon ends the agents' streams, and with them their answers.
+    if ended == Ended::Stopped && !daemon.shutdown.is_cancelled() && daemon.log_requests.cancel(id)
+    {
         let agent = lock(&daemon.agents)
             .get(&provider)
             .filter(|c| c.conn_id == conn_id)
