@@ -4,15 +4,19 @@
 //! [`supervisor`] owns the replicas and converges them to the last assignment;
 //! [`driver`] is the runtime extension point ([`driver::process`], and
 //! `driver::docker` with the default `docker` feature);
-//! [`health`] runs the app's checks; [`state`] persists what must survive a
-//! restart; [`convert`] turns wire assignments into the agent's own types.
+//! [`health`] runs the app's checks; [`logs`] answers requests for replica
+//! output; [`state`] persists what must survive a restart; [`convert`] turns
+//! wire assignments into the agent's own types.
 //!
 //! Data flow: daemon → assignment → session → supervisor (persist, plan,
-//! driver start/stop) → status board → session → daemon.
+//! driver start/stop) → status board → session → daemon. Output: daemon →
+//! request → session → supervisor (which replicas, which handles) → a reading
+//! task → session → daemon.
 
 pub mod convert;
 pub mod driver;
 pub mod health;
+pub mod logs;
 pub mod session;
 pub mod state;
 pub mod supervisor;

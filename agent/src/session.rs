@@ -1,10 +1,13 @@
 //! The agent's side of `AgentService.Session`: dial the daemon, say hello,
-//! heartbeat, report status, receive assignments; reconnect with backoff.
+//! heartbeat, report status, receive assignments, answer requests for replica
+//! output; reconnect with backoff.
 //!
-//! Boundary: the session never touches replicas; it hands assignments to the
-//! supervisor and forwards what the supervisor publishes. Losing the daemon
-//! therefore changes nothing that runs.
+//! Boundary: the session never touches replicas; it hands assignments and
+//! requests for output to the supervisor and forwards what the supervisor
+//! publishes. Losing the daemon therefore changes nothing that runs; it ends
+//! every answer of the session.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use skymirror_proto::v1 as pb;
@@ -14,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
 use crate::convert::DesiredSet;
+use crate::driver::LogOptions;
+use crate::logs::LogsQuery;
 use crate::supervisor::SupervisorHandle;
 
 /// Who the agent is, for the hello.
@@ -36,6 +41,9 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Heartbeat period until the daemon's welcome says otherwise.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
+/// Requests for output answered at once per session; beyond it a request is
+/// refused with an error, so a daemon cannot make the agent read without bound.
+const MAX_LOG_REQUESTS: usize = 64;
 
 /// Keeps a session with the daemon until `shutdown`.
 pub async fn run(identity: Identity, supervisor: SupervisorHandle, shutdown: CancellationToken) {
@@ -149,6 +157,11 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
     let mut sent: std::collections::VecDeque<(u64, tokio::time::Instant)> =
         std::collections::VecDeque::new();
     let mut seq: u64 = 0;
+    // Answers to requests for output, by request id; each one's token ends it.
+    // Dropping the guard when the session ends, however it ends, ends them all.
+    let answers_stop = CancellationToken::new();
+    let _answers_guard = answers_stop.clone().drop_guard();
+    let mut answers: HashMap<u64, CancellationToken> = HashMap::new();
     let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -169,6 +182,36 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
                 Ok(Some(pb::DaemonMessage { message: Some(pb::daemon_message::Message::HeartbeatAck(ack)) })) => {
                     if let Some((_, at)) = sent.iter().find(|(s, _)| *s == ack.seq) {
                         sup.lease.renew(*at + Duration::from_millis(u64::from(ack.lease_ms)));
+                    }
+                }
+                Ok(Some(pb::DaemonMessage { message: Some(pb::daemon_message::Message::LogsRequest(r)) })) => {
+                    // Finished answers cancel their own tokens.
+                    answers.retain(|_, token| !token.is_cancelled());
+                    let refusal = if answers.len() >= MAX_LOG_REQUESTS {
+                        Some(format!("provider {}: already answering {MAX_LOG_REQUESTS} requests for output; try again later", id.provider))
+                    } else {
+                        let cancel = answers_stop.child_token();
+                        answers.insert(r.request_id, cancel.clone());
+                        let query = LogsQuery {
+                            request_id: r.request_id,
+                            app: r.app,
+                            index: r.index,
+                            options: LogOptions::new(r.tail_lines, r.follow),
+                            out: tx.clone(),
+                            cancel,
+                        };
+                        (!sup.logs(query).await).then(|| format!("provider {}: the agent is stopping", id.provider))
+                    };
+                    if let Some(error) = refusal {
+                        let end = pb::ReplicaLogs { request_id: r.request_id, error, end: true, ..Default::default() };
+                        if tx.send(pb::AgentMessage { message: Some(pb::agent_message::Message::Logs(end)) }).await.is_err() {
+                            return Ok("outbound queue closed".into());
+                        }
+                    }
+                }
+                Ok(Some(pb::DaemonMessage { message: Some(pb::daemon_message::Message::LogsCancel(c)) })) => {
+                    if let Some(token) = answers.remove(&c.request_id) {
+                        token.cancel();
                     }
                 }
                 Ok(Some(_)) => {}

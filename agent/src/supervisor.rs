@@ -8,9 +8,15 @@
 //! applies it item by item; a failed item is logged and retried, never aborts
 //! the pass.
 //!
-//! Invariants: at most one driver operation is in flight per replica; a
-//! replica is never torn down because the daemon is unreachable; every
-//! instance handle is persisted before the replica is reported running.
+//! Requests for replica output are resolved here too, since the supervisor
+//! holds the handles: the loop only looks them up and hands the reading to a
+//! task of its own ([`crate::logs::serve`]), so a followed replica never holds
+//! the loop up.
+//!
+//! Invariants: at most one driver operation is in flight per replica (reading
+//! output is not one: it changes nothing); a replica is never torn down
+//! because the daemon is unreachable; every instance handle is persisted
+//! before the replica is reported running.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -27,6 +33,7 @@ use crate::driver::{
     Driver, DriverError, Handle, Inspection, ReplicaKey, ReplicaSpec, RuntimeHealth,
 };
 use crate::health::{Health, HealthSpec, HealthTracker, probe_once};
+use crate::logs::{LogsQuery, Target};
 use crate::state::{PersistedReplica, StateDir};
 
 /// Tunables of the supervisor.
@@ -208,6 +215,10 @@ struct Replica {
     generation: u64,
     workload_generation: u64,
     handle: Option<Handle>,
+    /// The latest instance, kept after it exits or is stopped for a
+    /// replacement, so the output of a crashed replica stays readable until
+    /// the next instance starts.
+    output: Option<Handle>,
     phase: Phase,
     /// Bumped per driver operation; results of older operations are ignored.
     op: u64,
@@ -230,6 +241,7 @@ impl Replica {
             generation,
             workload_generation,
             handle: None,
+            output: None,
             phase: Phase::Starting,
             op: 0,
             health: None,
@@ -311,6 +323,8 @@ pub enum Input {
     /// An inspection pass finished: what each running instance looked like,
     /// with the operation it was inspected under.
     Inspected(Vec<(ReplicaKey, u64, Inspection)>),
+    /// The daemon asks for replica output.
+    Logs(LogsQuery),
 }
 
 /// What [`plan`] decides for one pass.
@@ -421,6 +435,12 @@ impl SupervisorHandle {
         // The supervisor only stops with the agent; a closed inbox means shutdown.
         let _ = self.inbox.send(Input::Assign(set, raw)).await;
     }
+
+    /// Hands a request for replica output to the supervisor, which answers it
+    /// on `query.out`; `false` if the supervisor has stopped.
+    pub async fn logs(&self, query: LogsQuery) -> bool {
+        self.inbox.send(Input::Logs(query)).await.is_ok()
+    }
 }
 
 /// The supervisor task's state.
@@ -510,6 +530,7 @@ impl<D: Driver> Supervisor<D> {
                     r.runtime_health = health;
                     r.started_at = Some(Instant::now());
                     r.message = "adopted after agent restart".into();
+                    r.output = Some(p.handle.clone());
                     r.handle = Some(p.handle);
                     sup.replicas.insert(p.key.clone(), r);
                     sup.start_probe(&p.key);
@@ -669,6 +690,7 @@ impl<D: Driver> Supervisor<D> {
                         r.phase = Phase::Running;
                         r.started_at = Some(Instant::now());
                         r.message.clear();
+                        r.output = Some(handle.clone());
                         r.handle = Some(handle);
                         self.dirty = true;
                         self.start_probe(&key);
@@ -735,7 +757,34 @@ impl<D: Driver> Supervisor<D> {
                 r.message = message;
                 changed
             }
+            Input::Logs(query) => {
+                let targets = self.log_targets(&query.app, query.index);
+                tokio::spawn(crate::logs::serve(self.driver.clone(), targets, query));
+                false
+            }
         }
+    }
+
+    /// The replicas a request for output names, with their latest instances;
+    /// an error for people when there is none.
+    fn log_targets(&self, app: &str, index: Option<u32>) -> Result<Vec<Target>, String> {
+        let provider = &self.provider;
+        let targets: Vec<Target> = self
+            .replicas
+            .iter()
+            .filter(|(k, _)| k.app == app && index.is_none_or(|i| i == k.index))
+            .map(|(k, r)| Target {
+                replica: format!("{app}/{provider}/{}", k.index),
+                handle: r.output.clone(),
+            })
+            .collect();
+        if !targets.is_empty() {
+            return Ok(targets);
+        }
+        Err(match index {
+            Some(i) => format!("provider {provider} runs no replica {app}/{provider}/{i}"),
+            None => format!("provider {provider} runs no replica of app {app}"),
+        })
     }
 
     /// Inspects every running instance in a task of its own

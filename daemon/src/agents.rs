@@ -3,7 +3,8 @@
 //! The first message must be a hello with a valid join token for a declared
 //! provider. The daemon answers with a welcome and then (through the reconciler)
 //! the provider's complete assignment; the agent sends heartbeats and replica
-//! status. A second stream for the same provider replaces the first.
+//! status, and answers requests for replica output (routed to [`crate::logs`]).
+//! A second stream for the same provider replaces the first.
 //!
 //! Boundary: this module records what agents say; it decides nothing about
 //! placement.
@@ -131,6 +132,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 applied_revision: hello.applied_revision,
             },
         );
+        if let Some(old) = &replaced {
+            // The old stream may take a while to notice; its requests end now.
+            crate::logs::agent_gone(daemon, &provider, old.conn_id);
+        }
         tracing::info!(%provider, agent_id = %hello.agent_id, replicas = hello.replicas.len(), "agent connected");
         daemon.record(vec![NewEvent {
             reason: "ProviderConnected".into(),
@@ -199,6 +204,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     _ => None,
                 }
             };
+            // After the removal: no request can register on this stream any more.
+            crate::logs::agent_gone(&daemon, &provider, conn_id);
             if let Some(conn) = removed {
                 lock(&daemon.seen).insert(
                     provider.clone(),
@@ -254,6 +261,10 @@ fn handle_message(daemon: &Daemon, provider: &str, conn_id: u64, msg: pb::AgentM
                 report.full,
             );
             Some(report.applied_revision)
+        }
+        Some(pb::agent_message::Message::Logs(answer)) => {
+            crate::logs::deliver(daemon, provider, conn_id, answer);
+            None
         }
         Some(pb::agent_message::Message::Hello(_)) | None => {
             tracing::warn!(

@@ -135,6 +135,7 @@ fn targets_from_request(req: &pb::DeleteRequest) -> Result<Vec<(Kind, String)>, 
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
 type RouteStream = Pin<Box<dyn Stream<Item = Result<pb::RoutingTable, Status>> + Send>>;
 
 fn event_matches(req: &pb::WatchEventsRequest, e: &StoredEvent) -> bool {
@@ -146,6 +147,15 @@ fn event_matches(req: &pb::WatchEventsRequest, e: &StoredEvent) -> bool {
 impl pb::control_service_server::ControlService for ControlApi {
     type WatchEventsStream = EventStream;
     type WatchRoutesStream = RouteStream;
+    type LogsStream = LogStream;
+
+    async fn logs(
+        &self,
+        request: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let chunks = crate::logs::open(&self.daemon, request.into_inner())?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(chunks))))
+    }
 
     async fn watch_routes(
         &self,

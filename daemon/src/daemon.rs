@@ -167,6 +167,8 @@ pub struct Daemon {
     /// Shortfalls already reported, so a pass does not repeat the same event.
     shortfalls: Mutex<BTreeMap<String, (u32, u32)>>,
     next_conn_id: std::sync::atomic::AtomicU64,
+    /// Requests for replica output waiting for their agents' answers.
+    pub(crate) log_requests: crate::logs::LogRequests,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -231,6 +233,7 @@ impl Daemon {
             started: Instant::now(),
             shortfalls: Mutex::new(BTreeMap::new()),
             next_conn_id: std::sync::atomic::AtomicU64::new(1),
+            log_requests: crate::logs::LogRequests::default(),
         }))
     }
 

@@ -6,7 +6,8 @@
 //! apply path and the reconcile loop; [`control`] and [`agents`] are the two
 //! gRPC services; [`convert`] maps stored records to wire types; [`cli`] and
 //! [`dev`] are the `skymirror` command's verbs and all-in-one mode; [`edge`]
-//! is the front door (the HTTP/TCP proxy fed by the daemon's routing table).
+//! is the front door (the HTTP/TCP proxy fed by the daemon's routing table);
+//! [`logs`] reads replica output through the agents for `ControlService.Logs`.
 
 pub mod agents;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod dev;
 pub mod edge;
 pub mod error;
 pub mod liveness;
+pub mod logs;
 pub mod scheduler;
 pub mod spec;
 pub mod store;

@@ -1,7 +1,7 @@
 //! End to end with the docker driver: agents started with `--driver docker`
-//! run image-based apps as containers on the local Docker engine: apply, scale,
-//! replace on an image change, adopt after an agent `kill -9`, report an image
-//! that cannot be pulled, delete.
+//! run image-based apps as containers on the local Docker engine: apply, read
+//! output, scale, replace on an image change, adopt after an agent `kill -9`,
+//! report an image that cannot be pulled, delete.
 //!
 //! Needs a Docker engine and the images of tests/scripts/build-test-images.sh
 //! (nothing can be pulled). Without them each test skips, unless CI=true, where
@@ -248,6 +248,13 @@ fn docker_apply_scale_replace_adopt_and_delete() -> Result<()> {
         &providers,
         &instances(&one, "web").into_values().collect(),
     )?;
+
+    // `skymirror logs` reads the containers' output through their agents.
+    let logs = c.cli_ok(&["logs", "web"])?;
+    for p in &names {
+        let want = format!("[web/{p}/0] listening on 0.0.0.0:");
+        ensure!(logs.contains(&want), "logs printed {logs:?}, not {want:?}");
+    }
 
     // Scale 1 → 3 → 1: scaling down keeps index 0's container and removes the rest.
     c.apply_ok("web.yaml", &app_yaml("web", IMAGE, 3))?;

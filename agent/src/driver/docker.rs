@@ -36,8 +36,9 @@
 //! agent stays the one source of truth.
 //!
 //! Logs: the container keeps the replica's output (Docker's log driver);
-//! `docker logs skymirror-<provider>-<app>-<index>` shows it, also after a crash,
-//! until the replica is started again or removed.
+//! [`Driver::logs`] reads it through the Engine API, as
+//! `docker logs skymirror-<provider>-<app>-<index>` shows it, also after a
+//! crash, until the replica is started again or removed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -53,13 +54,15 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
 use super::{
-    Capabilities, Driver, DriverError, Handle, Inspection, ReplicaKey, ReplicaSpec, RuntimeHealth,
+    Capabilities, Driver, DriverError, Handle, Inspection, LogOptions, MAX_LOG_CHUNK, ReplicaKey,
+    ReplicaSpec, RuntimeHealth,
 };
 
 /// Driver kind stored in every handle this driver makes.
@@ -700,6 +703,51 @@ impl Driver for DockerDriver {
                 })
             })
             .collect()
+    }
+
+    /// Docker's own `tail` counts lines of stdout and stderr together, and a
+    /// followed stream ends when the container stops.
+    async fn logs(
+        &self,
+        handle: &Handle,
+        options: LogOptions,
+        out: mpsc::Sender<Vec<u8>>,
+    ) -> Result<(), DriverError> {
+        let data = decode(handle)?;
+        let query = LogsOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .follow(options.follow)
+            .tail(&options.tail_lines.to_string())
+            .build();
+        let stream = self.docker.logs(&handle.instance_id, Some(query));
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let next = tokio::select! {
+                _ = out.closed() => return Ok(()),
+                next = stream.next() => next,
+            };
+            let output = match next {
+                None => return Ok(()),
+                Some(Ok(output)) => output.into_bytes(),
+                Some(Err(e)) if status(&e) == Some(404) => {
+                    return Err(DriverError::Runtime(format!(
+                        "container {} is gone, and its output with it",
+                        data.name
+                    )));
+                }
+                Some(Err(e)) => {
+                    return Err(
+                        self.engine_error(&format!("read the logs of container {}", data.name), &e)
+                    );
+                }
+            };
+            for piece in output.chunks(MAX_LOG_CHUNK) {
+                if out.send(piece.to_vec()).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
     }
 }
 
@@ -1586,6 +1634,89 @@ mod tests {
                 signal: None
             }
         );
+    }
+
+    /// Everything `logs` sends, once it returns.
+    async fn read_logs(
+        driver: &DockerDriver,
+        handle: &Handle,
+        options: LogOptions,
+    ) -> Result<String, DriverError> {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+        let collect = async move {
+            let mut all = Vec::new();
+            while let Some(piece) = rx.recv().await {
+                assert!(piece.len() <= MAX_LOG_CHUNK);
+                all.extend(piece);
+            }
+            all
+        };
+        let read = tokio::time::timeout(Duration::from_secs(30), async {
+            tokio::join!(driver.logs(handle, options, tx), collect)
+        });
+        let (result, all) = read.await.expect("logs returned");
+        result.map(|()| String::from_utf8_lossy(&all).into_owned())
+    }
+
+    #[tokio::test]
+    async fn logs_read_stdout_and_stderr_and_follow_until_the_container_stops() {
+        let Some((driver, provider, _cleanup)) = setup("logs").await else {
+            return;
+        };
+        // A crashed replica's output stays readable: stderr included.
+        let crashed = spec(
+            &provider,
+            "crashed",
+            workload(IMAGE, None, &["--exit-code", "3"]),
+        );
+        let crashed = driver.start(&crashed).await.expect("start");
+        wait_exit(&driver, &crashed).await;
+        let out = read_logs(&driver, &crashed, LogOptions::new(0, false))
+            .await
+            .expect("logs");
+        assert_eq!(out, "exiting with code 3 as asked\n");
+
+        let spec = spec(&provider, "talk", workload(IMAGE, None, &[]));
+        let handle = driver.start(&spec).await.expect("start");
+        let address = handle.address.clone().expect("address");
+        wait_ok(&address, "/healthz").await;
+        let listening = format!("listening on 0.0.0.0:{}\n", handle.ports["http"]);
+        let out = read_logs(&driver, &handle, LogOptions::new(1, false))
+            .await
+            .expect("logs");
+        assert_eq!(out, listening);
+
+        // Following keeps the stream open while the container runs and ends
+        // it when the container stops.
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+        let follow = driver.logs(&handle, LogOptions::new(0, true), tx);
+        let stop_after_first_line = async {
+            let first = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+                .await
+                .expect("output while following")
+                .expect("a piece");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(rx.try_recv().is_err(), "nothing more was written");
+            driver
+                .stop(&handle, Duration::from_secs(5))
+                .await
+                .expect("stop");
+            while rx.recv().await.is_some() {}
+            first
+        };
+        let (result, first) = tokio::time::timeout(Duration::from_secs(30), async {
+            tokio::join!(follow, stop_after_first_line)
+        })
+        .await
+        .expect("following ended with the container");
+        result.expect("logs");
+        assert_eq!(String::from_utf8_lossy(&first), listening);
+
+        driver.destroy(&handle).await.expect("destroy");
+        let err = read_logs(&driver, &handle, LogOptions::new(0, false))
+            .await
+            .expect_err("no container, no logs");
+        assert!(err.to_string().contains("is gone"), "{err}");
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! The `Driver` extension point: one implementation per runtime.
 //!
 //! A driver starts, re-attaches to, inspects, stops and destroys *one replica* at
-//! a time. It knows nothing of assignments, generations, restarts or health
+//! a time, and reads its output. It knows nothing of assignments, generations, restarts or health
 //! thresholds: the supervisor decides, the driver acts. Every running replica is
 //! described by a [`Handle`], which the agent persists so that after an agent
 //! restart [`Driver::recover`] re-attaches to what is already running instead of
@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 /// Stable identity of a replica on one provider: `app/index`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -150,6 +151,35 @@ pub struct Capabilities {
     pub exec: bool,
     /// Keeps the replica's output where `logs` can read it.
     pub logs: bool,
+}
+
+/// Most lines of output [`Driver::logs`] sends before following: a bound on
+/// the work and traffic one request causes, whatever it asks for.
+pub const MAX_LOG_LINES: u32 = 10_000;
+
+/// Largest piece of output [`Driver::logs`] sends at once (and the agent
+/// sends the daemon in one message).
+pub const MAX_LOG_CHUNK: usize = 64 * 1024;
+
+/// What [`Driver::logs`] sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogOptions {
+    /// The last this many lines, 1 to [`MAX_LOG_LINES`].
+    pub tail_lines: u32,
+    /// After them, new output until the instance exits.
+    pub follow: bool,
+}
+
+impl LogOptions {
+    /// Options from a request's `tail_lines`, where 0 means all that is kept:
+    /// both 0 and anything over [`MAX_LOG_LINES`] become the bound.
+    pub fn new(tail_lines: u32, follow: bool) -> Self {
+        let tail_lines = match tail_lines {
+            0 => MAX_LOG_LINES,
+            n => n.min(MAX_LOG_LINES),
+        };
+        LogOptions { tail_lines, follow }
+    }
 }
 
 /// Why a driver operation failed.
@@ -333,5 +363,29 @@ pub trait Driver: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Handle>, DriverError>> + Send {
         let _ = provider;
         async { Ok(Vec::new()) }
+    }
+
+    /// Sends the output the runtime keeps of the instance (stdout and
+    /// stderr) to `out`, in pieces of at most [`MAX_LOG_CHUNK`] bytes: its
+    /// last `options.tail_lines` lines, then, with `options.follow`, new
+    /// output until the instance exits. Returns once that is sent, or as soon
+    /// as `out`'s receiver is gone. Reading output is not an operation on the
+    /// replica: it may run beside a start or stop of it, and then ends or
+    /// fails like any read of a vanishing instance. Drivers without
+    /// [`Capabilities::logs`] keep the default, which says so.
+    fn logs(
+        &self,
+        handle: &Handle,
+        options: LogOptions,
+        out: mpsc::Sender<Vec<u8>>,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send {
+        let _ = (handle, options, out);
+        let driver = self.kind();
+        async move {
+            Err(DriverError::Unsupported {
+                driver,
+                operation: "logs",
+            })
+        }
     }
 }

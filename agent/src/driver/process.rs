@@ -10,6 +10,12 @@
 //! therefore records the process start time (field 22 of `/proc/<pid>/stat`), and
 //! the driver treats a pid whose start time differs as a process that is gone.
 //!
+//! Output: the two logs only grow while the replica directory lives (a
+//! restarted or replaced instance appends to them), so [`Driver::logs`] reads
+//! them from the end: the last lines of `stdout.log`, then those of
+//! `stderr.log` (the files do not say how the two streams interleaved), then,
+//! when following, whatever either gains, polled, until the instance exits.
+//!
 //! Invariant: the driver never signals a pid whose start time does not match
 //! the handle it was given.
 
@@ -29,10 +35,15 @@ use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt};
 use tokio::process::Command;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{Capabilities, Driver, DriverError, Handle, Inspection, ReplicaKey, ReplicaSpec};
+use super::{
+    Capabilities, Driver, DriverError, Handle, Inspection, LogOptions, MAX_LOG_CHUNK, ReplicaKey,
+    ReplicaSpec,
+};
 
 /// Driver kind stored in every handle this driver makes.
 const KIND: &str = "process";
@@ -40,6 +51,13 @@ const KIND: &str = "process";
 const POLL: Duration = Duration::from_millis(50);
 /// How long `stop` waits for the kernel to finish a SIGKILLed replica.
 const KILL_WAIT: Duration = Duration::from_secs(2);
+/// The replica's output files, in the order `logs` sends them.
+const LOG_FILES: [&str; 2] = ["stdout.log", "stderr.log"];
+/// Most bytes `logs` sends of each file before following, whatever the line
+/// count: one endless line must not make a tail read the whole file.
+const MAX_TAIL_BYTES: u64 = 4 * 1024 * 1024;
+/// How often a followed replica's logs are looked at for new output.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
 /// Settings of a [`ProcessDriver`].
 #[derive(Debug, Clone)]
@@ -537,6 +555,151 @@ impl Driver for ProcessDriver {
             }
         }
     }
+
+    async fn logs(
+        &self,
+        handle: &Handle,
+        options: LogOptions,
+        out: mpsc::Sender<Vec<u8>>,
+    ) -> Result<(), DriverError> {
+        let data = decode(handle)?;
+        let mut followed = Vec::with_capacity(LOG_FILES.len());
+        for name in LOG_FILES {
+            let path = data.replica_dir.join(name);
+            let mut file = match tokio::fs::File::open(&path).await {
+                Ok(file) => file,
+                // A replica started by an older agent may lack one of them.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(DriverError::io(format!("open {}", path.display()), e)),
+            };
+            let read = async {
+                let len = file.metadata().await?.len();
+                let start = tail_start(&mut file, len, options.tail_lines, MAX_TAIL_BYTES).await?;
+                let sent = send_range(&mut file, start, len, &out).await?;
+                Ok::<_, io::Error>((len, sent))
+            };
+            let (len, sent) = read
+                .await
+                .map_err(|e| DriverError::io(format!("read {}", path.display()), e))?;
+            if !sent {
+                return Ok(());
+            }
+            followed.push((path, file, len));
+        }
+        if followed.is_empty() {
+            return Err(DriverError::Runtime(format!(
+                "no output kept for process {}: {} holds no logs",
+                data.pid,
+                data.replica_dir.display()
+            )));
+        }
+        if !options.follow {
+            return Ok(());
+        }
+        loop {
+            // Looked at before the read, so what an exiting replica wrote last
+            // is still read before the stream ends.
+            let running = matches!(self.inspect_data(&data), Inspection::Running { .. });
+            for (path, file, pos) in &mut followed {
+                let read = async {
+                    let len = file.metadata().await?.len();
+                    // Shorter than what was sent: someone truncated it; start over.
+                    if len < *pos {
+                        *pos = 0;
+                    }
+                    let sent = send_range(file, *pos, len, &out).await?;
+                    *pos = len;
+                    Ok::<_, io::Error>(sent)
+                };
+                let sent = read
+                    .await
+                    .map_err(|e| DriverError::io(format!("read {}", path.display()), e))?;
+                if !sent {
+                    return Ok(());
+                }
+            }
+            if !running {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = out.closed() => return Ok(()),
+                _ = tokio::time::sleep(FOLLOW_POLL) => {}
+            }
+        }
+    }
+}
+
+/// Where the last `lines` lines of a file of `len` bytes start, at most
+/// `max_bytes` before its end; a cut at that bound moves to the next line
+/// start, unless a single line is longer than the bound. A final newline ends
+/// the last line rather than starting an empty one.
+async fn tail_start<R>(file: &mut R, len: u64, lines: u32, max_bytes: u64) -> io::Result<u64>
+where
+    R: AsyncRead + AsyncSeek + Unpin,
+{
+    const BLOCK: u64 = 64 * 1024;
+    let floor = len.saturating_sub(max_bytes);
+    // One byte before the floor too, to see whether the floor starts a line.
+    let scan_floor = floor.saturating_sub(1);
+    let mut buf = vec![0; BLOCK as usize];
+    let mut newlines = 0u32;
+    let mut earliest_newline = None;
+    let mut end = len;
+    while end > scan_floor {
+        let start = end.saturating_sub(BLOCK).max(scan_floor);
+        let block = buf
+            .get_mut(..usize::try_from(end - start).unwrap_or(usize::MAX))
+            .ok_or_else(|| io::Error::other("tail block larger than its buffer"))?;
+        file.seek(io::SeekFrom::Start(start)).await?;
+        file.read_exact(block).await?;
+        for (offset, byte) in block.iter().enumerate().rev() {
+            let pos = start + offset as u64;
+            if *byte != b'\n' || pos + 1 == len {
+                continue;
+            }
+            earliest_newline = Some(pos);
+            newlines += 1;
+            if newlines == lines || pos < floor {
+                return Ok(pos + 1);
+            }
+        }
+        end = start;
+    }
+    Ok(match earliest_newline {
+        _ if floor == 0 => 0,
+        Some(pos) => pos + 1,
+        None => floor,
+    })
+}
+
+/// Sends bytes `start..end` of `file` to `out` in pieces of at most
+/// [`MAX_LOG_CHUNK`]; returns `false` when the receiver is gone. Stops early
+/// at the end of a file that shrank meanwhile.
+async fn send_range<R>(
+    file: &mut R,
+    start: u64,
+    end: u64,
+    out: &mpsc::Sender<Vec<u8>>,
+) -> io::Result<bool>
+where
+    R: AsyncRead + AsyncSeek + Unpin,
+{
+    file.seek(io::SeekFrom::Start(start)).await?;
+    let mut left = end.saturating_sub(start);
+    while left > 0 {
+        let want = usize::try_from(left).map_or(MAX_LOG_CHUNK, |l| l.min(MAX_LOG_CHUNK));
+        let mut piece = vec![0; want];
+        let n = file.read(&mut piece).await?;
+        if n == 0 {
+            break;
+        }
+        piece.truncate(n);
+        left -= n as u64;
+        if out.send(piece).await.is_err() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Reads the driver's data out of a handle.
@@ -948,6 +1111,154 @@ mod tests {
                 signal: None
             }
         );
+    }
+
+    /// Where the tail of `text` starts, for `lines` lines and `max_bytes`.
+    async fn tail_of(text: &str, lines: u32, max_bytes: u64) -> String {
+        let mut file = io::Cursor::new(text.as_bytes().to_vec());
+        let start = tail_start(&mut file, text.len() as u64, lines, max_bytes)
+            .await
+            .expect("tail_start");
+        text[usize::try_from(start).expect("offset")..].to_string()
+    }
+
+    #[tokio::test]
+    async fn tail_counts_lines_from_the_end_within_the_byte_bound() {
+        let text = "a\nb\nc\n";
+        assert_eq!(tail_of(text, 1, 100).await, "c\n");
+        assert_eq!(tail_of(text, 2, 100).await, "b\nc\n");
+        assert_eq!(tail_of(text, 3, 100).await, text);
+        assert_eq!(tail_of(text, 10, 100).await, text);
+        // An unfinished last line counts as a line.
+        assert_eq!(tail_of("a\nb\nc", 1, 100).await, "c");
+        assert_eq!(tail_of("a\n\n\n", 2, 100).await, "\n\n");
+        assert_eq!(tail_of("", 5, 100).await, "");
+
+        // The byte bound cuts at the next line start...
+        let text = "aaaa\nbbbb\ncccc\n";
+        assert_eq!(tail_of(text, 10, 7).await, "cccc\n");
+        // ... or exactly at it when a line starts there ...
+        assert_eq!(tail_of(text, 10, 10).await, "bbbb\ncccc\n");
+        // ... and mid-line only for a line longer than the bound.
+        assert_eq!(tail_of("xxxxxxxxxx", 3, 4).await, "xxxx");
+
+        // Over several read blocks.
+        let long: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+        assert!(long.len() > 2 * 64 * 1024);
+        assert_eq!(
+            tail_of(&long, 3, MAX_TAIL_BYTES).await,
+            "line 19997\nline 19998\nline 19999\n"
+        );
+        let cut = tail_of(&long, 20_000, 100_000).await;
+        assert!(
+            cut.len() <= 100_000 && cut.starts_with("line "),
+            "{cut:.20}"
+        );
+    }
+
+    /// Everything `logs` sends, once it returns.
+    async fn read_logs(driver: &ProcessDriver, handle: &Handle, options: LogOptions) -> String {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+        let collect = async move {
+            let mut all = Vec::new();
+            while let Some(piece) = rx.recv().await {
+                assert!(piece.len() <= MAX_LOG_CHUNK);
+                all.extend(piece);
+            }
+            all
+        };
+        let read = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(driver.logs(handle, options, tx), collect)
+        });
+        let (result, all) = read.await.expect("logs returned");
+        result.expect("logs");
+        String::from_utf8(all).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn logs_send_the_last_lines_of_stdout_then_stderr() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = driver(&dir);
+        let script = "for i in 1 2 3 4 5; do echo out$i; done; echo err1 >&2; echo err2 >&2";
+        let (handle, _guard) = start(&driver, &spec("talk", workload("sh", &["-c", script]))).await;
+        wait_exit(&driver, &handle).await;
+
+        let two = read_logs(&driver, &handle, LogOptions::new(2, false)).await;
+        assert_eq!(two, "out4\nout5\nerr1\nerr2\n");
+        let all = read_logs(&driver, &handle, LogOptions::new(0, false)).await;
+        assert_eq!(all, "out1\nout2\nout3\nout4\nout5\nerr1\nerr2\n");
+        // Following an instance that has exited sends what is there and ends.
+        let followed = read_logs(&driver, &handle, LogOptions::new(1, true)).await;
+        assert_eq!(followed, "out5\nerr2\n");
+
+        driver.destroy(&handle).await.expect("destroy");
+        let (tx, _rx) = mpsc::channel(1);
+        let err = driver
+            .logs(&handle, LogOptions::new(1, false), tx)
+            .await
+            .expect_err("no logs after destroy");
+        assert!(err.to_string().contains("no output kept"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn following_sends_new_output_until_the_replica_exits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = driver(&dir);
+        let script = "echo first; sleep 0.6; echo second; sleep 0.6; echo third >&2; echo fourth";
+        let (handle, _guard) = start(&driver, &spec("slow", workload("sh", &["-c", script]))).await;
+        let begun = Instant::now();
+        let out = read_logs(&driver, &handle, LogOptions::new(0, true)).await;
+        // The lines came as they were written, and the stream ended only with
+        // the replica, which wrote its last line after 1.2 s.
+        assert!(begun.elapsed() >= Duration::from_millis(1200));
+        assert!(out.starts_with("first\nsecond\n"), "{out:?}");
+        let mut rest: Vec<&str> = out["first\nsecond\n".len()..].lines().collect();
+        rest.sort_unstable();
+        assert_eq!(rest, ["fourth", "third"], "{out:?}");
+        assert!(matches!(
+            driver.inspect(&handle).await.expect("inspect"),
+            Inspection::Exited { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn following_stops_when_the_reader_goes_away() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = driver(&dir);
+        let (handle, _guard) = start(
+            &driver,
+            &spec(
+                "quiet",
+                workload("sh", &["-c", "echo hello; exec sleep 60"]),
+            ),
+        )
+        .await;
+        let (tx, mut rx) = mpsc::channel(4);
+        let read = driver.logs(&handle, LogOptions::new(0, true), tx);
+        let reader = async move {
+            let mut seen = Vec::new();
+            while !seen.ends_with(b"hello\n") {
+                match rx.recv().await {
+                    Some(piece) => seen.extend(piece),
+                    None => panic!("logs ended while the replica runs"),
+                }
+            }
+            // Going away here ends the follow.
+        };
+        let (result, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(read, reader)
+        })
+        .await
+        .expect("logs returned once nobody read");
+        result.expect("logs");
+        assert_eq!(
+            driver.inspect(&handle).await.expect("inspect"),
+            Inspection::RUNNING
+        );
+        driver
+            .stop(&handle, Duration::from_secs(5))
+            .await
+            .expect("stop");
     }
 
     #[tokio::test]

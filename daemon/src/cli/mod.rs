@@ -4,6 +4,7 @@
 //! Boundary: the CLI talks to the daemon only through the gRPC API, like any
 //! other client; it shares the spec types with the daemon to print YAML.
 
+mod logs;
 pub mod output;
 
 use std::io::Read;
@@ -116,6 +117,25 @@ pub enum Command {
         app: String,
         #[arg(short = 'o', long, value_enum, default_value_t)]
         output: Format,
+    },
+    /// Print the output of an app's replicas, read through the agents that
+    /// run them; with several replicas, each line starts with
+    /// `[app/provider/index]`.
+    Logs {
+        app: String,
+        /// Only replicas on this provider.
+        #[arg(long)]
+        provider: Option<String>,
+        /// Only the replica with this index (on each provider).
+        #[arg(long)]
+        index: Option<u32>,
+        /// Only the last N lines of each replica (0: all that is kept, at most
+        /// 10,000 lines; the process driver counts stdout and stderr apart).
+        #[arg(long)]
+        tail: Option<u32>,
+        /// Keep printing new output until the replicas' instances exit.
+        #[arg(short = 'f', long)]
+        follow: bool,
     },
     /// Print the event log; with --follow, keep printing new events.
     Events {
@@ -822,6 +842,23 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                 )
             );
             Ok(())
+        }
+        Command::Logs {
+            app,
+            provider,
+            index,
+            tail,
+            follow,
+        } => {
+            let client = connect(server).await?;
+            let args = logs::LogsArgs {
+                app,
+                provider,
+                index,
+                tail,
+                follow,
+            };
+            logs::run(client, args).await
         }
         Command::Events {
             follow,

@@ -861,6 +861,7 @@ fn not_here<T>() -> Result<tonic::Response<T>, tonic::Status> {
 impl pb::control_service_server::ControlService for FakeDaemon {
     type WatchEventsStream = StreamOf<pb::Event>;
     type WatchRoutesStream = StreamOf<pb::RoutingTable>;
+    type LogsStream = StreamOf<pb::LogChunk>;
 
     async fn watch_routes(
         &self,
@@ -955,6 +956,12 @@ impl pb::control_service_server::ControlService for FakeDaemon {
         &self,
         _: tonic::Request<pb::ExplainRequest>,
     ) -> Result<tonic::Response<pb::ExplainResponse>, tonic::Status> {
+        not_here()
+    }
+    async fn logs(
+        &self,
+        _: tonic::Request<pb::LogsRequest>,
+    ) -> Result<tonic::Response<Self::LogsStream>, tonic::Status> {
         not_here()
     }
 }

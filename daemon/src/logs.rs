@@ -1,0 +1,421 @@
+//! Replica output for `ControlService.Logs`, read through the agents that run
+//! the replicas.
+//!
+//! [`open`] picks the providers that run (or are assigned) the app's
+//! replicas and starts one forwarding task per provider. Each registers a
+//! request id in [`LogRequests`] (under the registry lock of the agents, so a
+//! request never waits on a stream that is already gone), asks the agent with
+//! a `ReplicaLogsRequest`, and turns the agent's `ReplicaLogs` answers, which
+//! the agent's stream hands over through [`deliver`], into `LogChunk`s for the
+//! client. A provider whose agent cannot answer gets an error chunk naming it;
+//! the other providers' output still streams.
+//!
+//! Ends: the agent's last answer (`end`) ends a provider's part; when the
+//! client goes away (or a part cannot keep up), the part ends and the agent is
+//! told to stop (`ReplicaLogsCancel`); when the agent's stream ends,
+//! [`agent_gone`] drops its requests and their parts say so.
+//!
+//! Bounds: the agent's stream carries heartbeats and must never wait for a
+//! client, so [`deliver`] never blocks: each request buffers at most
+//! [`FEED_BUFFER`] answers (at most 64 KiB each); an answer that finds the
+//! buffer full ends that request with an error instead. The client's stream
+//! buffers [`CLIENT_BUFFER`] chunks; a slow client slows the forwarding tasks,
+//! whose buffers then fill.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use skymirror_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::daemon::{Daemon, lock};
+use crate::error::DaemonError;
+
+/// Answers one request buffers before the client reads them (see the module docs).
+const FEED_BUFFER: usize = 64;
+/// Chunks the client's stream buffers.
+const CLIENT_BUFFER: usize = 32;
+/// How long an agent's full queue may delay a request or a cancellation
+/// before the daemon gives up on it.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the agent's stream hands a request's forwarding task.
+#[derive(Debug)]
+enum Feed {
+    /// One message of the agent's answer.
+    Answer(pb::ReplicaLogs),
+    /// The buffer was full: answers were dropped, and the request must end.
+    Overflow,
+}
+
+/// A request sent to an agent.
+#[derive(Debug)]
+struct Waiter {
+    /// Provider whose agent answers; answers from another are not accepted.
+    provider: String,
+    /// The agent stream that was asked; the request ends with it.
+    conn_id: u64,
+    /// Where answers go; `None` once the request was cancelled, while the
+    /// agent's last answers may still arrive (they are dropped, and its `end`
+    /// forgets the request).
+    feed: Option<mpsc::Sender<Feed>>,
+}
+
+/// Open requests for replica output, by request id.
+#[derive(Debug, Default)]
+pub(crate) struct LogRequests {
+    next_id: AtomicU64,
+    waiting: Mutex<HashMap<u64, Waiter>>,
+}
+
+impl LogRequests {
+    /// Registers a request to the agent stream `conn_id` of `provider`.
+    fn register(&self, provider: &str, conn_id: u64) -> (u64, mpsc::Receiver<Feed>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::channel(FEED_BUFFER);
+        lock(&self.waiting).insert(
+            id,
+            Waiter {
+                provider: provider.to_string(),
+                conn_id,
+                feed: Some(tx),
+            },
+        );
+        (id, rx)
+    }
+
+    /// Stops feeding a request whose answer has not ended, and says whether
+    /// it was still open (so the agent must be told).
+    fn cancel(&self, id: u64) -> bool {
+        lock(&self.waiting)
+            .get_mut(&id)
+            .is_some_and(|w| w.feed.take().is_some())
+    }
+
+    /// Forgets a request.
+    fn forget(&self, id: u64) {
+        lock(&self.waiting).remove(&id);
+    }
+
+    /// Requests open on one agent stream.
+    #[cfg(test)]
+    fn open_on(&self, conn_id: u64) -> usize {
+        lock(&self.waiting)
+            .values()
+            .filter(|w| w.conn_id == conn_id)
+            .count()
+    }
+}
+
+/// Hands an agent's answer to the request it answers. Never waits (it runs
+/// on the agent's stream): a request whose buffer is full gets an overflow
+/// notice instead, in the slot kept free for it.
+pub(crate) fn deliver(daemon: &Daemon, provider: &str, conn_id: u64, answer: pb::ReplicaLogs) {
+    let mut waiting = lock(&daemon.log_requests.waiting);
+    let id = answer.request_id;
+    let Some(waiter) = waiting
+        .get(&id)
+        .filter(|w| w.provider == provider && w.conn_id == conn_id)
+    else {
+        tracing::debug!(
+            provider,
+            request_id = id,
+            "answer to an unknown request for output ignored"
+        );
+        return;
+    };
+    let end = answer.end;
+    if let Some(feed) = &waiter.feed {
+        let feed_item = if end || feed.capacity() > 1 {
+            Feed::Answer(answer)
+        } else {
+            Feed::Overflow
+        };
+        // Full only after an overflow notice, which ends the request anyway.
+        let _ = feed.try_send(feed_item);
+    }
+    if end {
+        waiting.remove(&id);
+    }
+}
+
+/// Drops every request of an agent stream that ended or was replaced; their
+/// forwarding tasks then report the agent gone.
+pub(crate) fn agent_gone(daemon: &Daemon, provider: &str, conn_id: u64) {
+    lock(&daemon.log_requests.waiting)
+        .retain(|_, w| !(w.provider == provider && w.conn_id == conn_id));
+}
+
+/// Starts streaming the output of the replicas `request` names; the
+/// receiver yields the chunks for the client. Fails for a request without an
+/// app, for an unknown app, and when no provider runs the replicas named.
+pub(crate) fn open(
+    daemon: &Arc<Daemon>,
+    request: pb::LogsRequest,
+) -> Result<mpsc::Receiver<Result<pb::LogChunk, Status>>, DaemonError> {
+    let app = request.app.as_str();
+    if app.is_empty() {
+        return Err(DaemonError::BadRequest("logs needs an app name".into()));
+    }
+    if daemon.store.app(app)?.is_none() {
+        return Err(DaemonError::NotFound(format!("app {app:?} not found")));
+    }
+    // Assigned, or still reporting replicas of the app (being removed, or on a
+    // provider that lost its share): both may hold output worth reading.
+    let mut providers: BTreeSet<String> = daemon
+        .store
+        .assignments()?
+        .into_iter()
+        .filter(|a| a.apps.iter().any(|x| x.app == app && x.replicas > 0))
+        .map(|a| a.provider)
+        .collect();
+    providers.extend(
+        lock(&daemon.replicas)
+            .iter()
+            .filter(|(_, replicas)| replicas.keys().any(|(a, _)| a == app))
+            .map(|(provider, _)| provider.clone()),
+    );
+    if !request.provider.is_empty() {
+        let provider = &request.provider;
+        if !providers.contains(provider) {
+            let declared = daemon
+                .store
+                .providers()?
+                .iter()
+                .any(|p| &p.provider.metadata.name == provider);
+            return Err(DaemonError::NotFound(if declared {
+                format!("app {app} has no replicas on provider {provider}")
+            } else {
+                format!("provider {provider:?} not found")
+            }));
+        }
+        providers = BTreeSet::from([provider.clone()]);
+    }
+    if providers.is_empty() {
+        return Err(DaemonError::NotFound(format!(
+            "app {app} has no replicas on any provider"
+        )));
+    }
+    let (out, rx) = mpsc::channel(CLIENT_BUFFER);
+    for provider in providers {
+        tokio::spawn(forward(
+            daemon.clone(),
+            provider,
+            request.clone(),
+            out.clone(),
+        ));
+    }
+    Ok(rx)
+}
+
+/// How a provider's part of a request ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The agent's answer is complete, or its stream is gone.
+    Answered,
+    /// Nobody reads any more (client gone, daemon stopping) or the part could
+    /// not keep up: the agent must stop.
+    Stopped,
+}
+
+/// Streams one provider's part of a request to the client.
+async fn forward(
+    daemon: Arc<Daemon>,
+    provider: String,
+    request: pb::LogsRequest,
+    out: mpsc::Sender<Result<pb::LogChunk, Status>>,
+) {
+    let error = |text: String| {
+        Ok(pb::LogChunk {
+            replica: String::new(),
+            provider: provider.clone(),
+            data: Vec::new(),
+            error: text,
+        })
+    };
+    let registered = {
+        let agents = lock(&daemon.agents);
+        agents.get(&provider).map(|conn| {
+            let (id, feed) = daemon.log_requests.register(&provider, conn.conn_id);
+            (id, feed, conn.conn_id, conn.tx.clone())
+        })
+    };
+    let Some((id, mut feed, conn_id, agent)) = registered else {
+        let _ = out
+            .send(error(format!("provider {provider}: agent not connected")))
+            .await;
+        return;
+    };
+    let ask = pb::DaemonMessage {
+        message: Some(pb::daemon_message::Message::LogsRequest(
+            pb::ReplicaLogsRequest {
+                request_id: id,
+                app: request.app.clone(),
+                index: request.index,
+                tail_lines: request.tail_lines,
+                follow: request.follow,
+            },
+        )),
+    };
+    let asked = tokio::time::timeout(SEND_TIMEOUT, agent.send(Ok(ask))).await;
+    // Holding the sender would keep the agent's stream open after it ends.
+    drop(agent);
+    if !matches!(asked, Ok(Ok(()))) {
+        daemon.log_requests.forget(id);
+        let text = match asked {
+            Ok(_) => format!("provider {provider}: agent disconnected"),
+            Err(_) => format!(
+                "provider {provider}: the agent did not take the request within {SEND_TIMEOUT:?}"
+            ),
+        };
+        let _ = out.send(error(text)).await;
+        return;
+    }
+    tracing::debug!(%provider, request_id = id, app = %request.app, "reading replica output");
+
+    let ended = loop {
+        let next = tokio::select! {
+            _ = daemon.shutdown.cancelled() => break Ended::Stopped,
+            _ = out.closed() => break Ended::Stopped,
+            next = feed.recv() => next,
+        };
+        match next {
+            Some(Feed::Answer(answer)) => {
+                let end = answer.end;
+                if !answer.data.is_empty() || !answer.error.is_empty() {
+                    let chunk = pb::LogChunk {
+                        replica: answer.replica,
+                        provider: provider.clone(),
+                        data: answer.data,
+                        error: answer.error,
+                    };
+                    if out.send(Ok(chunk)).await.is_err() {
+                        break Ended::Stopped;
+                    }
+                }
+                if end {
+                    break Ended::Answered;
+                }
+            }
+            Some(Feed::Overflow) => {
+                let text = format!(
+                    "provider {provider}: output arrived faster than the client read it; stopped"
+                );
+                let _ = out.send(error(text)).await;
+                break Ended::Stopped;
+            }
+            None => {
+                let text =
+                    format!("provider {provider}: agent disconnected before its output ended");
+                let _ = out.send(error(text)).await;
+                break Ended::Answered;
+            }
+        }
+    };
+    // A stopping daemon ends the agents' streams, and with them their answers.
+    if ended == Ended::Stopped && !daemon.shutdown.is_cancelled() && daemon.log_requests.cancel(id)
+    {
+        let agent = lock(&daemon.agents)
+            .get(&provider)
+            .filter(|c| c.conn_id == conn_id)
+            .map(|c| c.tx.clone());
+        if let Some(agent) = agent {
+            let cancel = pb::DaemonMessage {
+                message: Some(pb::daemon_message::Message::LogsCancel(
+                    pb::ReplicaLogsCancel { request_id: id },
+                )),
+            };
+            if !matches!(
+                tokio::time::timeout(SEND_TIMEOUT, agent.send(Ok(cancel))).await,
+                Ok(Ok(()))
+            ) {
+                tracing::warn!(%provider, request_id = id, "could not cancel a request for output; the agent's answers are dropped");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(id: u64, data: &str, end: bool) -> pb::ReplicaLogs {
+        pb::ReplicaLogs {
+            request_id: id,
+            replica: "web/aa/0".into(),
+            data: data.as_bytes().to_vec(),
+            error: String::new(),
+            end,
+        }
+    }
+
+    fn daemon() -> (Arc<Daemon>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::SledStore::open(&dir.path().join("store")).expect("store");
+        let config = crate::daemon::DaemonConfig::new(dir.path().join("store"), "t".into());
+        (Daemon::new(Arc::new(store), config).expect("daemon"), dir)
+    }
+
+    #[tokio::test]
+    async fn answers_reach_only_their_request_and_a_full_buffer_overflows() {
+        let (daemon, _dir) = daemon();
+        let requests = &daemon.log_requests;
+        let (id, mut feed) = requests.register("aa", 1);
+
+        // From another provider or another stream of the same one: dropped.
+        deliver(&daemon, "bb", 1, answer(id, "x", false));
+        deliver(&daemon, "aa", 2, answer(id, "x", false));
+        assert!(feed.try_recv().is_err());
+
+        // Data fills all but one slot; the next answer finds it full.
+        for _ in 0..FEED_BUFFER {
+            deliver(&daemon, "aa", 1, answer(id, "x", false));
+        }
+        for _ in 0..FEED_BUFFER - 1 {
+            assert!(matches!(feed.try_recv(), Ok(Feed::Answer(a)) if a.data == b"x"));
+        }
+        assert!(matches!(feed.try_recv(), Ok(Feed::Overflow)));
+        assert!(feed.try_recv().is_err());
+
+        // A cancelled request swallows answers until the agent's end.
+        assert!(requests.cancel(id));
+        assert!(!requests.cancel(id), "cancelled once");
+        deliver(&daemon, "aa", 1, answer(id, "late", false));
+        assert!(feed.try_recv().is_err());
+        assert_eq!(requests.open_on(1), 1);
+        deliver(&daemon, "aa", 1, answer(id, "", true));
+        assert_eq!(requests.open_on(1), 0, "the end forgets the request");
+    }
+
+    #[tokio::test]
+    async fn the_end_is_delivered_even_to_a_full_buffer_and_a_gone_agent_closes_the_feed() {
+        let (daemon, _dir) = daemon();
+        let requests = &daemon.log_requests;
+        let (first, mut feed) = requests.register("aa", 1);
+        for _ in 0..FEED_BUFFER - 1 {
+            deliver(&daemon, "aa", 1, answer(first, "x", false));
+        }
+        deliver(&daemon, "aa", 1, answer(first, "", true));
+        let mut got = Vec::new();
+        while let Ok(Feed::Answer(a)) = feed.try_recv() {
+            got.push(a.end);
+        }
+        assert_eq!(got.len(), FEED_BUFFER);
+        assert_eq!(got.last(), Some(&true));
+        assert_eq!(requests.open_on(1), 0);
+
+        let (_, mut feed) = requests.register("aa", 1);
+        let (_, mut other) = requests.register("aa", 2);
+        agent_gone(&daemon, "aa", 1);
+        assert!(
+            feed.recv().await.is_none(),
+            "the feed closes with the stream"
+        );
+        assert_eq!(requests.open_on(2), 1, "another stream's request stays");
+        assert!(other.try_recv().is_err());
+    }
+}
