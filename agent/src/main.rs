@@ -85,6 +85,12 @@ async fn real_main() -> anyhow::Result<()> {
             "a join token is needed: --join-token, SKYMIRROR_JOIN_TOKEN or --join-token-file"
         ),
     };
+    if args.docker_network.is_some() && args.driver != "docker" {
+        anyhow::bail!(
+            "--docker-network is for --driver docker, not {}",
+            args.driver
+        );
+    }
     let driver = match args.driver.as_str() {
         "process" => DriverConfig::Process {
             search_path: args.search_path,

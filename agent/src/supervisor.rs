@@ -295,6 +295,22 @@ impl Replica {
             t.cancel();
         }
     }
+
+    /// The message reported with the state: the runtime's own verdict when it
+    /// holds the replica back (the app's probe results, which set `message`,
+    /// would hide it otherwise), else the last event's message.
+    fn status_message(&self) -> String {
+        let runtime = match self.runtime_health.filter(|_| self.phase == Phase::Running) {
+            Some(RuntimeHealth::Unhealthy) => "the image's HEALTHCHECK reports unhealthy",
+            Some(RuntimeHealth::Starting) => "the image's HEALTHCHECK has not passed yet",
+            _ => return self.message.clone(),
+        };
+        if self.message.is_empty() {
+            runtime.to_string()
+        } else {
+            format!("{runtime}; {}", self.message)
+        }
+    }
 }
 
 /// First retry of a replica's health probe while it starts; retries double
@@ -839,15 +855,6 @@ impl<D: Driver> Supervisor<D> {
                 Inspection::Running { health } => {
                     if health != r.runtime_health {
                         tracing::info!(replica = %key, health = ?health, "the runtime's own health check changed");
-                        r.message = match health {
-                            Some(RuntimeHealth::Unhealthy) => {
-                                "the image's HEALTHCHECK reports unhealthy".to_string()
-                            }
-                            Some(RuntimeHealth::Starting) => {
-                                "the image's HEALTHCHECK has not passed yet".to_string()
-                            }
-                            _ => String::new(),
-                        };
                         r.runtime_health = health;
                         changed = true;
                     }
@@ -1009,6 +1016,13 @@ impl<D: Driver> Supervisor<D> {
         r.stop_probe();
         r.phase = Phase::Stopping { replace };
         let handle = r.handle.take();
+        // A replica that crashed runs no instance, but its last one may still
+        // hold a container or files (kept for its output): removal frees them.
+        let leftover = if replace || handle.is_some() {
+            None
+        } else {
+            r.output.take()
+        };
         self.dirty = true;
         let (driver, tx, op, key) = (
             self.driver.clone(),
@@ -1024,6 +1038,10 @@ impl<D: Driver> Supervisor<D> {
                 if !replace && let Err(e) = driver.destroy(&h).await {
                     tracing::warn!(replica = %key, error = %e, "destroy failed");
                 }
+            } else if let Some(h) = leftover
+                && let Err(e) = driver.destroy(&h).await
+            {
+                tracing::warn!(replica = %key, error = %e, "destroy failed");
             }
             let _ = tx.send(Input::Stopped { key, op }).await;
         });
@@ -1127,7 +1145,7 @@ impl<D: Driver> Supervisor<D> {
             instance_id: h.map(|h| h.instance_id.clone()).unwrap_or_default(),
             restarts: r.restarts,
             crash_looping: r.crashes_in_row >= self.config.crash_loop_after,
-            message: r.message.clone(),
+            message: r.status_message(),
             started_at_ms: h.map_or(0, |h| h.started_at_ms),
             state_since_ms: r.state_since_ms,
             provider: self.provider.clone(),
@@ -1317,6 +1335,20 @@ mod tests {
         let r = replica(None, Some(RuntimeHealth::Healthy));
         assert_eq!(r.running_state(true), S::Starting);
         assert!(!r.ready(true));
+
+        // The runtime's verdict stays in the message, whatever probes say.
+        let mut r = replica(Some(Some(true)), Some(RuntimeHealth::Unhealthy));
+        assert_eq!(
+            r.status_message(),
+            "the image's HEALTHCHECK reports unhealthy"
+        );
+        r.message = "restarted".into();
+        assert_eq!(
+            r.status_message(),
+            "the image's HEALTHCHECK reports unhealthy; restarted"
+        );
+        r.runtime_health = Some(RuntimeHealth::Healthy);
+        assert_eq!(r.status_message(), "restarted");
     }
 
     fn key(app: &str, index: u32) -> ReplicaKey {

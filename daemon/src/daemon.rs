@@ -1258,6 +1258,7 @@ impl Daemon {
                 tracing::error!(error = %e, "reconcile pass failed");
             }
             drop(_enter);
+            let ended = tokio::time::Instant::now();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.wake.notified() => {}
@@ -1265,10 +1266,12 @@ impl Daemon {
             }
             // Coalesce bursts (hundreds of status reports while replicas start):
             // at most one pass per interval, wake-ups meanwhile folding into the
-            // next. A wake-up after a quiet spell (an apply) runs at once.
+            // next. A wake-up after a quiet spell (an apply) runs at once; a
+            // pass that took the whole interval still leaves a gap.
+            let next = (began + MIN_PASS_INTERVAL).max(ended + MIN_PASS_INTERVAL / 5);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep_until(began + MIN_PASS_INTERVAL) => {}
+                _ = tokio::time::sleep_until(next) => {}
             }
         }
     }

@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
     --profile) profile=${2:?--profile needs release or debug}; shift 2 ;;
     --tag) tag=${2:?--tag needs a tag}; shift 2 ;;
     --no-build) build=false; shift ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-images: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done

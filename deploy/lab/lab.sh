@@ -91,6 +91,9 @@ up() {
   fi
   local token cloud
   token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+  # All or nothing: a failure on the way removes what was started, after
+  # showing the daemon's last words.
+  trap 'up_failed' EXIT
 
   docker network create "$lab-control" >/dev/null
   for cloud in "${clouds[@]}"; do
@@ -143,13 +146,31 @@ up() {
       die "only $ready of $want replicas ready after ${ready_timeout} s (deploy/lab/lab.sh status)"
     sleep 0.2
   done
+  trap - EXIT
   say "up: $want replicas of hello ready on ${clouds[*]}"
   say "front door: http://127.0.0.1:$edge_port/   API: --server http://127.0.0.1:$api_port"
 }
 
+up_failed() {
+  local status=$?
+  trap - EXIT
+  [ "$status" -ne 0 ] || return 0
+  if docker container inspect "$lab-daemon" >/dev/null 2>&1; then
+    say "the daemon's last log lines:"
+    docker logs --tail 20 "$lab-daemon" >&2 || true
+  fi
+  say "up failed; removing what it started"
+  down || true
+  exit "$status"
+}
+
 down() {
-  local cloud ids
+  local cloud ids left=""
+  # The agents first: a live agent would restart the replicas removed below.
   ids=$(docker ps -aq --filter "label=skymirror.lab=$lab")
+  # shellcheck disable=SC2086 # one id per word
+  [ -z "$ids" ] || docker rm -f -v $ids >/dev/null
+  ids=""
   for cloud in "${clouds[@]}"; do
     ids+=" $(docker ps -aq --filter "label=skymirror.managed=true" \
       --filter "label=skymirror.provider=$cloud" --filter "network=$lab-$cloud")"
@@ -157,12 +178,18 @@ down() {
   # shellcheck disable=SC2086 # one id per word
   [ -z "${ids// /}" ] || docker rm -f -v $ids >/dev/null
   for cloud in control "${clouds[@]}"; do
-    docker network rm "$lab-$cloud" >/dev/null 2>&1 || true
+    if docker network inspect "$lab-$cloud" >/dev/null 2>&1 &&
+      ! docker network rm "$lab-$cloud" >/dev/null; then
+      left+=" network $lab-$cloud"
+    fi
   done
-  docker volume rm "$lab-daemon-data" >/dev/null 2>&1 || true
-  for cloud in "${clouds[@]}"; do
-    docker volume rm "$lab-agent-$cloud" >/dev/null 2>&1 || true
+  for volume in "$lab-daemon-data" "${clouds[@]/#/$lab-agent-}"; do
+    if docker volume inspect "$volume" >/dev/null 2>&1 &&
+      ! docker volume rm "$volume" >/dev/null; then
+      left+=" volume $volume"
+    fi
   done
+  [ -z "$left" ] || die "down: could not remove:$left"
   say "down: lab $lab removed"
 }
 
@@ -177,5 +204,5 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   cli) shift; cli "$@" ;;
-  *) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

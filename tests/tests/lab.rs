@@ -329,9 +329,15 @@ fn lab_daemon_restart_keeps_state_and_restarts_nothing() -> Result<()> {
                 .all(|(a, b)| a["generation"] == b["generation"] && a["spec"] == b["spec"]),
         "the stored apps changed: {apps_before:?} → {apps_after:?}"
     );
+    let seqs: BTreeSet<u64> = lab
+        .cluster
+        .events()?
+        .iter()
+        .filter_map(|e| e["seq"].as_u64())
+        .collect();
     ensure!(
-        lab.last_seq()? > seq,
-        "the event log lost its history across the restart"
+        seqs.contains(&seq) && seqs.last().is_some_and(|last| *last > seq),
+        "the event log lost its history across the restart: event {seq} of {seqs:?}"
     );
     let moved = lab.replica_events_since(seq)?;
     ensure!(moved.is_empty(), "replicas moved: {moved:?}");

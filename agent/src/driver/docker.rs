@@ -163,6 +163,13 @@ impl DockerDriver {
         tracing::info!(host = %host, api = %docker.client_version(), "connected to the Docker engine");
         if let Some(network) = &config.network {
             match docker.inspect_network(network, None).await {
+                // Replicas need an address of their own on it.
+                Ok(n) if matches!(n.driver.as_deref(), Some("host" | "null")) => {
+                    return Err(DriverError::Runtime(format!(
+                        "Docker network {network} gives containers no address of their own; \
+                         name a bridge or overlay network"
+                    )));
+                }
                 Ok(_) => {}
                 Err(e) if status(&e) == Some(404) => {
                     return Err(DriverError::Runtime(format!(
@@ -1368,6 +1375,16 @@ mod tests {
             .await
             .expect_err("no such network");
         assert!(err.to_string().contains("does not exist"), "{err}");
+        for unaddressed in ["host", "none"] {
+            let config = DockerDriverConfig {
+                network: Some(unaddressed.to_string()),
+                ..Default::default()
+            };
+            let err = DockerDriver::connect(config)
+                .await
+                .expect_err("no address of their own");
+            assert!(err.to_string().contains("no address of their own"), "{err}");
+        }
     }
 
     #[test]
