@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use skymirror_proto::v1 as pb;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
@@ -44,6 +43,38 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
 /// Requests for output answered at once per session; beyond it a request is
 /// refused with an error, so a daemon cannot make the agent read without bound.
 const MAX_LOG_REQUESTS: usize = 64;
+/// Messages of replica output queued for the daemon (at most 64 KiB each);
+/// readers wait for room.
+const LOG_QUEUE: usize = 8;
+
+/// What the session sends: heartbeats and status from `main`, and replica
+/// output from `logs` only when `main` has nothing waiting, so reading output
+/// never delays a heartbeat (a late one makes the provider suspect, and ends
+/// singleton leases early). Ends with `main`.
+struct Outbound {
+    main: mpsc::Receiver<pb::AgentMessage>,
+    logs: mpsc::Receiver<pb::AgentMessage>,
+}
+
+impl tokio_stream::Stream for Outbound {
+    type Item = pb::AgentMessage;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        match self.main.poll_recv(cx) {
+            Poll::Pending => {}
+            ready => return ready,
+        }
+        match self.logs.poll_recv(cx) {
+            Poll::Ready(Some(message)) => Poll::Ready(Some(message)),
+            // No reader holds a sender right now; `main` decides the end.
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+}
 
 /// Keeps a session with the daemon until `shutdown`.
 pub async fn run(identity: Identity, supervisor: SupervisorHandle, shutdown: CancellationToken) {
@@ -123,6 +154,7 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
     // Outbound queue: heartbeats and reports are produced only when there is
     // room (the producer awaits), so a slow daemon slows reporting, not memory.
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(32);
+    let (logs_tx, logs_rx) = mpsc::channel::<pb::AgentMessage>(LOG_QUEUE);
     // Subscribe before the snapshot: a change in between then wakes the loop
     // (at worst for an empty delta) instead of waiting for the next change.
     let mut changes = sup.board.subscribe();
@@ -146,7 +178,10 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
         return Ok("outbound queue closed".into());
     }
     let response = client
-        .session(ReceiverStream::new(rx))
+        .session(Outbound {
+            main: rx,
+            logs: logs_rx,
+        })
         .await
         .map_err(SessionError::Refused)?;
     let mut inbound = response.into_inner();
@@ -197,7 +232,7 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
                             app: r.app,
                             index: r.index,
                             options: LogOptions::new(r.tail_lines, r.follow),
-                            out: tx.clone(),
+                            out: logs_tx.clone(),
                             cancel,
                         };
                         (!sup.logs(query).await).then(|| format!("provider {}: the agent is stopping", id.provider))
@@ -257,4 +292,48 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    fn heartbeat(seq: u64) -> pb::AgentMessage {
+        pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Heartbeat(pb::Heartbeat {
+                seq,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn output(request_id: u64) -> pb::AgentMessage {
+        pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Logs(pb::ReplicaLogs {
+                request_id,
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn heartbeats_go_before_queued_output_and_end_the_stream() {
+        let (tx, main) = mpsc::channel(4);
+        let (logs_tx, logs) = mpsc::channel(4);
+        let mut out = Outbound { main, logs };
+        for id in 1..=3 {
+            logs_tx.send(output(id)).await.expect("queue output");
+        }
+        tx.send(heartbeat(7)).await.expect("queue heartbeat");
+        let first = out.next().await.expect("a message");
+        assert_eq!(first, heartbeat(7), "the heartbeat jumps the queued output");
+        assert_eq!(out.next().await, Some(output(1)));
+        tx.send(heartbeat(8)).await.expect("queue heartbeat");
+        assert_eq!(out.next().await, Some(heartbeat(8)));
+        assert_eq!(out.next().await, Some(output(2)));
+        // The session's end (its queue closed) ends the stream, output or not.
+        drop(tx);
+        assert_eq!(out.next().await, None);
+    }
 }

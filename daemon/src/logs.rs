@@ -42,6 +42,9 @@ const CLIENT_BUFFER: usize = 32;
 /// How long an agent's full queue may delay a request or a cancellation
 /// before the daemon gives up on it.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a cancelled request waits for the agent's `end` before the next
+/// request forgets it anyway.
+const FORGET_CANCELLED_AFTER: Duration = Duration::from_secs(60);
 
 /// What the agent's stream hands a request's forwarding task.
 #[derive(Debug)]
@@ -63,6 +66,9 @@ struct Waiter {
     /// agent's last answers may still arrive (they are dropped, and its `end`
     /// forgets the request).
     feed: Option<mpsc::Sender<Feed>>,
+    /// When it was cancelled: an `end` that never comes (lost with a full
+    /// queue) must not keep the entry for the life of the agent's stream.
+    cancelled_at: Option<tokio::time::Instant>,
 }
 
 /// Open requests for replica output, by request id.
@@ -77,12 +83,18 @@ impl LogRequests {
     fn register(&self, provider: &str, conn_id: u64) -> (u64, mpsc::Receiver<Feed>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::channel(FEED_BUFFER);
-        lock(&self.waiting).insert(
+        let mut waiting = lock(&self.waiting);
+        waiting.retain(|_, w| {
+            w.cancelled_at
+                .is_none_or(|at| at.elapsed() < FORGET_CANCELLED_AFTER)
+        });
+        waiting.insert(
             id,
             Waiter {
                 provider: provider.to_string(),
                 conn_id,
                 feed: Some(tx),
+                cancelled_at: None,
             },
         );
         (id, rx)
@@ -91,9 +103,10 @@ impl LogRequests {
     /// Stops feeding a request whose answer has not ended, and says whether
     /// it was still open (so the agent must be told).
     fn cancel(&self, id: u64) -> bool {
-        lock(&self.waiting)
-            .get_mut(&id)
-            .is_some_and(|w| w.feed.take().is_some())
+        lock(&self.waiting).get_mut(&id).is_some_and(|w| {
+            w.cancelled_at.get_or_insert_with(tokio::time::Instant::now);
+            w.feed.take().is_some()
+        })
     }
 
     /// Forgets a request.
@@ -389,6 +402,23 @@ mod tests {
         assert_eq!(requests.open_on(1), 1);
         deliver(&daemon, "aa", 1, answer(id, "", true));
         assert_eq!(requests.open_on(1), 0, "the end forgets the request");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_request_whose_end_never_comes_is_forgotten_later() {
+        let (daemon, _dir) = daemon();
+        let requests = &daemon.log_requests;
+        let (id, _feed) = requests.register("aa", 1);
+        assert!(requests.cancel(id));
+        // Its end was lost: it stays a while, for late answers...
+        tokio::time::advance(FORGET_CANCELLED_AFTER / 2).await;
+        let _next = requests.register("aa", 1);
+        assert_eq!(requests.open_on(1), 2);
+        // ... and no longer.
+        tokio::time::advance(FORGET_CANCELLED_AFTER).await;
+        let _later = requests.register("aa", 1);
+        assert_eq!(requests.open_on(1), 2, "the cancelled one is gone");
+        assert!(!lock(&requests.waiting).contains_key(&id));
     }
 
     #[tokio::test]
