@@ -1264,6 +1264,55 @@ mod tests {
         )
     }
 
+    #[tokio::test]
+    async fn inspection_results_for_a_replaced_instance_are_ignored() {
+        use crate::driver::process::{ProcessDriver, ProcessDriverConfig};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = ProcessDriver::new(ProcessDriverConfig::new(dir.path().join("driver")))
+            .expect("driver");
+        let state = StateDir::open(&dir.path().join("state")).expect("state");
+        let (mut sup, _handle) = Supervisor::restore(
+            Arc::new(driver),
+            "p".into(),
+            state,
+            SupervisorConfig::default(),
+        )
+        .await
+        .expect("supervisor");
+        let k = key("web", 0);
+        let mut r = Replica::new(1, 1);
+        r.phase = Phase::Running;
+        r.op = 5;
+        sup.replicas.insert(k.clone(), r);
+        let exited = Inspection::Exited {
+            code: Some(1),
+            signal: None,
+        };
+
+        // Seen under an older operation: another instance runs now.
+        assert!(!sup.inspected(vec![(k.clone(), 4, exited)]));
+        assert_eq!(sup.replicas[&k].phase, Phase::Running);
+        // A verdict of the runtime under the current one counts...
+        let unhealthy = Inspection::Running {
+            health: Some(RuntimeHealth::Unhealthy),
+        };
+        assert!(sup.inspected(vec![(k.clone(), 5, unhealthy)]));
+        assert_eq!(
+            sup.replicas[&k].runtime_health,
+            Some(RuntimeHealth::Unhealthy)
+        );
+        assert!(
+            !sup.inspected(vec![(k.clone(), 5, unhealthy)]),
+            "no change twice"
+        );
+        // ... and so does an exit: a crash, restarted after a backoff.
+        assert!(sup.inspected(vec![(k.clone(), 5, exited)]));
+        let r = &sup.replicas[&k];
+        assert!(matches!(r.phase, Phase::Backoff { .. }), "{:?}", r.phase);
+        assert_eq!((r.restarts, r.runtime_health), (1, None));
+        assert!(r.message.contains("exited with code 1"), "{}", r.message);
+    }
+
     #[test]
     fn both_health_verdicts_decide_the_state_and_readiness() {
         use pb::ReplicaState as S;
