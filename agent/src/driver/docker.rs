@@ -1659,20 +1659,7 @@ mod tests {
         handle: &Handle,
         options: LogOptions,
     ) -> Result<String, DriverError> {
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
-        let collect = async move {
-            let mut all = Vec::new();
-            while let Some(piece) = rx.recv().await {
-                assert!(piece.len() <= MAX_LOG_CHUNK);
-                all.extend(piece);
-            }
-            all
-        };
-        let read = tokio::time::timeout(Duration::from_secs(30), async {
-            tokio::join!(driver.logs(handle, options, tx), collect)
-        });
-        let (result, all) = read.await.expect("logs returned");
-        result.map(|()| String::from_utf8_lossy(&all).into_owned())
+        crate::driver::testing::read_logs(driver, handle, options, Duration::from_secs(30)).await
     }
 
     #[tokio::test]

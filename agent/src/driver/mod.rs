@@ -389,3 +389,36 @@ pub trait Driver: Send + Sync + 'static {
         }
     }
 }
+
+/// Test helpers shared by the drivers' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+
+    use super::{Driver, DriverError, Handle, LogOptions, MAX_LOG_CHUNK};
+
+    /// Everything `logs` sends, once it returns (within `limit`), as text.
+    pub(crate) async fn read_logs<D: Driver>(
+        driver: &D,
+        handle: &Handle,
+        options: LogOptions,
+        limit: Duration,
+    ) -> Result<String, DriverError> {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+        let collect = async move {
+            let mut all = Vec::new();
+            while let Some(piece) = rx.recv().await {
+                assert!(piece.len() <= MAX_LOG_CHUNK);
+                all.extend(piece);
+            }
+            all
+        };
+        let read = tokio::time::timeout(limit, async {
+            tokio::join!(driver.logs(handle, options, tx), collect)
+        });
+        let (result, all) = read.await.expect("logs returned");
+        result.map(|()| String::from_utf8_lossy(&all).into_owned())
+    }
+}

@@ -1158,21 +1158,9 @@ mod tests {
 
     /// Everything `logs` sends, once it returns.
     async fn read_logs(driver: &ProcessDriver, handle: &Handle, options: LogOptions) -> String {
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
-        let collect = async move {
-            let mut all = Vec::new();
-            while let Some(piece) = rx.recv().await {
-                assert!(piece.len() <= MAX_LOG_CHUNK);
-                all.extend(piece);
-            }
-            all
-        };
-        let read = tokio::time::timeout(Duration::from_secs(20), async {
-            tokio::join!(driver.logs(handle, options, tx), collect)
-        });
-        let (result, all) = read.await.expect("logs returned");
-        result.expect("logs");
-        String::from_utf8(all).expect("utf-8")
+        crate::driver::testing::read_logs(driver, handle, options, Duration::from_secs(20))
+            .await
+            .expect("logs")
     }
 
     #[tokio::test]
