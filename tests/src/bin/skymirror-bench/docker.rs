@@ -35,7 +35,7 @@ pub(crate) struct DockerArgs {
     #[arg(long, value_delimiter = ',', default_values_t = [1u32, 10, 50])]
     replicas: Vec<u32>,
     /// Rounds per replica count (baseline and skymirror each time).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     rounds: u32,
     /// Longest wait for everything to be healthy (or gone), seconds, per step.
     #[arg(long, default_value_t = 300)]
