@@ -27,9 +27,10 @@
 //!   `nginx` is missing.
 //! - `docker` (`docker.rs`) times, with the docker driver on one host, `apply`
 //!   to every replica healthy for 1, 10 and 50 replicas, against `docker run`
-//!   of the same image and as many containers measured in the same run. Target:
-//!   skymirror's overhead under 10% of the engine's own time. Needs the image
-//!   of tests/scripts/build-test-images.sh.
+//!   of the same image and as many containers measured in the same run, over
+//!   `--rounds` rounds, comparing medians. Target: skymirror's overhead under
+//!   10% of the engine's own time. Needs the image of
+//!   tests/scripts/build-test-images.sh.
 //!
 //! Targets are printed next to the figures, with `MISSED` when one is missed.
 //! Timings are never asserted: the exit status is non-zero only when the
