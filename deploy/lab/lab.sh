@@ -31,6 +31,7 @@
 #   SKYMIRROR_LAB_TAG        image tag to run (latest)
 #   SKYMIRROR_LAB_API_PORT   host port of the daemon's API on 127.0.0.1 (7600)
 #   SKYMIRROR_LAB_EDGE_PORT  host port of the front door on 127.0.0.1 (8080)
+#   SKYMIRROR_LAB_READY_TIMEOUT  seconds `up` waits for every replica (120)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -204,5 +205,5 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   cli) shift; cli "$@" ;;
-  *) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
