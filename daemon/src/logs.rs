@@ -42,6 +42,8 @@ const CLIENT_BUFFER: usize = 32;
 /// How long an agent's full queue may delay a request or a cancellation
 /// before the daemon gives up on it.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest silence of an agent answering a request without `follow`.
+const ANSWER_SILENCE: Duration = Duration::from_secs(30);
 /// How long a cancelled request waits for the agent's `end` before the next
 /// request forgets it anyway.
 const FORGET_CANCELLED_AFTER: Duration = Duration::from_secs(60);
@@ -295,6 +297,15 @@ async fn forward(
             _ = daemon.shutdown.cancelled() => break Ended::Stopped,
             _ = out.closed() => break Ended::Stopped,
             next = feed.recv() => next,
+            // An answer without `follow` always ends; an agent silent that
+            // long is stuck, and the client must not wait for it forever.
+            () = tokio::time::sleep(ANSWER_SILENCE), if !request.follow => {
+                let text = format!(
+                    "provider {provider}: the agent sent nothing for {ANSWER_SILENCE:?}; stopped"
+                );
+                let _ = out.send(error(text)).await;
+                break Ended::Stopped;
+            }
         };
         match next {
             Some(Feed::Answer(answer)) => {
@@ -402,6 +413,60 @@ mod tests {
         assert_eq!(requests.open_on(1), 1);
         deliver(&daemon, "aa", 1, answer(id, "", true));
         assert_eq!(requests.open_on(1), 0, "the end forgets the request");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_agent_ends_a_request_without_follow_but_not_a_followed_one() {
+        let (daemon, _dir) = daemon();
+        let (agent_tx, mut agent_rx) = mpsc::channel(8);
+        lock(&daemon.agents).insert(
+            "aa".to_string(),
+            crate::daemon::AgentConn {
+                conn_id: 1,
+                agent_id: "a".into(),
+                version: "0".into(),
+                tx: agent_tx,
+                last_seen: tokio::time::Instant::now(),
+                last_seen_ms: 0,
+                sent_revision: 0,
+                applied_revision: 0,
+            },
+        );
+        for follow in [false, true] {
+            let request = pb::LogsRequest {
+                app: "web".into(),
+                follow,
+                ..Default::default()
+            };
+            let (out, mut client) = mpsc::channel(8);
+            let part = tokio::spawn(forward(daemon.clone(), "aa".into(), request, out));
+            // The agent takes the request and never answers.
+            assert!(
+                agent_rx.recv().await.is_some(),
+                "the request reaches the agent"
+            );
+            tokio::time::advance(ANSWER_SILENCE + Duration::from_secs(1)).await;
+            if follow {
+                tokio::task::yield_now().await;
+                assert!(client.try_recv().is_err(), "a followed request waits");
+                part.abort();
+                continue;
+            }
+            let chunk = client.recv().await.expect("a chunk").expect("not a status");
+            assert!(chunk.error.contains("the agent sent nothing"), "{chunk:?}");
+            part.await.expect("the part ends");
+            // ... and the agent is told to stop.
+            let cancel = agent_rx.recv().await.expect("a cancellation");
+            assert!(
+                matches!(
+                    cancel,
+                    Ok(pb::DaemonMessage {
+                        message: Some(pb::daemon_message::Message::LogsCancel(_))
+                    })
+                ),
+                "{cancel:?}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
