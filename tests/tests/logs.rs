@@ -10,33 +10,16 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use skymirror_tests::{Cluster, MARKER_VAR, providers_yaml};
+use skymirror_tests::{Cluster, MARKER_VAR, app_yaml, providers_yaml};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 /// The example app behind a shell that first prints which replica it is:
 /// two lines of output per replica, the second one naming its address.
 fn chatty_yaml(replicas: u32) -> String {
-    format!(
-        "apiVersion: skymirror.dev/v1
-kind: App
-metadata:
-  name: chatty
-spec:
-  command: sh
-  args: [\"-c\", 'echo \"starting $SKYMIRROR_REPLICA\"; exec skymirror-example']
-  ports:
-    - name: http
-  replicas: {replicas}
-  stopGracePeriod: 2s
-  placement:
-    mode: mirror
-  health:
-    http: {{path: /healthz, port: http}}
-    interval: 500ms
-    timeout: 400ms
-    failureThreshold: 2
-"
+    app_yaml("chatty", replicas, "hi", &[]).replace(
+        "  command: skymirror-example\n",
+        "  command: sh\n  args: [\"-c\", 'echo \"starting $SKYMIRROR_REPLICA\"; exec skymirror-example']\n",
     )
 }
 
