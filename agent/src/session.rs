@@ -172,6 +172,7 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
             driver: id.driver.clone(),
             replicas,
             applied_revision: revision,
+            capabilities: None,
         })),
     };
     if tx.send(hello).await.is_err() {

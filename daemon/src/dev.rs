@@ -50,7 +50,7 @@ async fn run_in(args: &DevArgs, data_dir: &Path) -> anyhow::Result<()> {
         crate::shutdown_signal().await;
         on_signal.cancel();
     });
-    let token = crate::random_token();
+    let token = crate::random_token()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {

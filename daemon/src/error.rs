@@ -1,4 +1,4 @@
-//! The daemon's error type and its single mapping to gRPC status codes.
+//! The daemon's error type; its one mapping to gRPC status codes is in `api`.
 
 use crate::spec::SpecErrors;
 use crate::store::StoreError;
@@ -21,25 +21,16 @@ pub enum DaemonError {
     /// The agent is not admitted (wrong join token).
     #[error("{0}")]
     Unauthenticated(String),
+    /// The caller went away before the operation completed.
+    #[error("{0}")]
+    Cancelled(String),
     /// The store failed. Retryable when the cause is transient.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The OS gave no random bytes for an id or a secret. Not retryable.
+    #[error(transparent)]
+    Randomness(#[from] crate::RandomnessError),
     /// A server failed to start or stopped with an error.
     #[error("{0}")]
     Serve(String),
-}
-
-impl From<DaemonError> for tonic::Status {
-    fn from(e: DaemonError) -> Self {
-        let message = e.to_string();
-        match e {
-            DaemonError::Invalid(_) | DaemonError::BadRequest(_) => {
-                tonic::Status::invalid_argument(message)
-            }
-            DaemonError::NotFound(_) => tonic::Status::not_found(message),
-            DaemonError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
-            DaemonError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
-            DaemonError::Store(_) | DaemonError::Serve(_) => tonic::Status::internal(message),
-        }
-    }
 }

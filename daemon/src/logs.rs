@@ -28,12 +28,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use skymirror_proto::v1 as pb;
 use tokio::sync::mpsc;
-use tonic::Status;
 
-use crate::daemon::{Daemon, lock};
+use crate::daemon::Daemon;
 use crate::error::DaemonError;
+use crate::registry::{LogsRequest, ToAgent, lock};
 
 /// Answers one request buffers before the client reads them (see the module docs).
 const FEED_BUFFER: usize = 64;
@@ -48,11 +47,54 @@ const ANSWER_SILENCE: Duration = Duration::from_secs(30);
 /// request forgets it anyway.
 const FORGET_CANCELLED_AFTER: Duration = Duration::from_secs(60);
 
+/// What a client asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogsQuery {
+    /// App whose replicas' output is read.
+    pub app: String,
+    /// Only replicas on this provider.
+    pub provider: Option<String>,
+    /// Only the replica with this index (on each provider).
+    pub index: Option<u32>,
+    /// The last this many lines of each replica (0: all that is kept).
+    pub tail_lines: u32,
+    /// Then new output until the replicas end.
+    pub follow: bool,
+}
+
+/// One message of an agent's answer to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogAnswer {
+    /// The request answered.
+    pub request_id: u64,
+    /// `app/provider/index` of the replica the data is from.
+    pub replica: String,
+    /// Output bytes.
+    pub data: Vec<u8>,
+    /// An error about the replica, if any.
+    pub error: String,
+    /// The answer is complete.
+    pub end: bool,
+}
+
+/// A piece of output (or an error) for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogChunk {
+    /// `app/provider/index`; empty for an error about a whole provider.
+    pub replica: String,
+    /// Provider the chunk is from.
+    pub provider: String,
+    /// Output bytes.
+    pub data: Vec<u8>,
+    /// An error, if any.
+    pub error: String,
+}
+
 /// What the agent's stream hands a request's forwarding task.
 #[derive(Debug)]
 enum Feed {
     /// One message of the agent's answer.
-    Answer(pb::ReplicaLogs),
+    Answer(LogAnswer),
     /// The buffer was full: answers were dropped, and the request must end.
     Overflow,
 }
@@ -129,7 +171,7 @@ impl LogRequests {
 /// Hands an agent's answer to the request it answers. Never waits (it runs
 /// on the agent's stream): a request whose buffer is full gets an overflow
 /// notice instead, in the slot kept free for it.
-pub(crate) fn deliver(daemon: &Daemon, provider: &str, conn_id: u64, answer: pb::ReplicaLogs) {
+pub(crate) fn deliver(daemon: &Daemon, provider: &str, conn_id: u64, answer: LogAnswer) {
     let mut waiting = lock(&daemon.log_requests.waiting);
     let id = answer.request_id;
     let Some(waiter) = waiting
@@ -170,8 +212,8 @@ pub(crate) fn agent_gone(daemon: &Daemon, provider: &str, conn_id: u64) {
 /// app, for an unknown app, and when no provider runs the replicas named.
 pub(crate) fn open(
     daemon: &Arc<Daemon>,
-    request: pb::LogsRequest,
-) -> Result<mpsc::Receiver<Result<pb::LogChunk, Status>>, DaemonError> {
+    request: LogsQuery,
+) -> Result<mpsc::Receiver<LogChunk>, DaemonError> {
     let app = request.app.as_str();
     if app.is_empty() {
         return Err(DaemonError::BadRequest("logs needs an app name".into()));
@@ -188,14 +230,14 @@ pub(crate) fn open(
         .filter(|a| a.apps.iter().any(|x| x.app == app && x.replicas > 0))
         .map(|a| a.provider)
         .collect();
-    providers.extend(
-        lock(&daemon.replicas)
+    providers.extend(daemon.registry.with(|entries| {
+        entries
             .iter()
-            .filter(|(_, replicas)| replicas.keys().any(|(a, _)| a == app))
-            .map(|(provider, _)| provider.clone()),
-    );
-    if !request.provider.is_empty() {
-        let provider = &request.provider;
+            .filter(|(_, e)| e.replicas.keys().any(|(a, _)| a == app))
+            .map(|(provider, _)| provider.clone())
+            .collect::<Vec<_>>()
+    }));
+    if let Some(provider) = &request.provider {
         if !providers.contains(provider) {
             let declared = daemon
                 .store
@@ -217,7 +259,7 @@ pub(crate) fn open(
     }
     let (out, rx) = mpsc::channel(CLIENT_BUFFER);
     for provider in providers {
-        tokio::spawn(forward(
+        daemon.tasks.spawn(forward(
             daemon.clone(),
             provider,
             request.clone(),
@@ -241,42 +283,40 @@ enum Ended {
 async fn forward(
     daemon: Arc<Daemon>,
     provider: String,
-    request: pb::LogsRequest,
-    out: mpsc::Sender<Result<pb::LogChunk, Status>>,
+    request: LogsQuery,
+    out: mpsc::Sender<LogChunk>,
 ) {
-    let error = |text: String| {
-        Ok(pb::LogChunk {
-            replica: String::new(),
-            provider: provider.clone(),
-            data: Vec::new(),
-            error: text,
-        })
+    let error = |text: String| LogChunk {
+        replica: String::new(),
+        provider: provider.clone(),
+        data: Vec::new(),
+        error: text,
     };
-    let registered = {
-        let agents = lock(&daemon.agents);
-        agents.get(&provider).map(|conn| {
-            let (id, feed) = daemon.log_requests.register(&provider, conn.conn_id);
-            (id, feed, conn.conn_id, conn.tx.clone())
-        })
-    };
+    // Registered under the registry's lock: a request never waits on a
+    // session that is already gone.
+    let registered = daemon.registry.with(|entries| {
+        entries
+            .get(&provider)
+            .and_then(|e| e.session.as_ref())
+            .map(|session| {
+                let (id, feed) = daemon.log_requests.register(&provider, session.conn_id);
+                (id, feed, session.conn_id, session.tx.clone())
+            })
+    });
     let Some((id, mut feed, conn_id, agent)) = registered else {
         let _ = out
             .send(error(format!("provider {provider}: agent not connected")))
             .await;
         return;
     };
-    let ask = pb::DaemonMessage {
-        message: Some(pb::daemon_message::Message::LogsRequest(
-            pb::ReplicaLogsRequest {
-                request_id: id,
-                app: request.app.clone(),
-                index: request.index,
-                tail_lines: request.tail_lines,
-                follow: request.follow,
-            },
-        )),
-    };
-    let asked = tokio::time::timeout(SEND_TIMEOUT, agent.send(Ok(ask))).await;
+    let ask = ToAgent::LogsRequest(LogsRequest {
+        request_id: id,
+        app: request.app.clone(),
+        index: request.index,
+        tail_lines: request.tail_lines,
+        follow: request.follow,
+    });
+    let asked = tokio::time::timeout(SEND_TIMEOUT, agent.send(ask)).await;
     // Holding the sender would keep the agent's stream open after it ends.
     drop(agent);
     if !matches!(asked, Ok(Ok(()))) {
@@ -311,13 +351,13 @@ async fn forward(
             Some(Feed::Answer(answer)) => {
                 let end = answer.end;
                 if !answer.data.is_empty() || !answer.error.is_empty() {
-                    let chunk = pb::LogChunk {
+                    let chunk = LogChunk {
                         replica: answer.replica,
                         provider: provider.clone(),
                         data: answer.data,
                         error: answer.error,
                     };
-                    if out.send(Ok(chunk)).await.is_err() {
+                    if out.send(chunk).await.is_err() {
                         break Ended::Stopped;
                     }
                 }
@@ -343,18 +383,15 @@ async fn forward(
     // A stopping daemon ends the agents' streams, and with them their answers.
     if ended == Ended::Stopped && !daemon.shutdown.is_cancelled() && daemon.log_requests.cancel(id)
     {
-        let agent = lock(&daemon.agents)
-            .get(&provider)
-            .filter(|c| c.conn_id == conn_id)
-            .map(|c| c.tx.clone());
+        let agent = daemon
+            .registry
+            .session_of(&provider)
+            .filter(|(current, _)| *current == conn_id)
+            .map(|(_, tx)| tx);
         if let Some(agent) = agent {
-            let cancel = pb::DaemonMessage {
-                message: Some(pb::daemon_message::Message::LogsCancel(
-                    pb::ReplicaLogsCancel { request_id: id },
-                )),
-            };
+            let cancel = ToAgent::LogsCancel { request_id: id };
             if !matches!(
-                tokio::time::timeout(SEND_TIMEOUT, agent.send(Ok(cancel))).await,
+                tokio::time::timeout(SEND_TIMEOUT, agent.send(cancel)).await,
                 Ok(Ok(()))
             ) {
                 tracing::warn!(%provider, request_id = id, "could not cancel a request for output; the agent's answers are dropped");
@@ -367,8 +404,8 @@ async fn forward(
 mod tests {
     use super::*;
 
-    fn answer(id: u64, data: &str, end: bool) -> pb::ReplicaLogs {
-        pb::ReplicaLogs {
+    fn answer(id: u64, data: &str, end: bool) -> LogAnswer {
+        LogAnswer {
             request_id: id,
             replica: "web/aa/0".into(),
             data: data.as_bytes().to_vec(),
@@ -419,24 +456,23 @@ mod tests {
     async fn a_silent_agent_ends_a_request_without_follow_but_not_a_followed_one() {
         let (daemon, _dir) = daemon();
         let (agent_tx, mut agent_rx) = mpsc::channel(8);
-        lock(&daemon.agents).insert(
-            "aa".to_string(),
-            crate::daemon::AgentConn {
-                conn_id: 1,
-                agent_id: "a".into(),
-                version: "0".into(),
-                tx: agent_tx,
-                last_seen: tokio::time::Instant::now(),
-                last_seen_ms: 0,
-                sent_revision: 0,
-                applied_revision: 0,
-            },
-        );
+        let seen = crate::registry::AgentSeen {
+            agent_id: "a".into(),
+            version: "0".into(),
+            last_seen: tokio::time::Instant::now(),
+            last_seen_ms: 0,
+            applied_revision: 0,
+            capabilities: crate::registry::AgentCapabilities { max_stop: None },
+        };
+        let (conn_id, _) = daemon.registry.connect("aa", seen, agent_tx);
+        assert_eq!(conn_id, 1);
         for follow in [false, true] {
-            let request = pb::LogsRequest {
+            let request = LogsQuery {
                 app: "web".into(),
+                provider: None,
+                index: None,
+                tail_lines: 0,
                 follow,
-                ..Default::default()
             };
             let (out, mut client) = mpsc::channel(8);
             let part = tokio::spawn(forward(daemon.clone(), "aa".into(), request, out));
@@ -452,20 +488,12 @@ mod tests {
                 part.abort();
                 continue;
             }
-            let chunk = client.recv().await.expect("a chunk").expect("not a status");
+            let chunk = client.recv().await.expect("a chunk");
             assert!(chunk.error.contains("the agent sent nothing"), "{chunk:?}");
             part.await.expect("the part ends");
             // ... and the agent is told to stop.
             let cancel = agent_rx.recv().await.expect("a cancellation");
-            assert!(
-                matches!(
-                    cancel,
-                    Ok(pb::DaemonMessage {
-                        message: Some(pb::daemon_message::Message::LogsCancel(_))
-                    })
-                ),
-                "{cancel:?}"
-            );
+            assert!(matches!(cancel, ToAgent::LogsCancel { .. }), "{cancel:?}");
         }
     }
 

@@ -75,7 +75,7 @@ fn join_token(args: &DaemonArgs) -> anyhow::Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| path.display().to_string()),
     }
-    let token = skymirror::random_token();
+    let token = skymirror::random_token()?;
     write_private(&path, &token)?;
     tracing::info!(path = %path.display(), "generated a join token for agents");
     Ok(token)

@@ -24,8 +24,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::liveness::Liveness;
+use crate::model::{DeclaredApp, DeclaredProvider};
 use crate::spec::{PlacementMode, PlacementTarget, Provider};
-use crate::store::{StoredApp, StoredProvider};
 
 /// Replicas per app per provider: `provider -> app -> replicas` (no zero entries).
 pub type Placements = BTreeMap<String, BTreeMap<String, u32>>;
@@ -190,7 +190,7 @@ fn matches(target: &PlacementTarget, provider: &Provider) -> bool {
 
 /// Providers an app may run on, in placement order, each once (the first
 /// matching entry gives its weight and priority).
-fn candidates<'a>(app: &StoredApp, providers: &'a [StoredProvider]) -> Vec<Candidate<'a>> {
+fn candidates<'a>(app: &DeclaredApp, providers: &'a [DeclaredProvider]) -> Vec<Candidate<'a>> {
     let placement = &app.app.spec.placement;
     if placement.providers.is_empty() {
         return providers
@@ -244,7 +244,7 @@ fn divide(total: u32, weights: &[u32]) -> Vec<u32> {
 ///
 /// Apps are placed in name order against each provider's capacity (0 means
 /// unlimited), so the result is deterministic.
-pub fn schedule(apps: &[StoredApp], providers: &[StoredProvider], ctx: &Context) -> Schedule {
+pub fn schedule(apps: &[DeclaredApp], providers: &[DeclaredProvider], ctx: &Context) -> Schedule {
     let mut free: BTreeMap<&str, Option<u32>> = providers
         .iter()
         .map(|p| {
@@ -253,7 +253,7 @@ pub fn schedule(apps: &[StoredApp], providers: &[StoredProvider], ctx: &Context)
         })
         .collect();
     let mut out = Schedule::default();
-    let mut apps: Vec<&StoredApp> = apps.iter().collect();
+    let mut apps: Vec<&DeclaredApp> = apps.iter().collect();
     apps.sort_by(|a, b| a.app.metadata.name.cmp(&b.app.metadata.name));
     let default_condition = Condition::default();
 
@@ -657,8 +657,8 @@ mod tests {
         priority: i32,
         capacity: u32,
         labels: &[(&str, &str)],
-    ) -> StoredProvider {
-        StoredProvider {
+    ) -> DeclaredProvider {
+        DeclaredProvider {
             provider: Provider {
                 metadata: ObjectMeta {
                     name: name.into(),
@@ -685,8 +685,8 @@ mod tests {
         replicas: u32,
         mode: PlacementMode,
         targets: Vec<PlacementTarget>,
-    ) -> StoredApp {
-        StoredApp {
+    ) -> DeclaredApp {
+        DeclaredApp {
             app: App {
                 metadata: ObjectMeta {
                     name: name.into(),
@@ -871,7 +871,7 @@ mod tests {
         }
     }
 
-    fn three() -> Vec<StoredProvider> {
+    fn three() -> Vec<DeclaredProvider> {
         vec![
             provider("a", 30, 0, &[]),
             provider("b", 20, 0, &[]),

@@ -381,7 +381,7 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                             .map(|r| ResultView {
                                 kind: r.kind.clone(),
                                 name: r.name.clone(),
-                                action: crate::daemon::action_word(r.action()).into(),
+                                action: output::action_word(r.action()).into(),
                                 generation: r.generation,
                             })
                             .collect(),
@@ -405,7 +405,7 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                     "{}/{} {}{suffix}",
                     r.kind.to_lowercase(),
                     r.name,
-                    crate::daemon::action_word(r.action())
+                    output::action_word(r.action())
                 );
             }
             for p in &resp.plan {
@@ -654,7 +654,7 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                     "{}/{} {}",
                     r.kind.to_lowercase(),
                     r.name,
-                    crate::daemon::action_word(r.action())
+                    output::action_word(r.action())
                 );
                 if r.action() == pb::ApplyAction::NotFound {
                     missing.push(format!("{}/{}", r.kind.to_lowercase(), r.name));

@@ -42,7 +42,7 @@ pub fn age(ms: i64) -> String {
     if ms <= 0 {
         return "-".into();
     }
-    let now = crate::store::now_ms();
+    let now = crate::model::now_ms();
     let s = (now - ms).max(0) / 1000;
     match s {
         0..=119 => format!("{s}s"),
@@ -328,4 +328,16 @@ pub fn event_line(e: &pb::Event) -> String {
         e.reason,
         e.message
     )
+}
+
+/// How an apply or delete result reads, e.g. `configured`.
+pub fn action_word(a: pb::ApplyAction) -> &'static str {
+    match a {
+        pb::ApplyAction::Created => "created",
+        pb::ApplyAction::Configured => "configured",
+        pb::ApplyAction::Unchanged => "unchanged",
+        pb::ApplyAction::Deleted => "deleted",
+        pb::ApplyAction::NotFound => "not found",
+        pb::ApplyAction::Unspecified => "unknown",
+    }
 }

@@ -89,6 +89,7 @@ impl From<&Provider> for pb::Provider {
                 priority: p.spec.priority,
                 capacity: p.spec.capacity,
                 description: p.spec.description.clone(),
+                settings: None,
             }),
         }
     }

@@ -12,9 +12,10 @@ use std::sync::Mutex;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use super::{
-    Batch, NewEvent, SCHEMA_VERSION, Store, StoreError, StoredApp, StoredAssignment,
-    StoredControls, StoredEvent, StoredProvider, StoredReplica, decode, encode, now_ms,
+use super::records::EventV1;
+use super::{Batch, SCHEMA_VERSION, Store, StoreError, decode, encode};
+use crate::model::{
+    Assignment, Controls, DeclaredApp, DeclaredProvider, Event, NewEvent, ReportedReplica, now_ms,
 };
 
 /// sled-backed [`Store`].
@@ -129,7 +130,7 @@ impl SledStore {
         &self,
         events: Vec<NewEvent>,
         write: impl FnOnce(&[(u64, Vec<u8>)]) -> Result<R, StoreError>,
-    ) -> Result<(R, Vec<StoredEvent>), StoreError> {
+    ) -> Result<(R, Vec<Event>), StoreError> {
         let mut log = self
             .event_lock
             .lock()
@@ -144,12 +145,12 @@ impl SledStore {
             // by a client before a `kill -9` never has its number reused, even
             // if the event itself had not reached the disk.
             seq = self.db.generate_id().map_err(backend)?.max(seq) + 1;
-            let event = StoredEvent {
+            let event = Event {
                 seq,
                 time_ms,
                 event,
             };
-            encoded.push((seq, encode(&event)?));
+            encoded.push((seq, encode(&EventV1::from(&event))?));
             stored.push(event);
         }
         let result = write(&encoded)?;
@@ -176,6 +177,10 @@ impl SledStore {
     }
 }
 
+fn decode_event(bytes: &[u8]) -> Result<Event, StoreError> {
+    Event::try_from(decode::<EventV1>("event", bytes)?)
+}
+
 fn seq_from_key(key: &[u8]) -> Result<u64, StoreError> {
     let bytes: [u8; 8] = key.try_into().map_err(|_| StoreError::Decode {
         what: "event key".into(),
@@ -185,11 +190,11 @@ fn seq_from_key(key: &[u8]) -> Result<u64, StoreError> {
 }
 
 impl Store for SledStore {
-    fn apps(&self) -> Result<Vec<StoredApp>, StoreError> {
+    fn apps(&self) -> Result<Vec<DeclaredApp>, StoreError> {
         Self::values(&self.apps, "app")
     }
 
-    fn app(&self, name: &str) -> Result<Option<StoredApp>, StoreError> {
+    fn app(&self, name: &str) -> Result<Option<DeclaredApp>, StoreError> {
         self.apps
             .get(name)
             .map_err(backend)?
@@ -197,15 +202,15 @@ impl Store for SledStore {
             .transpose()
     }
 
-    fn providers(&self) -> Result<Vec<StoredProvider>, StoreError> {
+    fn providers(&self) -> Result<Vec<DeclaredProvider>, StoreError> {
         Self::values(&self.providers, "provider")
     }
 
-    fn assignments(&self) -> Result<Vec<StoredAssignment>, StoreError> {
+    fn assignments(&self) -> Result<Vec<Assignment>, StoreError> {
         Self::values(&self.assignments, "assignment")
     }
 
-    fn controls(&self) -> Result<StoredControls, StoreError> {
+    fn controls(&self) -> Result<Controls, StoreError> {
         Ok(self
             .controls
             .get(CONTROLS_KEY)
@@ -215,7 +220,7 @@ impl Store for SledStore {
             .unwrap_or_default())
     }
 
-    fn commit(&self, batch: Batch, durable: bool) -> Result<Vec<StoredEvent>, StoreError> {
+    fn commit(&self, batch: Batch, durable: bool) -> Result<Vec<Event>, StoreError> {
         let mut apps = Vec::new();
         for app in &batch.put_apps {
             apps.push((app.app.metadata.name.clone(), encode(app)?));
@@ -276,14 +281,14 @@ impl Store for SledStore {
         Ok(stored)
     }
 
-    fn replicas(&self) -> Result<Vec<StoredReplica>, StoreError> {
+    fn replicas(&self) -> Result<Vec<ReportedReplica>, StoreError> {
         Self::values(&self.replicas, "replica")
     }
 
     fn put_replicas(
         &self,
         replace_provider: Option<&str>,
-        replicas: &[StoredReplica],
+        replicas: &[ReportedReplica],
     ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         if let Some(provider) = replace_provider {
@@ -305,7 +310,7 @@ impl Store for SledStore {
         self.replicas.apply_batch(batch).map_err(backend)
     }
 
-    fn append_events(&self, events: Vec<NewEvent>) -> Result<Vec<StoredEvent>, StoreError> {
+    fn append_events(&self, events: Vec<NewEvent>) -> Result<Vec<Event>, StoreError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -319,24 +324,24 @@ impl Store for SledStore {
         Ok(stored)
     }
 
-    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
         let start = after.saturating_add(1).to_be_bytes();
         self.events
             .range(start..)
             .values()
             .take(limit)
-            .map(|v| decode("event", &v.map_err(backend)?))
+            .map(|v| decode_event(&v.map_err(backend)?))
             .collect()
     }
 
-    fn last_events(&self, count: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut events: Vec<StoredEvent> = self
+    fn last_events(&self, count: usize) -> Result<Vec<Event>, StoreError> {
+        let mut events: Vec<Event> = self
             .events
             .iter()
             .values()
             .rev()
             .take(count)
-            .map(|v| decode("event", &v.map_err(backend)?))
+            .map(|v| decode_event(&v.map_err(backend)?))
             .collect::<Result<_, _>>()?;
         events.reverse();
         Ok(events)
@@ -378,23 +383,23 @@ mod tests {
         }
     }
 
-    fn event(reason: &str) -> NewEvent {
-        NewEvent {
-            reason: reason.into(),
-            kind: "App".into(),
-            object: "web".into(),
-            ..NewEvent::default()
-        }
+    /// An event told apart from others by its message.
+    fn event(message: &str) -> NewEvent {
+        NewEvent::app(
+            crate::model::EventReason::AppConfigured,
+            "web",
+            message.into(),
+        )
     }
 
-    fn replica(provider: &str, app: &str, index: u32) -> StoredReplica {
-        StoredReplica {
+    fn replica(provider: &str, app: &str, index: u32) -> ReportedReplica {
+        ReportedReplica {
             provider: provider.into(),
             app: app.into(),
             index,
             generation: 1,
             workload_generation: 1,
-            state: super::super::ReplicaState::Healthy,
+            state: crate::model::ReplicaState::Healthy,
             ready: true,
             address: "127.0.0.1:1".into(),
             ports: Default::default(),
@@ -422,7 +427,7 @@ mod tests {
                 true,
             )?;
             assert_eq!(store.events_after(1, 10)?.len(), 2);
-            assert_eq!(store.last_events(1)?[0].event.reason, "C");
+            assert_eq!(store.last_events(1)?[0].event.message, "C");
         }
         let store = reopen(dir.path())?;
         assert_eq!(store.last_event_seq()?, 3);
@@ -449,7 +454,7 @@ mod tests {
             (kept.len() as u64) <= SledStore::EVENT_RETENTION + SledStore::EVENT_RETENTION / 10
         );
         assert_eq!(
-            kept.last().map(|e| e.event.reason.clone()),
+            kept.last().map(|e| e.event.message.clone()),
             Some(format!("E{}", total - 1))
         );
         Ok(())
@@ -468,7 +473,7 @@ mod tests {
             ],
         )?;
         store.put_replicas(Some("a"), &[replica("a", "web", 1)])?;
-        let ids: Vec<_> = store.replicas()?.iter().map(StoredReplica::id).collect();
+        let ids: Vec<_> = store.replicas()?.iter().map(ReportedReplica::id).collect();
         assert_eq!(ids, vec!["web/a/1", "web/ab/0"]);
         store.delete_replicas("a", &[("web".into(), 1)])?;
         assert_eq!(store.replicas()?.len(), 1);

@@ -1,23 +1,28 @@
 //! `ControlService`: what the CLI and any other client use.
 //!
 //! Boundary: converts between wire types and the daemon's domain; the logic
-//! lives in [`crate::daemon`].
+//! lives beside each concern (`apply.rs`, `controls.rs`, `explain.rs`,
+//! `summary.rs`, `logs.rs`). Streams it opens are tracked by the daemon's
+//! task tracker and end with it.
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use skymirror_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc};
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::convert::{app_to_pb, event_to_pb, provider_to_pb, replica_to_pb};
-use crate::daemon::{Daemon, lock};
+use super::convert::{
+    app_to_pb, change_to_pb, daemon_status_to_pb, event_to_pb, explanation_to_pb, log_chunk_to_pb,
+    logs_query_from_pb, provider_status_to_pb, provider_to_pb, replica_to_pb, result_to_pb,
+    routes_to_pb, summary_to_pb,
+};
+use crate::daemon::Daemon;
 use crate::error::DaemonError;
+use crate::model::{Event, ProviderControl};
 use crate::spec::{self, Kind};
-use crate::store::{StoredApp, StoredAssignment, StoredEvent, StoredReplica};
 
 /// Largest request the control API accepts (a 1 MiB spec file plus framing).
 pub const MAX_CONTROL_MESSAGE: usize = 2 * 1024 * 1024;
@@ -36,85 +41,15 @@ impl ControlApi {
         pb::control_service_server::ControlServiceServer::new(ControlApi { daemon })
             .max_decoding_message_size(MAX_CONTROL_MESSAGE)
     }
+}
 
-    fn assignments(&self) -> Result<BTreeMap<String, StoredAssignment>, DaemonError> {
-        Ok(self
-            .daemon
-            .store
-            .assignments()?
-            .into_iter()
-            .map(|a| (a.provider.clone(), a))
-            .collect())
-    }
-
-    fn replicas(&self) -> Vec<StoredReplica> {
-        self.daemon.effective_replicas()
-    }
-
-    fn summary(
-        &self,
-        app: &StoredApp,
-        assignments: &BTreeMap<String, StoredAssignment>,
-        replicas: &[StoredReplica],
-    ) -> pb::AppSummary {
-        crate::daemon::summarize(app, assignments, replicas)
-    }
-
-    fn provider_status(
-        &self,
-        name: &str,
-        assignments: &BTreeMap<String, StoredAssignment>,
-        replicas: &[StoredReplica],
-    ) -> pb::ProviderStatus {
-        let assigned: u32 = assignments
-            .get(name)
-            .map_or(0, |a| a.apps.iter().map(|x| x.replicas).sum());
-        let ready = u32::try_from(
-            replicas
-                .iter()
-                .filter(|r| r.provider == name && r.ready)
-                .count(),
-        )
-        .unwrap_or(u32::MAX);
-        let mut status = pb::ProviderStatus {
-            name: name.to_string(),
-            assignment_revision: assignments.get(name).map_or(0, |a| a.revision),
-            assigned_replicas: assigned,
-            ready_replicas: ready,
-            ..Default::default()
-        };
-        let (state, reason, since, held_out_until) = self.daemon.provider_liveness(name);
-        status.state = state as i32;
-        status.state_reason = reason;
-        status.state_since_ms = since;
-        status.held_out_until_ms = held_out_until;
-        if let Ok(controls) = self.daemon.store.controls() {
-            status.cordoned = controls.cordoned.contains(name);
-            status.draining = controls.draining.contains(name);
-        }
-        if let Some(conn) = lock(&self.daemon.agents).get(name) {
-            status.agent_id = conn.agent_id.clone();
-            status.agent_version = conn.version.clone();
-            status.last_heartbeat_ms = conn.last_seen_ms;
-            status.applied_revision = conn.applied_revision;
-        } else if let Some(seen) = lock(&self.daemon.seen).get(name) {
-            status.agent_id = seen.agent_id.clone();
-            status.agent_version = seen.version.clone();
-            status.last_heartbeat_ms = seen.last_seen_ms;
-            status.applied_revision = seen.applied_revision;
-        }
-        status
-    }
+fn source_name(source: &str) -> &str {
+    if source.is_empty() { "<input>" } else { source }
 }
 
 fn targets_from_request(req: &pb::DeleteRequest) -> Result<Vec<(Kind, String)>, DaemonError> {
     if !req.content.is_empty() {
-        let source = if req.source.is_empty() {
-            "<input>"
-        } else {
-            &req.source
-        };
-        let docs = spec::parse_documents(source, &req.content)?;
+        let docs = spec::parse_documents(source_name(&req.source), &req.content)?;
         return Ok(docs
             .iter()
             .map(|d| (d.document.kind(), d.document.name().to_string()))
@@ -138,7 +73,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>
 type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
 type RouteStream = Pin<Box<dyn Stream<Item = Result<pb::RoutingTable, Status>> + Send>>;
 
-fn event_matches(req: &pb::WatchEventsRequest, e: &StoredEvent) -> bool {
+fn event_matches(req: &pb::WatchEventsRequest, e: &Event) -> bool {
     (req.app.is_empty() || e.event.app == req.app)
         && (req.provider.is_empty() || e.event.provider == req.provider)
 }
@@ -153,8 +88,10 @@ impl pb::control_service_server::ControlService for ControlApi {
         &self,
         request: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        let chunks = crate::logs::open(&self.daemon, request.into_inner())?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(chunks))))
+        let chunks = crate::logs::open(&self.daemon, logs_query_from_pb(request.into_inner()))?;
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(chunks).map(|c| Ok(log_chunk_to_pb(c))),
+        )))
     }
 
     async fn watch_routes(
@@ -165,11 +102,11 @@ impl pb::control_service_server::ControlService for ControlApi {
         let daemon = self.daemon.clone();
         let mut table = daemon.routes.subscribe();
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
+        self.daemon.tasks.spawn(async move {
             tracing::info!(edge = %edge, "front door follows the routing table");
             loop {
                 // Always the newest table: a slow front door skips intermediate ones.
-                let current = table.borrow_and_update().clone();
+                let current = routes_to_pb(&table.borrow_and_update());
                 if tx.send(Ok(current)).await.is_err() {
                     return;
                 }
@@ -210,10 +147,18 @@ impl pb::control_service_server::ControlService for ControlApi {
         request: Request<pb::ControlProviderRequest>,
     ) -> Result<Response<pb::OperatorResponse>, Status> {
         let req = request.into_inner();
-        let message = self
-            .daemon
-            .control_provider(&req.provider, req.control())
-            .await?;
+        let control = match req.control() {
+            pb::ProviderControl::Cordon => ProviderControl::Cordon,
+            pb::ProviderControl::Uncordon => ProviderControl::Uncordon,
+            pb::ProviderControl::Drain => ProviderControl::Drain,
+            pb::ProviderControl::Unspecified => {
+                return Err(DaemonError::BadRequest(
+                    "control must be cordon, uncordon or drain".into(),
+                )
+                .into());
+            }
+        };
+        let message = self.daemon.control_provider(&req.provider, control).await?;
         Ok(Response::new(pb::OperatorResponse { message }))
     }
 
@@ -221,9 +166,8 @@ impl pb::control_service_server::ControlService for ControlApi {
         &self,
         request: Request<pb::ExplainRequest>,
     ) -> Result<Response<pb::ExplainResponse>, Status> {
-        Ok(Response::new(
-            self.daemon.explain(&request.into_inner().app)?,
-        ))
+        let explanation = self.daemon.explain(&request.into_inner().app)?;
+        Ok(Response::new(explanation_to_pb(&explanation)))
     }
 
     async fn apply(
@@ -231,15 +175,13 @@ impl pb::control_service_server::ControlService for ControlApi {
         request: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let req = request.into_inner();
-        let source = if req.source.is_empty() {
-            "<input>"
-        } else {
-            &req.source
-        };
-        let outcome = self.daemon.apply(source, &req.content, req.dry_run).await?;
+        let outcome = self
+            .daemon
+            .apply(source_name(&req.source), &req.content, req.dry_run)
+            .await?;
         Ok(Response::new(pb::ApplyResponse {
-            results: outcome.results,
-            plan: outcome.plan,
+            results: outcome.results.iter().map(result_to_pb).collect(),
+            plan: outcome.changes.iter().map(change_to_pb).collect(),
             dry_run: req.dry_run,
         }))
     }
@@ -250,7 +192,9 @@ impl pb::control_service_server::ControlService for ControlApi {
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let targets = targets_from_request(request.get_ref())?;
         let results = self.daemon.delete(targets).await?;
-        Ok(Response::new(pb::DeleteResponse { results }))
+        Ok(Response::new(pb::DeleteResponse {
+            results: results.iter().map(result_to_pb).collect(),
+        }))
     }
 
     async fn list_apps(
@@ -258,7 +202,7 @@ impl pb::control_service_server::ControlService for ControlApi {
         request: Request<pb::ListAppsRequest>,
     ) -> Result<Response<pb::ListAppsResponse>, Status> {
         let name = request.into_inner().name;
-        let apps: Vec<StoredApp> = self
+        let apps: Vec<_> = self
             .daemon
             .store
             .apps()
@@ -269,12 +213,11 @@ impl pb::control_service_server::ControlService for ControlApi {
         if !name.is_empty() && apps.is_empty() {
             return Err(DaemonError::NotFound(format!("app {name:?} not found")).into());
         }
-        let assignments = self.assignments()?;
-        let replicas = self.replicas();
+        let view = self.daemon.read_view()?;
         Ok(Response::new(pb::ListAppsResponse {
             summaries: apps
                 .iter()
-                .map(|a| self.summary(a, &assignments, &replicas))
+                .map(|a| summary_to_pb(view.summary(a)))
                 .collect(),
             apps: apps.iter().map(app_to_pb).collect(),
         }))
@@ -296,12 +239,11 @@ impl pb::control_service_server::ControlService for ControlApi {
         if !name.is_empty() && providers.is_empty() {
             return Err(DaemonError::NotFound(format!("provider {name:?} not found")).into());
         }
-        let assignments = self.assignments()?;
-        let replicas = self.replicas();
+        let view = self.daemon.read_view()?;
         Ok(Response::new(pb::ListProvidersResponse {
             statuses: providers
                 .iter()
-                .map(|p| self.provider_status(&p.provider.metadata.name, &assignments, &replicas))
+                .map(|p| provider_status_to_pb(view.provider_status(&p.provider.metadata.name)))
                 .collect(),
             providers: providers.iter().map(provider_to_pb).collect(),
         }))
@@ -313,7 +255,10 @@ impl pb::control_service_server::ControlService for ControlApi {
     ) -> Result<Response<pb::ListReplicasResponse>, Status> {
         let req = request.into_inner();
         let replicas = self
-            .replicas()
+            .daemon
+            .registry
+            .snapshot()
+            .effective_replicas()
             .iter()
             .filter(|r| {
                 (req.app.is_empty() || r.app == req.app)
@@ -332,19 +277,14 @@ impl pb::control_service_server::ControlService for ControlApi {
         let Some(app) = self.daemon.store.app(&name).map_err(DaemonError::from)? else {
             return Err(DaemonError::NotFound(format!("app {name:?} not found")).into());
         };
-        let assignments = self.assignments()?;
-        let replicas = self.replicas();
-        let placements = assignments
-            .iter()
-            .filter_map(|(provider, a)| {
-                let share = a.apps.iter().find(|x| x.app == name)?;
-                Some(pb::ProviderPlacement {
-                    provider: provider.clone(),
-                    replicas: share.replicas,
-                    provider_state: self
-                        .provider_status(provider, &assignments, &replicas)
-                        .state,
-                })
+        let view = self.daemon.read_view()?;
+        let placements = view
+            .shares(&name)
+            .into_iter()
+            .map(|(provider, replicas)| pb::ProviderPlacement {
+                provider_state: provider_status_to_pb(view.provider_status(&provider)).state,
+                provider,
+                replicas,
             })
             .collect();
         let recent_events = self
@@ -362,10 +302,11 @@ impl pb::control_service_server::ControlService for ControlApi {
             .rev()
             .collect();
         Ok(Response::new(pb::AppStatus {
-            summary: Some(self.summary(&app, &assignments, &replicas)),
+            summary: Some(summary_to_pb(view.summary(&app))),
             app: Some(app_to_pb(&app)),
             placements,
-            replicas: replicas
+            replicas: view
+                .replicas
                 .iter()
                 .filter(|r| r.app == name)
                 .map(replica_to_pb)
@@ -378,25 +319,9 @@ impl pb::control_service_server::ControlService for ControlApi {
         &self,
         _request: Request<pb::GetDaemonStatusRequest>,
     ) -> Result<Response<pb::DaemonStatus>, Status> {
-        let d = &self.daemon;
-        let stats = d.stats();
-        let micros = |x: std::time::Duration| u64::try_from(x.as_micros()).unwrap_or(u64::MAX);
-        Ok(Response::new(pb::DaemonStatus {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            apps: u32::try_from(d.store.apps().map_err(DaemonError::from)?.len())
-                .unwrap_or(u32::MAX),
-            providers: u32::try_from(d.store.providers().map_err(DaemonError::from)?.len())
-                .unwrap_or(u32::MAX),
-            connected_agents: u32::try_from(lock(&d.agents).len()).unwrap_or(u32::MAX),
-            replicas_reported: u32::try_from(self.replicas().len()).unwrap_or(u32::MAX),
-            reconcile_passes: stats.passes,
-            last_reconcile_micros: micros(stats.last),
-            mean_reconcile_micros: micros(stats.total).checked_div(stats.passes).unwrap_or(0),
-            max_reconcile_micros: micros(stats.max),
-            store_bytes: d.store.size_on_disk().map_err(DaemonError::from)?,
-            started_at_ms: d.started_at_ms,
-            last_event_seq: d.store.last_event_seq().map_err(DaemonError::from)?,
-        }))
+        Ok(Response::new(daemon_status_to_pb(
+            &self.daemon.daemon_status()?,
+        )))
     }
 
     async fn watch_events(
@@ -424,7 +349,7 @@ impl pb::control_service_server::ControlService for ControlApi {
             after = after.max(matching.get(start).map_or(last, |s| s.saturating_sub(1)));
         }
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(async move {
+        self.daemon.tasks.spawn(async move {
             // Replay, then follow; `after` is the last sequence number sent.
             loop {
                 let batch = match daemon.store.events_after(after, REPLAY_BATCH) {

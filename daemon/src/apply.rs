@@ -1,0 +1,380 @@
+//! `apply` and `delete`: validate and plan (pure), then commit.
+//!
+//! [`plan_apply`] turns a file's documents and the declared state into the
+//! batch to commit, the per-object results and the placement changes the
+//! apply causes; [`plan_delete`] does the same for deletions. Neither touches
+//! the store: [`Daemon::apply`] and [`Daemon::delete`] read the declared state,
+//! plan, and commit the batch durably before they answer.
+//!
+//! Invariant: an apply is all-or-nothing and durable before it is
+//! acknowledged; a rejected file changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::daemon::Daemon;
+use crate::error::DaemonError;
+use crate::model::{
+    Action, DeclaredApp, DeclaredProvider, EventReason, NewEvent, ObjectResult, PlacementChange,
+    now_ms,
+};
+use crate::scheduler::{self, Context, Schedule};
+use crate::spec::{self, Document, Kind};
+use crate::store::Batch;
+
+/// What an apply would do.
+#[derive(Debug, Default)]
+pub struct ApplyPlan {
+    /// One result per document.
+    pub results: Vec<ObjectResult>,
+    /// How placement changes.
+    pub changes: Vec<PlacementChange>,
+    /// What to commit.
+    pub batch: Batch,
+}
+
+/// The outcome of an apply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// One result per document.
+    pub results: Vec<ObjectResult>,
+    /// Placement changes.
+    pub changes: Vec<PlacementChange>,
+}
+
+/// Plans an apply of `content` (read from `source`) onto the declared `apps`
+/// and `providers`; `ctx` is the placement context now, so the changes are
+/// the ones the next pass will make. Fails, changing nothing, on any invalid
+/// document.
+pub fn plan_apply(
+    source: &str,
+    content: &str,
+    apps: &[DeclaredApp],
+    providers: &[DeclaredProvider],
+    ctx: &Context,
+    now_ms: i64,
+) -> Result<ApplyPlan, DaemonError> {
+    let docs = spec::parse_documents(source, content)?;
+    let known: BTreeSet<String> = providers
+        .iter()
+        .map(|p| p.provider.metadata.name.clone())
+        .collect();
+    spec::validate_references(source, content, &docs, &known)?;
+
+    let mut batch = Batch::default();
+    let mut results = Vec::new();
+    let mut new_providers: BTreeMap<String, DeclaredProvider> = providers
+        .iter()
+        .map(|p| (p.provider.metadata.name.clone(), p.clone()))
+        .collect();
+    let mut new_apps: BTreeMap<String, DeclaredApp> = apps
+        .iter()
+        .map(|a| (a.app.metadata.name.clone(), a.clone()))
+        .collect();
+
+    for parsed in docs {
+        match parsed.document {
+            Document::Provider(p) => {
+                let name = p.metadata.name.clone();
+                let (action, declared) = match new_providers.get(&name) {
+                    Some(old) if old.provider == p => (Action::Unchanged, old.clone()),
+                    Some(old) => (
+                        Action::Configured,
+                        DeclaredProvider {
+                            provider: p,
+                            generation: old.generation + 1,
+                            created_at_ms: old.created_at_ms,
+                            updated_at_ms: now_ms,
+                        },
+                    ),
+                    None => (
+                        Action::Created,
+                        DeclaredProvider {
+                            provider: p,
+                            generation: 1,
+                            created_at_ms: now_ms,
+                            updated_at_ms: now_ms,
+                        },
+                    ),
+                };
+                if action != Action::Unchanged {
+                    let reason = if action == Action::Created {
+                        EventReason::ProviderCreated
+                    } else {
+                        EventReason::ProviderConfigured
+                    };
+                    batch.events.push(NewEvent::provider(
+                        reason,
+                        &name,
+                        format!(
+                            "provider {name} {} (generation {})",
+                            action.as_str(),
+                            declared.generation
+                        ),
+                    ));
+                    batch.put_providers.push(declared.clone());
+                }
+                results.push(ObjectResult {
+                    kind: Kind::Provider,
+                    name: name.clone(),
+                    action,
+                    generation: declared.generation,
+                });
+                new_providers.insert(name, declared);
+            }
+            Document::App(a) => {
+                let name = a.metadata.name.clone();
+                let (action, declared) = match new_apps.get(&name) {
+                    Some(old) if old.app == a => (Action::Unchanged, old.clone()),
+                    Some(old) => {
+                        let generation = old.generation + 1;
+                        let workload_generation = if old.app.spec.workload == a.spec.workload {
+                            old.workload_generation
+                        } else {
+                            generation
+                        };
+                        (
+                            Action::Configured,
+                            DeclaredApp {
+                                app: a,
+                                generation,
+                                workload_generation,
+                                created_at_ms: old.created_at_ms,
+                                updated_at_ms: now_ms,
+                            },
+                        )
+                    }
+                    None => (
+                        Action::Created,
+                        DeclaredApp {
+                            app: a,
+                            generation: 1,
+                            workload_generation: 1,
+                            created_at_ms: now_ms,
+                            updated_at_ms: now_ms,
+                        },
+                    ),
+                };
+                if action != Action::Unchanged {
+                    let detail = match new_apps.get(&name) {
+                        Some(old) => describe_change(old, &declared),
+                        None => format!(
+                            "{} replicas, {} placement",
+                            declared.app.spec.replicas,
+                            declared.app.spec.placement.mode.as_str()
+                        ),
+                    };
+                    let reason = if action == Action::Created {
+                        EventReason::AppCreated
+                    } else {
+                        EventReason::AppConfigured
+                    };
+                    batch.events.push(NewEvent::app(
+                        reason,
+                        &name,
+                        format!(
+                            "app {name} {} (generation {}): {detail}",
+                            action.as_str(),
+                            declared.generation
+                        ),
+                    ));
+                    batch.put_apps.push(declared.clone());
+                }
+                results.push(ObjectResult {
+                    kind: Kind::App,
+                    name: name.clone(),
+                    action,
+                    generation: declared.generation,
+                });
+                new_apps.insert(name, declared);
+            }
+        }
+    }
+
+    let before = scheduler::schedule(apps, providers, ctx);
+    let after_apps: Vec<DeclaredApp> = new_apps.into_values().collect();
+    let after_providers: Vec<DeclaredProvider> = new_providers.into_values().collect();
+    let after = scheduler::schedule(&after_apps, &after_providers, ctx);
+    Ok(ApplyPlan {
+        results,
+        changes: placement_changes(&before, &after, apps, &after_apps),
+        batch,
+    })
+}
+
+/// Plans the deletion of `targets`. A provider still named in the placement
+/// of an app that stays is refused, and then nothing is deleted.
+pub fn plan_delete(
+    targets: &[(Kind, String)],
+    apps: &[DeclaredApp],
+    providers: &[DeclaredProvider],
+) -> Result<(Vec<ObjectResult>, Batch), DaemonError> {
+    let deleted: BTreeSet<(Kind, String)> = targets.iter().cloned().collect();
+    let mut batch = Batch::default();
+    let mut results = Vec::new();
+    for (kind, name) in targets {
+        let generation = match kind {
+            Kind::App => apps
+                .iter()
+                .find(|a| &a.app.metadata.name == name)
+                .map(|a| a.generation),
+            Kind::Provider => providers
+                .iter()
+                .find(|p| &p.provider.metadata.name == name)
+                .map(|p| p.generation),
+        };
+        let Some(generation) = generation else {
+            results.push(ObjectResult {
+                kind: *kind,
+                name: name.clone(),
+                action: Action::NotFound,
+                generation: 0,
+            });
+            continue;
+        };
+        let message = format!("{} {name} deleted", kind.as_str().to_lowercase());
+        match kind {
+            Kind::Provider => {
+                let users: Vec<&str> = apps
+                    .iter()
+                    .filter(|a| !deleted.contains(&(Kind::App, a.app.metadata.name.clone())))
+                    .filter(|a| {
+                        a.app
+                            .spec
+                            .placement
+                            .providers
+                            .iter()
+                            .any(|t| t.name.as_deref() == Some(name))
+                    })
+                    .map(|a| a.app.metadata.name.as_str())
+                    .collect();
+                if !users.is_empty() {
+                    return Err(DaemonError::FailedPrecondition(format!(
+                        "provider {name} is named in the placement of app(s) {}; change or delete them first",
+                        users.join(", ")
+                    )));
+                }
+                batch.delete_providers.push(name.clone());
+                batch.events.push(NewEvent::provider(
+                    EventReason::ProviderDeleted,
+                    name,
+                    message,
+                ));
+            }
+            Kind::App => {
+                batch.delete_apps.push(name.clone());
+                batch
+                    .events
+                    .push(NewEvent::app(EventReason::AppDeleted, name, message));
+            }
+        }
+        results.push(ObjectResult {
+            kind: *kind,
+            name: name.clone(),
+            action: Action::Deleted,
+            generation,
+        });
+    }
+    Ok((results, batch))
+}
+
+impl Daemon {
+    /// Validates and stores documents; see `ControlService.Apply`.
+    pub async fn apply(
+        &self,
+        source: &str,
+        content: &str,
+        dry_run: bool,
+    ) -> Result<ApplyOutcome, DaemonError> {
+        let _guard = self.writes.lock().await;
+        let apps = self.store.apps()?;
+        let providers = self.store.providers()?;
+        let ctx = self.placement_context(&apps, &providers)?;
+        let plan = plan_apply(source, content, &apps, &providers, &ctx, now_ms())?;
+        if !dry_run && !plan.batch.is_empty() {
+            self.commit(plan.batch).await?;
+        }
+        Ok(ApplyOutcome {
+            results: plan.results,
+            changes: plan.changes,
+        })
+    }
+
+    /// Deletes objects by kind and name.
+    pub async fn delete(
+        &self,
+        targets: Vec<(Kind, String)>,
+    ) -> Result<Vec<ObjectResult>, DaemonError> {
+        let _guard = self.writes.lock().await;
+        let apps = self.store.apps()?;
+        let providers = self.store.providers()?;
+        let (results, batch) = plan_delete(&targets, &apps, &providers)?;
+        if !batch.is_empty() {
+            self.commit(batch).await?;
+        }
+        Ok(results)
+    }
+}
+
+fn describe_change(old: &DeclaredApp, new: &DeclaredApp) -> String {
+    let (o, n) = (&old.app.spec, &new.app.spec);
+    let mut parts = Vec::new();
+    if o.replicas != n.replicas {
+        parts.push(format!("replicas {} → {}", o.replicas, n.replicas));
+    }
+    if o.workload != n.workload {
+        parts.push("workload changed, replicas will be replaced".to_string());
+    }
+    if o.placement != n.placement {
+        parts.push("placement changed".to_string());
+    }
+    if o.health != n.health {
+        parts.push("health check changed".to_string());
+    }
+    if o.failover != n.failover || o.routing != n.routing || old.app.metadata != new.app.metadata {
+        parts.push("settings changed".to_string());
+    }
+    parts.join(", ")
+}
+
+/// Every provider's share of every app that differs between two schedules.
+fn placement_changes(
+    before: &Schedule,
+    after: &Schedule,
+    old_apps: &[DeclaredApp],
+    new_apps: &[DeclaredApp],
+) -> Vec<PlacementChange> {
+    let wg = |apps: &[DeclaredApp], name: &str| {
+        apps.iter()
+            .find(|a| a.app.metadata.name == name)
+            .map(|a| a.workload_generation)
+    };
+    let mut keys: BTreeSet<(String, String)> = BTreeSet::new();
+    for s in [before, after] {
+        for (p, apps) in &s.placements {
+            for a in apps.keys() {
+                keys.insert((a.clone(), p.clone()));
+            }
+        }
+    }
+    let count = |s: &Schedule, app: &str, p: &str| {
+        s.placements
+            .get(p)
+            .and_then(|m| m.get(app))
+            .copied()
+            .unwrap_or(0)
+    };
+    keys.into_iter()
+        .filter_map(|(app, provider)| {
+            let b = count(before, &app, &provider);
+            let a = count(after, &app, &provider);
+            let replace = b > 0 && a > 0 && wg(old_apps, &app) != wg(new_apps, &app);
+            (b != a || replace).then_some(PlacementChange {
+                app,
+                provider,
+                replicas_before: b,
+                replicas_after: a,
+                replace,
+            })
+        })
+        .collect()
+}
