@@ -378,3 +378,182 @@ fn placement_changes(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROVIDERS: &str = "
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: a}
+spec: {driver: process, priority: 20}
+---
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: b}
+spec: {driver: process, priority: 10}
+";
+
+    fn web(replicas: u32, command: &str) -> String {
+        format!(
+            "
+apiVersion: skymirror.dev/v1
+kind: App
+metadata: {{name: web}}
+spec:
+  command: {command}
+  replicas: {replicas}
+  placement: {{mode: mirror, providers: [{{name: a}}, {{name: b}}]}}
+"
+        )
+    }
+
+    /// Applies `content` onto the declared state and keeps what it commits.
+    fn apply(
+        content: &str,
+        apps: &mut Vec<DeclaredApp>,
+        providers: &mut Vec<DeclaredProvider>,
+    ) -> Result<ApplyPlan, DaemonError> {
+        let plan = plan_apply("t.yaml", content, apps, providers, &Context::default(), 7)?;
+        for p in &plan.batch.put_providers {
+            providers.retain(|x| x.provider.metadata.name != p.provider.metadata.name);
+            providers.push(p.clone());
+        }
+        for a in &plan.batch.put_apps {
+            apps.retain(|x| x.app.metadata.name != a.app.metadata.name);
+            apps.push(a.clone());
+        }
+        Ok(plan)
+    }
+
+    fn actions(plan: &ApplyPlan) -> Vec<(Kind, &str, Action, u64)> {
+        plan.results
+            .iter()
+            .map(|r| (r.kind, r.name.as_str(), r.action, r.generation))
+            .collect()
+    }
+
+    #[test]
+    fn apply_plans_creations_changes_and_replacements_and_reapplying_changes_nothing() {
+        let (mut apps, mut providers) = (Vec::new(), Vec::new());
+        let both = |app: &str| format!("{PROVIDERS}---{app}");
+
+        let created = apply(&both(&web(2, "server")), &mut apps, &mut providers).expect("valid");
+        assert_eq!(
+            actions(&created),
+            vec![
+                (Kind::Provider, "a", Action::Created, 1),
+                (Kind::Provider, "b", Action::Created, 1),
+                (Kind::App, "web", Action::Created, 1),
+            ]
+        );
+        let reasons: Vec<EventReason> = created.batch.events.iter().map(|e| e.reason).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                EventReason::ProviderCreated,
+                EventReason::ProviderCreated,
+                EventReason::AppCreated
+            ]
+        );
+        assert_eq!(created.batch.put_apps[0].created_at_ms, 7);
+        let fresh: Vec<(&str, u32, u32, bool)> = created
+            .changes
+            .iter()
+            .map(|c| {
+                (
+                    c.provider.as_str(),
+                    c.replicas_before,
+                    c.replicas_after,
+                    c.replace,
+                )
+            })
+            .collect();
+        assert_eq!(fresh, vec![("a", 0, 2, false), ("b", 0, 2, false)]);
+
+        let again = apply(&both(&web(2, "server")), &mut apps, &mut providers).expect("valid");
+        assert!(again.results.iter().all(|r| r.action == Action::Unchanged));
+        assert!(again.batch.is_empty() && again.changes.is_empty());
+
+        let scaled = apply(&web(3, "server"), &mut apps, &mut providers).expect("valid");
+        assert_eq!(
+            actions(&scaled),
+            vec![(Kind::App, "web", Action::Configured, 2)]
+        );
+        assert_eq!(
+            scaled.batch.put_apps[0].workload_generation, 1,
+            "same workload"
+        );
+        assert!(scaled.batch.events[0].message.contains("replicas 2 → 3"));
+        assert!(
+            scaled
+                .changes
+                .iter()
+                .all(|c| c.replicas_after == 3 && !c.replace)
+        );
+
+        let replaced = apply(&web(3, "server2"), &mut apps, &mut providers).expect("valid");
+        assert_eq!(replaced.batch.put_apps[0].generation, 3);
+        assert_eq!(replaced.batch.put_apps[0].workload_generation, 3);
+        assert!(
+            replaced.changes.iter().all(|c| c.replace),
+            "{:?}",
+            replaced.changes
+        );
+    }
+
+    #[test]
+    fn an_invalid_document_plans_nothing() {
+        let (mut apps, mut providers) = (Vec::new(), Vec::new());
+        let unknown_provider = web(2, "server");
+        let err = apply(&unknown_provider, &mut apps, &mut providers).expect_err("no provider a");
+        assert!(matches!(err, DaemonError::Invalid(_)), "{err}");
+        assert!(err.to_string().contains("t.yaml"), "{err}");
+        assert!(apps.is_empty() && providers.is_empty());
+    }
+
+    #[test]
+    fn delete_refuses_a_provider_in_use_unless_its_apps_go_too() {
+        let (mut apps, mut providers) = (Vec::new(), Vec::new());
+        apply(
+            &format!("{PROVIDERS}---{}", web(2, "server")),
+            &mut apps,
+            &mut providers,
+        )
+        .expect("valid");
+        let err = plan_delete(&[(Kind::Provider, "a".into())], &apps, &providers)
+            .expect_err("web places on a");
+        assert!(err.to_string().contains("app(s) web"), "{err}");
+
+        let (results, batch) = plan_delete(
+            &[
+                (Kind::App, "web".into()),
+                (Kind::Provider, "a".into()),
+                (Kind::Provider, "zz".into()),
+            ],
+            &apps,
+            &providers,
+        )
+        .expect("web goes too");
+        let got: Vec<(Kind, &str, Action, u64)> = results
+            .iter()
+            .map(|r| (r.kind, r.name.as_str(), r.action, r.generation))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Kind::App, "web", Action::Deleted, 1),
+                (Kind::Provider, "a", Action::Deleted, 1),
+                (Kind::Provider, "zz", Action::NotFound, 0),
+            ]
+        );
+        assert_eq!(batch.delete_apps, vec!["web".to_string()]);
+        assert_eq!(batch.delete_providers, vec!["a".to_string()]);
+        let reasons: Vec<EventReason> = batch.events.iter().map(|e| e.reason).collect();
+        assert_eq!(
+            reasons,
+            vec![EventReason::AppDeleted, EventReason::ProviderDeleted]
+        );
+    }
+}

@@ -347,3 +347,430 @@ fn diff_assignment(old: &[AssignedApp], new: &[AssignedApp]) -> Vec<(String, Str
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::liveness::ProviderLiveness;
+    use crate::model::{ReplicaState, ReportedReplica};
+    use crate::registry::{AgentCapabilities, AgentSeen, ProviderView};
+    use crate::spec::{self, Document};
+
+    const PROVIDERS: &str = "
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: a}
+spec: {driver: process, priority: 30}
+---
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: b}
+spec: {driver: process, priority: 20}
+---
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: c}
+spec: {driver: process, priority: 10}
+";
+
+    /// An app `web` with 2 replicas (6 in all for spread) in `mode`.
+    fn app_yaml(mode: &str) -> String {
+        let replicas = if mode == "spread" { 6 } else { 2 };
+        format!(
+            "
+apiVersion: skymirror.dev/v1
+kind: App
+metadata: {{name: web}}
+spec:
+  command: server
+  ports: [{{name: http}}]
+  replicas: {replicas}
+  placement: {{mode: {mode}}}
+  failover: {{spill: true}}
+  routing: {{listen: '127.0.0.1:8080', port: http}}
+"
+        )
+    }
+
+    fn declared(yaml: &str) -> (Vec<DeclaredApp>, Vec<DeclaredProvider>) {
+        let docs = spec::parse_documents("test.yaml", yaml).expect("valid fixture");
+        let (mut apps, mut providers) = (Vec::new(), Vec::new());
+        for d in docs {
+            match d.document {
+                Document::App(app) => apps.push(DeclaredApp {
+                    app,
+                    generation: 1,
+                    workload_generation: 1,
+                    created_at_ms: 0,
+                    updated_at_ms: 0,
+                }),
+                Document::Provider(provider) => providers.push(DeclaredProvider {
+                    provider,
+                    generation: 1,
+                    created_at_ms: 0,
+                    updated_at_ms: 0,
+                }),
+            }
+        }
+        (apps, providers)
+    }
+
+    fn timing(started: Instant) -> LeaseTiming {
+        LeaseTiming {
+            started,
+            reconnect_grace: Duration::from_secs(10),
+            lease: Duration::from_secs(2),
+            lease_margin: Duration::from_secs(1),
+        }
+    }
+
+    /// A provider in `state`, connected (unless down) and heard from at `seen`.
+    fn view(state: Liveness, seen: Instant, max_stop: Option<Duration>) -> ProviderView {
+        let mut liveness = ProviderLiveness::new(seen);
+        liveness.state = state;
+        ProviderView {
+            connected: state != Liveness::Down,
+            seen: Some(AgentSeen {
+                agent_id: "agent".into(),
+                version: "0".into(),
+                last_seen: seen,
+                last_seen_ms: 0,
+                applied_revision: 1,
+                capabilities: AgentCapabilities { max_stop },
+            }),
+            liveness: Some(liveness),
+            ..ProviderView::default()
+        }
+    }
+
+    fn ready_replica(provider: &str, index: u32, port: u32) -> ReportedReplica {
+        ReportedReplica {
+            provider: provider.into(),
+            app: "web".into(),
+            index,
+            generation: 1,
+            workload_generation: 1,
+            state: ReplicaState::Healthy,
+            ready: true,
+            address: format!("127.0.0.1:{port}"),
+            ports: [("http".to_string(), port)].into(),
+            instance_id: port.to_string(),
+            restarts: 0,
+            crash_looping: false,
+            message: String::new(),
+            started_at_ms: 0,
+            state_since_ms: 0,
+        }
+    }
+
+    /// Each provider's replicas of `web` in a plan.
+    fn shares(plan: &PassPlan) -> Vec<(String, u32)> {
+        plan.assignments
+            .iter()
+            .map(|(p, a)| {
+                let n = a
+                    .apps
+                    .iter()
+                    .find(|x| x.app == "web")
+                    .map_or(0, |x| x.replicas);
+                (p.clone(), n)
+            })
+            .collect()
+    }
+
+    fn shares_of(expected: [u32; 3]) -> Vec<(String, u32)> {
+        ["a", "b", "c"]
+            .iter()
+            .zip(expected)
+            .map(|(p, n)| (p.to_string(), n))
+            .collect()
+    }
+
+    #[test]
+    fn provider_states_placement_modes_and_controls() {
+        // (mode, liveness of a/b/c, controls, expected replicas on a/b/c)
+        let up = Liveness::Up;
+        let down = Liveness::Down;
+        let partitioned = Liveness::Partitioned;
+        let suspect = Liveness::Suspect;
+        let none = Controls::default();
+        let cordon_b = Controls {
+            cordoned: ["b".to_string()].into(),
+            ..Controls::default()
+        };
+        let drain_b = Controls {
+            draining: ["b".to_string()].into(),
+            ..Controls::default()
+        };
+        let pin_c = Controls {
+            pins: [("web".to_string(), "c".to_string())].into(),
+            ..Controls::default()
+        };
+        let cases: Vec<(&str, [Liveness; 3], &Controls, [u32; 3])> = vec![
+            ("mirror", [up, up, up], &none, [2, 2, 2]),
+            ("mirror", [up, down, up], &none, [3, 0, 3]),
+            ("mirror", [up, partitioned, up], &none, [2, 2, 2]),
+            ("mirror", [up, suspect, up], &none, [2, 2, 2]),
+            ("mirror", [down, down, up], &none, [0, 0, 6]),
+            ("mirror", [up, up, up], &drain_b, [3, 0, 3]),
+            ("mirror", [up, up, up], &pin_c, [2, 2, 2]),
+            ("mirror", [up, up, up], &cordon_b, [2, 2, 2]),
+            ("mirror", [down, up, up], &cordon_b, [0, 2, 4]),
+            ("active-passive", [up, up, up], &none, [2, 0, 0]),
+            ("active-passive", [down, up, up], &none, [0, 2, 0]),
+            ("active-passive", [up, up, up], &pin_c, [2, 0, 2]),
+            ("spread", [up, up, up], &none, [2, 2, 2]),
+            ("spread", [up, down, up], &none, [3, 0, 3]),
+            ("spread", [up, up, up], &drain_b, [3, 0, 3]),
+        ];
+        for (mode, states, controls, expected) in cases {
+            let (apps, providers) = declared(&format!("{PROVIDERS}---{}", app_yaml(mode)));
+            let now = Instant::now();
+            let snapshot = Snapshot {
+                providers: ["a", "b", "c"]
+                    .iter()
+                    .zip(states)
+                    .map(|(p, s)| (p.to_string(), view(s, now, None)))
+                    .collect(),
+            };
+            let plan = plan(&PassInput {
+                apps: &apps,
+                providers: &providers,
+                assignments: &[],
+                controls,
+                snapshot: &snapshot,
+                now,
+                timing: timing(now),
+                reported_shortfalls: &BTreeMap::new(),
+            });
+            assert_eq!(
+                shares(&plan),
+                shares_of(expected),
+                "{mode} with {states:?} and {controls:?}"
+            );
+            // A manual failover puts the pinned provider alone on the top tier.
+            let tiers: Vec<(String, i32)> = plan.schedule.decisions["web"]
+                .iter()
+                .filter(|d| d.replicas > 0)
+                .map(|d| (d.provider.clone(), d.tier))
+                .collect();
+            let top = tiers.iter().map(|(_, t)| *t).max().unwrap_or(0);
+            let on_top: Vec<&str> = tiers
+                .iter()
+                .filter(|(_, t)| *t == top)
+                .map(|(p, _)| p.as_str())
+                .collect();
+            if !controls.pins.is_empty() {
+                assert_eq!(on_top, vec!["c"], "{mode} pinned: {tiers:?}");
+            }
+            // Every provider's first assignment is new, with revision 1, and
+            // every share it got is explained by a Scheduled event.
+            assert!(plan.changed.iter().all(|a| a.revision == 1));
+            let scheduled = plan
+                .events
+                .iter()
+                .filter(|e| e.reason == EventReason::Scheduled)
+                .count();
+            assert_eq!(
+                scheduled,
+                expected.iter().filter(|n| **n > 0).count(),
+                "{mode} with {states:?}: {:?}",
+                plan.events
+            );
+        }
+    }
+
+    #[test]
+    fn an_unchanged_plan_stores_nothing_and_a_change_bumps_the_revision() {
+        let (apps, providers) = declared(&format!("{PROVIDERS}---{}", app_yaml("mirror")));
+        let now = Instant::now();
+        let snapshot = Snapshot {
+            providers: ["a", "b", "c"]
+                .iter()
+                .map(|p| (p.to_string(), view(Liveness::Up, now, None)))
+                .collect(),
+        };
+        let run = |assignments: &[Assignment], snapshot: &Snapshot| {
+            plan(&PassInput {
+                apps: &apps,
+                providers: &providers,
+                assignments,
+                controls: &Controls::default(),
+                snapshot,
+                now,
+                timing: timing(now),
+                reported_shortfalls: &BTreeMap::new(),
+            })
+        };
+        let first = run(&[], &snapshot);
+        let stored: Vec<Assignment> = first.assignments.values().cloned().collect();
+        let again = run(&stored, &snapshot);
+        assert!(again.changed.is_empty() && again.events.is_empty());
+
+        let mut b_down = snapshot.clone();
+        if let Some(b) = b_down.providers.get_mut("b") {
+            *b = view(Liveness::Down, now, None);
+        }
+        let failover = run(&stored, &b_down);
+        let revisions: Vec<(String, u64)> = failover
+            .changed
+            .iter()
+            .map(|a| (a.provider.clone(), a.revision))
+            .collect();
+        assert_eq!(
+            revisions,
+            vec![("a".into(), 2), ("b".into(), 2), ("c".into(), 2)]
+        );
+        let extras: Vec<u32> = failover
+            .changed
+            .iter()
+            .map(|a| a.apps.first().map_or(0, |x| x.extra))
+            .collect();
+        assert_eq!(extras, vec![1, 0, 1], "the survivors' extras are marked");
+    }
+
+    #[test]
+    fn routes_hold_ready_replicas_of_providers_that_are_not_down_within_their_share() {
+        let (apps, providers) = declared(&format!("{PROVIDERS}---{}", app_yaml("mirror")));
+        let now = Instant::now();
+        let mut snapshot = Snapshot::default();
+        for (p, state, base) in [
+            ("a", Liveness::Up, 9000),
+            ("b", Liveness::Down, 9100),
+            ("c", Liveness::Up, 9200),
+        ] {
+            let mut v = view(state, now, None);
+            for index in 0..3 {
+                let r = ready_replica(p, index, base + index);
+                v.replicas.insert(("web".into(), index), r);
+            }
+            snapshot.providers.insert(p.into(), v);
+        }
+        let plan = plan(&PassInput {
+            apps: &apps,
+            providers: &providers,
+            assignments: &[],
+            controls: &Controls::default(),
+            snapshot: &snapshot,
+            now,
+            timing: timing(now),
+            reported_shortfalls: &BTreeMap::new(),
+        });
+        let [route] = plan.routes.as_slice() else {
+            panic!("one route: {:?}", plan.routes);
+        };
+        let addresses: Vec<&str> = route.upstreams.iter().map(|u| u.address.as_str()).collect();
+        // a and c run 3 each after b's loss; b's replicas are not routed.
+        assert_eq!(
+            addresses,
+            vec![
+                "127.0.0.1:9000",
+                "127.0.0.1:9001",
+                "127.0.0.1:9002",
+                "127.0.0.1:9200",
+                "127.0.0.1:9201",
+                "127.0.0.1:9202"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_singleton_moves_only_after_the_lease_and_the_drivers_longest_stop() {
+        let yaml = format!(
+            "{PROVIDERS}---{}",
+            app_yaml("active-passive").replace(
+                "failover: {spill: true}",
+                "failover: {spill: true, singleton: true}"
+            )
+        )
+        .replace("replicas: 2", "replicas: 1");
+        let (apps, providers) = declared(&yaml);
+        let last_heard = Instant::now();
+        let running = vec![Assignment {
+            provider: "a".into(),
+            revision: 1,
+            apps: vec![AssignedApp {
+                app: "web".into(),
+                generation: 1,
+                workload_generation: 1,
+                replicas: 1,
+                extra: 0,
+            }],
+        }];
+        // a's driver says a stop can take 30 s (a cloud instance).
+        let slow_stop = Some(Duration::from_secs(30));
+        let at = |after: Duration, max_stop: Option<Duration>| {
+            let now = last_heard + after;
+            let mut snapshot = Snapshot::default();
+            snapshot
+                .providers
+                .insert("a".into(), view(Liveness::Down, last_heard, max_stop));
+            for p in ["b", "c"] {
+                snapshot
+                    .providers
+                    .insert(p.into(), view(Liveness::Up, now, None));
+            }
+            let plan = plan(&PassInput {
+                apps: &apps,
+                providers: &providers,
+                assignments: &running,
+                controls: &Controls::default(),
+                snapshot: &snapshot,
+                now,
+                timing: timing(last_heard),
+                reported_shortfalls: &BTreeMap::new(),
+            });
+            shares(&plan)
+        };
+        // A local runtime: lease (2 s) + margin (1 s).
+        assert_eq!(at(Duration::from_millis(2900), None), shares_of([1, 0, 0]));
+        assert_eq!(at(Duration::from_millis(3100), None), shares_of([0, 1, 0]));
+        // A slow runtime: lease + its longest stop.
+        assert_eq!(at(Duration::from_secs(20), slow_stop), shares_of([1, 0, 0]));
+        assert_eq!(
+            at(Duration::from_millis(32_100), slow_stop),
+            shares_of([0, 1, 0])
+        );
+    }
+
+    #[test]
+    fn a_shortfall_is_reported_once_until_it_changes() {
+        let yaml = format!("{PROVIDERS}---{}", app_yaml("mirror"))
+            .replace("priority: 30}", "priority: 30, capacity: 1}");
+        let (apps, providers) = declared(&yaml);
+        let now = Instant::now();
+        let snapshot = Snapshot {
+            providers: ["a", "b", "c"]
+                .iter()
+                .map(|p| (p.to_string(), view(Liveness::Up, now, None)))
+                .collect(),
+        };
+        let run = |reported: &BTreeMap<String, (u32, u32)>| {
+            plan(&PassInput {
+                apps: &apps,
+                providers: &providers,
+                assignments: &[],
+                controls: &Controls::default(),
+                snapshot: &snapshot,
+                now,
+                timing: timing(now),
+                reported_shortfalls: reported,
+            })
+        };
+        let first = run(&BTreeMap::new());
+        let warnings: Vec<&NewEvent> = first
+            .events
+            .iter()
+            .filter(|e| e.reason == EventReason::InsufficientCapacity)
+            .collect();
+        assert_eq!(warnings.len(), 1, "{:?}", first.events);
+        assert!(warnings[0].warning());
+        let second = run(&first.shortfalls);
+        assert!(
+            second
+                .events
+                .iter()
+                .all(|e| e.reason != EventReason::InsufficientCapacity)
+        );
+    }
+}
