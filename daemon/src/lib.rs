@@ -5,9 +5,9 @@
 //! [`scheduler`] decides placement (pure); [`daemon`] owns the context, the
 //! apply path and the reconcile loop; [`control`] and [`agents`] are the two
 //! gRPC services; [`convert`] maps stored records to wire types; [`cli`] and
-//! [`dev`] are the `skymirror` command's verbs and all-in-one mode; [`edge`]
-//! is the front door (the HTTP/TCP proxy fed by the daemon's routing table);
-//! [`logs`] reads replica output through the agents for `ControlService.Logs`.
+//! [`dev`] are the `skymirror` command's verbs and all-in-one mode; [`logs`]
+//! reads replica output through the agents for `ControlService.Logs`. The
+//! front door (`skymirror edge`) is the `skymirror-edge` crate.
 
 pub mod agents;
 pub mod cli;
@@ -15,7 +15,6 @@ pub mod control;
 pub mod convert;
 pub mod daemon;
 pub mod dev;
-pub mod edge;
 pub mod error;
 pub mod liveness;
 pub mod logs;

@@ -45,7 +45,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Edge(args) => {
             init_logging(&args.log)?;
-            let mut config = skymirror::edge::EdgeConfig::new(cli.server);
+            let mut config = skymirror_edge::EdgeConfig::new(cli.server);
             if let Some(id) = args.edge_id {
                 config.edge_id = id;
             }
@@ -56,7 +56,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 skymirror::shutdown_signal().await;
                 stop.cancel();
             });
-            skymirror::edge::run(config, shutdown).await?;
+            skymirror_edge::run(config, shutdown).await?;
             Ok(())
         }
         other => skymirror::cli::run_client(&cli.server, other).await,
