@@ -21,6 +21,10 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(run(cli)) {
+        // The reader of our output went away (`| head`): a quiet end.
+        if skymirror::cli::stdout::output_closed(&e) {
+            std::process::exit(skymirror::cli::stdout::CLOSED_EXIT_STATUS);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
