@@ -113,12 +113,12 @@ async fn run_in(args: &DevArgs, data_dir: &Path) -> anyhow::Result<()> {
     }
 
     // The front door, in-process, following the daemon like any other edge.
-    let mut edge = crate::edge::EdgeConfig::new(server.clone());
+    let mut edge = skymirror_edge::EdgeConfig::new(server.clone());
     edge.edge_id = "dev".into();
     edge.listen_override
         .insert("127.0.0.1:8080".into(), args.edge_listen);
     let edge_stop = CancellationToken::new();
-    let edge_task = tokio::spawn(crate::edge::run(edge, edge_stop.clone()));
+    let edge_task = tokio::spawn(skymirror_edge::run(edge, edge_stop.clone()));
 
     println!(
         "skymirror dev: daemon on {server}, data in {}",

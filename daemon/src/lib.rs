@@ -10,7 +10,8 @@
 //! [`reconciler`], [`monitor`], [`explain`], [`reports`], [`summary`],
 //! [`logs`]; [`api`] is the gRPC layer (the only place for protobuf and
 //! `tonic::Status`); [`cli`] and [`dev`] are the `skymirror` command's verbs
-//! and all-in-one mode; [`edge`] is the front door.
+//! and all-in-one mode. The front door (`skymirror edge`) is the
+//! `skymirror-edge` crate.
 
 pub mod api;
 pub mod apply;
@@ -18,7 +19,6 @@ pub mod cli;
 pub mod controls;
 pub mod daemon;
 pub mod dev;
-pub mod edge;
 pub mod error;
 pub mod explain;
 pub mod liveness;

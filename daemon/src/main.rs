@@ -21,6 +21,10 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(run(cli)) {
+        // The reader of our output went away (`| head`): a quiet end.
+        if skymirror::cli::stdout::output_closed(&e) {
+            std::process::exit(skymirror::cli::stdout::CLOSED_EXIT_STATUS);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -45,7 +49,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Edge(args) => {
             init_logging(&args.log)?;
-            let mut config = skymirror::edge::EdgeConfig::new(cli.server);
+            let mut config = skymirror_edge::EdgeConfig::new(cli.server);
             if let Some(id) = args.edge_id {
                 config.edge_id = id;
             }
@@ -56,7 +60,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 skymirror::shutdown_signal().await;
                 stop.cancel();
             });
-            skymirror::edge::run(config, shutdown).await?;
+            skymirror_edge::run(config, shutdown).await?;
             Ok(())
         }
         other => skymirror::cli::run_client(&cli.server, other).await,

@@ -1,13 +1,13 @@
 //! `skymirror logs`: prints replica output as it streams from the daemon.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 
 use anyhow::bail;
 use skymirror_proto::v1 as pb;
 use tonic::transport::Channel;
 
 use super::ClientError;
+use super::stdout::Stdout;
 
 /// Longest unfinished line held back per replica before it is printed
 /// anyway, so a replica that never ends its line cannot grow memory.
@@ -55,26 +55,21 @@ pub(crate) async fn run(
         .map_err(ClientError::from)?
         .into_inner();
     let mut lines = Lines::new(shown != 1);
-    let mut stdout = std::io::stdout();
     let mut errors = 0usize;
     while let Some(chunk) = stream.message().await.map_err(ClientError::from)? {
-        let out = lines.push(&chunk.replica, &chunk.data);
-        if stdout
-            .write_all(&out)
-            .and_then(|()| stdout.flush())
-            .is_err()
-        {
-            // The reader went away (e.g. `| head`): not an error.
-            return Ok(());
-        }
+        // Locked per chunk: the lock is not held while waiting for the next
+        // one, and what came is shown at once.
+        let mut out = Stdout::lock();
+        out.write_all(&lines.push(&chunk.replica, &chunk.data))?;
+        out.flush()?;
         if !chunk.error.is_empty() {
             errors += 1;
             eprintln!("error: {}", chunk.error);
         }
     }
-    let _ = stdout
-        .write_all(&lines.finish())
-        .and_then(|()| stdout.flush());
+    let mut out = Stdout::lock();
+    out.write_all(&lines.finish())?;
+    out.flush()?;
     if errors > 0 {
         bail!("some output could not be read ({errors} error(s) above)");
     }

@@ -2,10 +2,12 @@
 //! plus `daemon` and `dev`, which run the control plane itself.
 //!
 //! Boundary: the CLI talks to the daemon only through the gRPC API, like any
-//! other client; it shares the spec types with the daemon to print YAML.
+//! other client; it shares the spec types with the daemon to print YAML, and
+//! uses nothing else of this crate (no daemon, store or scheduler internals).
 
 mod logs;
 pub mod output;
+pub mod stdout;
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -17,7 +19,8 @@ use skymirror_proto::v1 as pb;
 use tonic::transport::Channel;
 
 use crate::spec;
-use output::{AppView, EventView, Format, ProviderView, ReplicaView};
+use output::{AppView, EventView, Format, ProviderView, ReplicaView, action_word};
+use stdout::Stdout;
 
 /// Default address of the daemon's API.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7600";
@@ -295,10 +298,14 @@ async fn connect(
 }
 
 /// Prints JSON, or YAML when asked for (callers print tables themselves).
-fn print_structured<T: serde::Serialize>(format: Format, value: &T) -> anyhow::Result<()> {
+fn print_structured<T: serde::Serialize>(
+    out: &mut Stdout,
+    format: Format,
+    value: &T,
+) -> anyhow::Result<()> {
     match format {
-        Format::Yaml => print!("{}", serde_yaml_ng::to_string(value)?),
-        Format::Json | Format::Table => println!("{}", serde_json::to_string_pretty(value)?),
+        Format::Yaml => write!(out, "{}", serde_yaml_ng::to_string(value)?)?,
+        Format::Json | Format::Table => writeln!(out, "{}", serde_json::to_string_pretty(value)?)?,
     }
     Ok(())
 }
@@ -350,8 +357,19 @@ fn app_view(app: &pb::App, summary: Option<&pb::AppSummary>) -> anyhow::Result<A
     })
 }
 
-/// Runs a client verb (everything but `daemon` and `dev`).
+/// Runs a client verb (everything but `daemon`, `dev` and `edge`).
+///
+/// A reader of stdout that went away ends the verb with
+/// [`stdout::PrintError::Closed`] (see [`stdout::output_closed`]).
 pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
+    run_verb(server, command).await?;
+    // What stdout still buffers is written now, so a failure to write it is
+    // reported like any other.
+    Stdout::lock().flush()?;
+    Ok(())
+}
+
+async fn run_verb(server: &str, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Daemon(_) | Command::Dev(_) | Command::Edge(_) => bail!("not a client command"),
         Command::Apply {
@@ -370,8 +388,10 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                 .await
                 .map_err(ClientError::from)?
                 .into_inner();
+            let mut out = Stdout::lock();
             if output != Format::Table {
                 return print_structured(
+                    &mut out,
                     output,
                     &ApplyView {
                         dry_run,
@@ -381,7 +401,7 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                             .map(|r| ResultView {
                                 kind: r.kind.clone(),
                                 name: r.name.clone(),
-                                action: output::action_word(r.action()).into(),
+                                action: action_word(r.action()).into(),
                                 generation: r.generation,
                             })
                             .collect(),
@@ -401,12 +421,13 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
             }
             let suffix = if dry_run { " (dry run)" } else { "" };
             for r in &resp.results {
-                println!(
+                writeln!(
+                    out,
                     "{}/{} {}{suffix}",
                     r.kind.to_lowercase(),
                     r.name,
-                    output::action_word(r.action())
-                );
+                    action_word(r.action())
+                )?;
             }
             for p in &resp.plan {
                 let what = if p.replace && p.replicas_before == p.replicas_after {
@@ -419,7 +440,7 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                 } else {
                     format!("{} → {} replicas", p.replicas_before, p.replicas_after)
                 };
-                println!("  plan: {} on {}: {what}", p.app, p.provider);
+                writeln!(out, "  plan: {} on {}: {what}", p.app, p.provider)?;
             }
             Ok(())
         }
@@ -439,15 +460,16 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                         .await
                         .map_err(ClientError::from)?
                         .into_inner();
+                    let mut out = Stdout::lock();
                     match output {
                         Format::Yaml => {
-                            let mut out = Vec::new();
+                            let mut docs = Vec::new();
                             for app in &resp.apps {
                                 let domain = spec::App::try_from(app.clone())
                                     .map_err(|e| anyhow::anyhow!("{e}"))?;
-                                out.push(spec::Document::App(domain).to_yaml());
+                                docs.push(spec::Document::App(domain).to_yaml());
                             }
-                            print!("{}", out.join("---\n"));
+                            write!(out, "{}", docs.join("---\n"))?;
                         }
                         Format::Json => {
                             let views = resp
@@ -456,7 +478,7 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                                 .zip(resp.summaries.iter())
                                 .map(|(a, s)| app_view(a, Some(s)))
                                 .collect::<anyhow::Result<Vec<_>>>()?;
-                            print_structured(output, &views)?;
+                            print_structured(&mut out, output, &views)?;
                         }
                         Format::Table => {
                             let rows = resp
@@ -484,13 +506,14 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                                     ]
                                 })
                                 .collect();
-                            println!(
+                            writeln!(
+                                out,
                                 "{}",
                                 output::table(
                                     &["APP", "MODE", "READY", "PROVIDERS", "GEN", "AGE"],
                                     rows
                                 )
-                            );
+                            )?;
                         }
                     }
                 }
@@ -508,9 +531,10 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                         .zip(resp.statuses.iter())
                         .map(|(p, s)| ProviderView::new(p, s))
                         .collect();
+                    let mut out = Stdout::lock();
                     match output {
-                        Format::Table => println!("{}", output::provider_table(&views)),
-                        _ => print_structured(output, &views)?,
+                        Format::Table => writeln!(out, "{}", output::provider_table(&views))?,
+                        _ => print_structured(&mut out, output, &views)?,
                     }
                 }
                 Resource::Replicas => {
@@ -522,9 +546,13 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                         .await
                         .map_err(ClientError::from)?
                         .into_inner();
+                    let mut out = Stdout::lock();
                     match output {
-                        Format::Table => println!("{}", output::replica_table(&resp.replicas)),
+                        Format::Table => {
+                            writeln!(out, "{}", output::replica_table(&resp.replicas))?
+                        }
                         _ => print_structured(
+                            &mut out,
                             output,
                             &resp
                                 .replicas
@@ -546,7 +574,7 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                         .await
                         .map_err(ClientError::from)?
                         .into_inner();
-                    print_app_status(&status)?;
+                    print_app_status(&mut Stdout::lock(), &status)?;
                 }
                 Resource::Providers => {
                     let resp = client
@@ -554,47 +582,6 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                         .await
                         .map_err(ClientError::from)?
                         .into_inner();
-                    for (p, s) in resp.providers.iter().zip(resp.statuses.iter()) {
-                        let v = ProviderView::new(p, s);
-                        println!("Provider:     {}", v.name);
-                        println!("Driver:       {}", v.driver);
-                        println!("State:        {}", v.state);
-                        println!("Priority:     {}", v.priority);
-                        println!(
-                            "Capacity:     {}",
-                            if v.capacity == 0 {
-                                "unlimited".into()
-                            } else {
-                                v.capacity.to_string()
-                            }
-                        );
-                        println!(
-                            "Labels:       {}",
-                            v.labels
-                                .iter()
-                                .map(|(k, v)| format!("{k}={v}"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        );
-                        println!(
-                            "Agent:        {} (version {})",
-                            if v.agent_id.is_empty() {
-                                "-"
-                            } else {
-                                &v.agent_id
-                            },
-                            v.agent_version
-                        );
-                        println!("Last seen:    {} ago", output::age(v.last_heartbeat_ms));
-                        println!(
-                            "Replicas:     {} ready of {} assigned",
-                            v.ready_replicas, v.assigned_replicas
-                        );
-                        println!(
-                            "Assignment:   revision {} sent, {} applied",
-                            v.assignment_revision, v.applied_revision
-                        );
-                    }
                     let replicas = client
                         .list_replicas(pb::ListReplicasRequest {
                             app: String::new(),
@@ -603,7 +590,58 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                         .await
                         .map_err(ClientError::from)?
                         .into_inner();
-                    println!("\n{}", output::replica_table(&replicas.replicas));
+                    let mut out = Stdout::lock();
+                    for (p, s) in resp.providers.iter().zip(resp.statuses.iter()) {
+                        let v = ProviderView::new(p, s);
+                        writeln!(out, "Provider:     {}", v.name)?;
+                        writeln!(out, "Driver:       {}", v.driver)?;
+                        writeln!(out, "State:        {}", v.state)?;
+                        writeln!(out, "Priority:     {}", v.priority)?;
+                        writeln!(
+                            out,
+                            "Capacity:     {}",
+                            if v.capacity == 0 {
+                                "unlimited".into()
+                            } else {
+                                v.capacity.to_string()
+                            }
+                        )?;
+                        writeln!(
+                            out,
+                            "Labels:       {}",
+                            v.labels
+                                .iter()
+                                .map(|(k, v)| format!("{k}={v}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )?;
+                        writeln!(
+                            out,
+                            "Agent:        {} (version {})",
+                            if v.agent_id.is_empty() {
+                                "-"
+                            } else {
+                                &v.agent_id
+                            },
+                            v.agent_version
+                        )?;
+                        writeln!(
+                            out,
+                            "Last seen:    {} ago",
+                            output::age(v.last_heartbeat_ms)
+                        )?;
+                        writeln!(
+                            out,
+                            "Replicas:     {} ready of {} assigned",
+                            v.ready_replicas, v.assigned_replicas
+                        )?;
+                        writeln!(
+                            out,
+                            "Assignment:   revision {} sent, {} applied",
+                            v.assignment_revision, v.applied_revision
+                        )?;
+                    }
+                    writeln!(out, "\n{}", output::replica_table(&replicas.replicas))?;
                 }
                 Resource::Replicas => bail!(
                     "describe takes `app` or `provider`; for replicas use `get replicas -o yaml`"
@@ -648,14 +686,16 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                 .await
                 .map_err(ClientError::from)?
                 .into_inner();
+            let mut out = Stdout::lock();
             let mut missing = Vec::new();
             for r in &resp.results {
-                println!(
+                writeln!(
+                    out,
                     "{}/{} {}",
                     r.kind.to_lowercase(),
                     r.name,
-                    output::action_word(r.action())
-                );
+                    action_word(r.action())
+                )?;
                 if r.action() == pb::ApplyAction::NotFound {
                     missing.push(format!("{}/{}", r.kind.to_lowercase(), r.name));
                 }
@@ -672,7 +712,7 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                 .await
                 .map_err(ClientError::from)?
                 .into_inner();
-            println!("{}", r.message);
+            writeln!(Stdout::lock(), "{}", r.message)?;
             Ok(())
         }
         Command::Failback { app } => {
@@ -682,7 +722,7 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                 .await
                 .map_err(ClientError::from)?
                 .into_inner();
-            println!("{}", r.message);
+            writeln!(Stdout::lock(), "{}", r.message)?;
             Ok(())
         }
         Command::Cordon { provider } => {
@@ -702,10 +742,12 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                 .map_err(ClientError::from)?
                 .into_inner();
             let view = ExplainView::from(&r);
+            let mut out = Stdout::lock();
             if output != Format::Table {
-                return print_structured(output, &view);
+                return print_structured(&mut out, output, &view);
             }
-            println!(
+            writeln!(
+                out,
                 "App {} ({} placement){}",
                 view.app,
                 view.mode,
@@ -714,9 +756,10 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                 } else {
                     format!(", manual failover to {}", view.pinned_provider)
                 }
-            );
-            println!("\nRuns on:");
-            println!(
+            )?;
+            writeln!(out, "\nRuns on:")?;
+            writeln!(
+                out,
                 "{}",
                 output::table(
                     &["PROVIDER", "STATE", "REPLICAS", "EXTRA", "TIER", "WHY"],
@@ -732,10 +775,11 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                         ])
                         .collect()
                 )
-            );
+            )?;
             if !view.excluded.is_empty() {
-                println!("\nExcluded:");
-                println!(
+                writeln!(out, "\nExcluded:")?;
+                writeln!(
+                    out,
                     "{}",
                     output::table(
                         &["PROVIDER", "STATE", "WHY"],
@@ -748,12 +792,12 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                             ])
                             .collect()
                     )
-                );
+                )?;
             }
             if !r.decisions.is_empty() {
-                println!("\nDecisions:");
+                writeln!(out, "\nDecisions:")?;
                 for e in &r.decisions {
-                    println!("  {}", output::event_line(e));
+                    writeln!(out, "  {}", output::event_line(e))?;
                 }
             }
             Ok(())
@@ -766,10 +810,11 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                     .await
                     .map_err(ClientError::from)?
                     .into_inner();
+                let mut out = Stdout::lock();
                 if output == Format::Table {
-                    return print_app_status(&status);
+                    return print_app_status(&mut out, &status);
                 }
-                return print_structured(output, &AppStatusView::new(&status)?);
+                return print_structured(&mut out, output, &AppStatusView::new(&status)?);
             }
             let daemon = client
                 .get_daemon_status(pb::GetDaemonStatusRequest {})
@@ -798,8 +843,10 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                 .zip(apps.summaries.iter())
                 .map(|(a, s)| app_view(a, Some(s)))
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut out = Stdout::lock();
             if output != Format::Table {
                 return print_structured(
+                    &mut out,
                     output,
                     &OverviewView {
                         daemon: DaemonView::from(&daemon),
@@ -808,7 +855,8 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                     },
                 );
             }
-            println!(
+            writeln!(
+                out,
                 "Daemon {} up {}, {} apps, {} providers ({} agents connected), {} replicas reported",
                 daemon.version,
                 output::age(daemon.started_at_ms),
@@ -816,17 +864,19 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                 daemon.providers,
                 daemon.connected_agents,
                 daemon.replicas_reported
-            );
-            println!(
+            )?;
+            writeln!(
+                out,
                 "Reconcile: {} passes, last {} µs, mean {} µs, max {} µs; store {} KiB\n",
                 daemon.reconcile_passes,
                 daemon.last_reconcile_micros,
                 daemon.mean_reconcile_micros,
                 daemon.max_reconcile_micros,
                 daemon.store_bytes / 1024
-            );
-            println!("{}\n", output::provider_table(&provider_views));
-            println!(
+            )?;
+            writeln!(out, "{}\n", output::provider_table(&provider_views))?;
+            writeln!(
+                out,
                 "{}",
                 output::table(
                     &["APP", "MODE", "READY", "PROVIDERS"],
@@ -840,7 +890,7 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                         ])
                         .collect()
                 )
-            );
+            )?;
             Ok(())
         }
         Command::Logs {
@@ -879,8 +929,6 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                 .await
                 .map_err(ClientError::from)?
                 .into_inner();
-            use std::io::Write;
-            let mut stdout = std::io::stdout();
             while let Some(e) = stream.message().await.map_err(ClientError::from)? {
                 let line = match output {
                     Format::Table => output::event_line(&e),
@@ -889,13 +937,11 @@ pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
                         format!("---\n{}", serde_yaml_ng::to_string(&EventView::from(&e))?)
                     }
                 };
-                if writeln!(stdout, "{line}")
-                    .and_then(|()| stdout.flush())
-                    .is_err()
-                {
-                    // The reader went away (e.g. `| head`): not an error.
-                    return Ok(());
-                }
+                // Locked per event: the lock is not held while waiting for
+                // the next one, and a follower sees each event as it comes.
+                let mut out = Stdout::lock();
+                writeln!(out, "{line}")?;
+                out.flush()?;
             }
             Ok(())
         }
@@ -916,7 +962,7 @@ async fn control_provider(
         .await
         .map_err(ClientError::from)?
         .into_inner();
-    println!("{}", r.message);
+    writeln!(Stdout::lock(), "{}", r.message)?;
     Ok(())
 }
 
@@ -1072,25 +1118,30 @@ impl AppStatusView {
     }
 }
 
-fn print_app_status(s: &pb::AppStatus) -> anyhow::Result<()> {
+fn print_app_status(out: &mut Stdout, s: &pb::AppStatus) -> anyhow::Result<()> {
     let view = AppStatusView::new(s)?;
     let a = &view.app;
-    println!("App:        {} (generation {})", a.name, a.generation);
-    println!("Placement:  {}", a.mode);
-    println!("Ready:      {}/{}", a.ready_replicas, a.desired_replicas);
-    println!(
+    writeln!(out, "App:        {} (generation {})", a.name, a.generation)?;
+    writeln!(out, "Placement:  {}", a.mode)?;
+    writeln!(
+        out,
+        "Ready:      {}/{}",
+        a.ready_replicas, a.desired_replicas
+    )?;
+    writeln!(
+        out,
         "Providers:  {}",
         view.placements
             .iter()
             .map(|p| format!("{} ×{} ({})", p.provider, p.replicas, p.provider_state))
             .collect::<Vec<_>>()
             .join(", ")
-    );
-    println!("\n{}", output::replica_table(&s.replicas));
+    )?;
+    writeln!(out, "\n{}", output::replica_table(&s.replicas))?;
     if !s.recent_events.is_empty() {
-        println!("\nEvents:");
+        writeln!(out, "\nEvents:")?;
         for e in &s.recent_events {
-            println!("  {}", output::event_line(e));
+            writeln!(out, "  {}", output::event_line(e))?;
         }
     }
     Ok(())

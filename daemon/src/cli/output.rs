@@ -39,16 +39,40 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 
 /// "3s", "5m", "2h", "4d" since `ms` (epoch ms); "-" if unset.
 pub fn age(ms: i64) -> String {
+    age_at(ms, now_ms())
+}
+
+/// [`age`] as of `now` (epoch ms).
+fn age_at(ms: i64, now: i64) -> String {
     if ms <= 0 {
         return "-".into();
     }
-    let now = crate::model::now_ms();
     let s = (now - ms).max(0) / 1000;
     match s {
         0..=119 => format!("{s}s"),
         120..=7199 => format!("{}m", s / 60),
         7200..=172_799 => format!("{}h", s / 3600),
         _ => format!("{}d", s / 86400),
+    }
+}
+
+/// This machine's wall clock, epoch ms, to compare with the daemon's times.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// What `apply` or `delete` did to an object, as printed and as the JSON
+/// `action` field: created, configured, unchanged, deleted, not found.
+pub fn action_word(a: pb::ApplyAction) -> &'static str {
+    match a {
+        pb::ApplyAction::Created => "created",
+        pb::ApplyAction::Configured => "configured",
+        pb::ApplyAction::Unchanged => "unchanged",
+        pb::ApplyAction::Deleted => "deleted",
+        pb::ApplyAction::NotFound => "not found",
+        pb::ApplyAction::Unspecified => "unknown",
     }
 }
 
@@ -330,14 +354,52 @@ pub fn event_line(e: &pb::Event) -> String {
     )
 }
 
-/// How an apply or delete result reads, e.g. `configured`.
-pub fn action_word(a: pb::ApplyAction) -> &'static str {
-    match a {
-        pb::ApplyAction::Created => "created",
-        pb::ApplyAction::Configured => "configured",
-        pb::ApplyAction::Unchanged => "unchanged",
-        pb::ApplyAction::Deleted => "deleted",
-        pb::ApplyAction::NotFound => "not found",
-        pb::ApplyAction::Unspecified => "unknown",
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_round_down_to_the_largest_unit() {
+        let now = 1_000_000_000;
+        assert_eq!(age_at(0, now), "-");
+        assert_eq!(age_at(now - 59_999, now), "59s");
+        assert_eq!(age_at(now - 119_999, now), "119s");
+        assert_eq!(age_at(now - 120_000, now), "2m");
+        assert_eq!(age_at(now - 7_200_000, now), "2h");
+        assert_eq!(age_at(now - 172_800_000, now), "2d");
+        // A time ahead of this machine's clock (skew) is "0s", not negative.
+        assert_eq!(age_at(now + 5_000, now), "0s");
+    }
+
+    #[test]
+    fn every_apply_action_has_its_word() {
+        let words: Vec<&str> = [
+            pb::ApplyAction::Created,
+            pb::ApplyAction::Configured,
+            pb::ApplyAction::Unchanged,
+            pb::ApplyAction::Deleted,
+            pb::ApplyAction::NotFound,
+            pb::ApplyAction::Unspecified,
+        ]
+        .into_iter()
+        .map(action_word)
+        .collect();
+        assert_eq!(
+            words,
+            [
+                "created",
+                "configured",
+                "unchanged",
+                "deleted",
+                "not found",
+                "unknown"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_clock_is_the_wall_clock() {
+        // 2020-01-01T00:00:00Z: a clock in milliseconds, not seconds or zero.
+        assert!(now_ms() > 1_577_836_800_000);
     }
 }

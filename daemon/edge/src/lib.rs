@@ -1,6 +1,7 @@
-//! `skymirror edge`: the front door. A reverse proxy for HTTP/1.1, h2c and
-//! plain TCP that sends each app's traffic to healthy replicas, on any
-//! provider.
+//! skymirror's front door: a reverse proxy for HTTP/1.1, h2c and plain TCP
+//! that sends each app's traffic to healthy replicas, on any provider. The
+//! `skymirror edge` verb and `skymirror dev` run it; it runs on other hosts
+//! than the daemon, following the daemon's routing table over gRPC.
 //!
 //! Layout: [`run`] follows the daemon's routing table
 //! (`ControlService.WatchRoutes`, `watch.rs`) and hands it to [`serve`], the
@@ -10,14 +11,18 @@
 //! upstream selection (tiers, weights, retries on another provider);
 //! `health.rs` keeps the edge's own health view (ejection on a failed connect
 //! or probe, TCP probes per upstream address); `http.rs` and `tcp.rs` proxy
-//! one request or connection.
+//! one request or connection. [`EdgeConfig`] holds the settings,
+//! [`EdgeStats`] the counters and bound listeners, [`EdgeError`] the failures.
 //!
 //! Invariant: the table says which upstreams exist, the edge's health view
 //! says which are usable now; neither is ever blocked on the other, and a lost
 //! daemon only means "no new table" — the last table keeps being served.
 //!
-//! Boundary: no protobuf past `routes.rs`; the proxy paths see
-//! `routes::ListenerRoutes` only, and hold no lock across an await.
+//! Boundary: of the daemon, this crate knows only `ControlService.WatchRoutes`
+//! and its `RoutingTable` (from `skymirror-proto`); it never depends on the
+//! `skymirror` or `skymirror-agent` crates. No protobuf past `routes.rs`; the
+//! proxy paths see `routes::ListenerRoutes` only, and hold no lock across an
+//! await.
 
 mod health;
 mod http;
