@@ -668,10 +668,9 @@ mod tests {
                         .collect(),
                 },
                 spec: ProviderSpec {
-                    driver: DriverKind::Process,
                     priority,
                     capacity,
-                    description: String::new(),
+                    ..ProviderSpec::new(DriverKind::Process)
                 },
             },
             generation: 1,

@@ -321,6 +321,14 @@ fn cases() -> Vec<Case> {
             place: "document 2, line 19, column 34: spec.health.http.port",
             message: "unknown port \"web\": the app's ports are http",
         },
+        Case {
+            file: "provider-settings.yaml",
+            // `  ec2: {…}` on line 15: the block opens at column 8.
+            doc: "apiVersion: skymirror.dev/v1\nkind: Provider\nmetadata:\n  name: other\nspec:\n  driver: docker\n  ec2: {region: eu-west-1, ami: ami-12345678, instanceType: t3.small, subnetId: subnet-12345678}\n"
+                .into(),
+            place: "document 2, line 15, column 8: spec.ec2",
+            message: "ec2 settings do not apply to this provider: its driver is docker (its settings go in spec.docker)",
+        },
     ]
 }
 

@@ -214,6 +214,10 @@ pub fn assignment_to_pb(m: &AssignmentMessage) -> pb::Assignment {
                 })
             })
             .collect(),
+        settings: m
+            .provider
+            .as_ref()
+            .and_then(|p| spec::provider_settings_to_pb(&p.provider.spec)),
         ..pb::Assignment::default()
     }
 }

@@ -13,10 +13,12 @@ use skymirror_proto::v1 as pb;
 
 use super::path::Issue;
 use super::types::{
-    App, AppSpec, DEFAULT_FAILURE_THRESHOLD, DEFAULT_INTERVAL, DEFAULT_STOP_GRACE,
-    DEFAULT_SUCCESS_THRESHOLD, DEFAULT_TIMEOUT, DriverKind, FailoverPolicy, HealthCheck,
-    ObjectMeta, Placement, PlacementMode, PlacementTarget, Port, Probe, Protocol, Provider,
-    ProviderSpec, Resources, Routing, RoutingProtocol, Workload,
+    App, AppSpec, DEFAULT_FAILURE_THRESHOLD, DEFAULT_INTERVAL, DEFAULT_NAMESPACE,
+    DEFAULT_STOP_GRACE, DEFAULT_SUCCESS_THRESHOLD, DEFAULT_TIMEOUT, DockerSettings, DriverKind,
+    Ec2Address, Ec2Settings, Expose, FailoverPolicy, HealthCheck, KubernetesSettings, ObjectMeta,
+    Placement, PlacementMode, PlacementTarget, Port, Probe, Protocol, Provider, ProviderSpec,
+    Resources, Routing, RoutingProtocol, ServiceType, TaintEffect, Toleration, TolerationOperator,
+    Workload,
 };
 use super::validate;
 
@@ -89,7 +91,7 @@ impl From<&Provider> for pb::Provider {
                 priority: p.spec.priority,
                 capacity: p.spec.capacity,
                 description: p.spec.description.clone(),
-                settings: None,
+                settings: provider_settings_to_pb(&p.spec),
             }),
         }
     }
@@ -114,18 +116,245 @@ impl TryFrom<pb::Provider> for Provider {
                     ),
                 )
             })?;
-        let provider = Provider {
+        let mut provider = Provider {
             metadata,
             spec: ProviderSpec {
-                driver,
                 priority: spec.priority,
                 capacity: spec.capacity,
                 description: spec.description,
+                ..ProviderSpec::new(driver)
             },
         };
+        settings_from_pb(spec.settings, &mut provider.spec)?;
         ConvertError::first(validate::provider(&provider))?;
         Ok(provider)
     }
+}
+
+/// The provider's driver settings as its agent receives them with every assignment (and
+/// as the API shows them): the block named like its driver, every default filled in;
+/// `None` when it has none, and for the process driver, which takes none.
+pub fn provider_settings_to_pb(spec: &ProviderSpec) -> Option<pb::ProviderSettings> {
+    use pb::provider_settings::Driver as D;
+    // Blocks of other drivers are left out: validation refuses them.
+    let driver = match spec.driver {
+        DriverKind::Docker => D::Docker(docker_to_pb(spec.docker.as_ref()?)),
+        DriverKind::Ec2 => D::Ec2(ec2_to_pb(spec.ec2.as_ref()?)),
+        DriverKind::Kubernetes => D::Kubernetes(kubernetes_to_pb(spec.kubernetes.as_ref()?)),
+        DriverKind::Process => return None,
+    };
+    Some(pb::ProviderSettings {
+        driver: Some(driver),
+    })
+}
+
+fn docker_to_pb(d: &DockerSettings) -> pb::DockerSettings {
+    pb::DockerSettings {
+        network: d.network.clone().unwrap_or_default(),
+        bind_host: d.bind_host.clone().unwrap_or_default(),
+    }
+}
+
+fn ec2_to_pb(e: &Ec2Settings) -> pb::Ec2Settings {
+    pb::Ec2Settings {
+        region: e.region.clone(),
+        ami: e.ami.clone(),
+        instance_type: e.instance_type.clone(),
+        subnet_id: e.subnet_id.clone(),
+        security_group_ids: e.security_group_ids.clone(),
+        key_name: e.key_name.clone().unwrap_or_default(),
+        iam_instance_profile: e.iam_instance_profile.clone().unwrap_or_default(),
+        tags: e.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        address: e.address.as_str().to_owned(),
+        endpoint_url: e.endpoint_url.clone().unwrap_or_default(),
+        user_data: e.user_data.clone().unwrap_or_default(),
+    }
+}
+
+fn kubernetes_to_pb(k: &KubernetesSettings) -> pb::KubernetesSettings {
+    let map =
+        |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let service_type = match k.expose {
+        Expose::Pods => String::new(),
+        Expose::Service(t) => t.as_str().to_owned(),
+    };
+    pb::KubernetesSettings {
+        namespace: k.namespace.clone(),
+        context: k.context.clone().unwrap_or_default(),
+        labels: map(&k.labels),
+        annotations: map(&k.annotations),
+        node_selector: map(&k.node_selector),
+        tolerations: k
+            .tolerations
+            .iter()
+            .map(|t| pb::Toleration {
+                key: t.key.clone(),
+                operator: t.operator.as_str().to_owned(),
+                value: t.value.clone(),
+                effect: t
+                    .effect
+                    .map(TaintEffect::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+            })
+            .collect(),
+        image_pull_secrets: k.image_pull_secrets.clone(),
+        expose: k.expose.as_str().to_owned(),
+        service_type,
+    }
+}
+
+/// Sets the block of `spec` that `settings` holds; the caller validates the result
+/// (which also refuses a block that does not match the driver).
+fn settings_from_pb(
+    settings: Option<pb::ProviderSettings>,
+    spec: &mut ProviderSpec,
+) -> Result<(), ConvertError> {
+    use pb::provider_settings::Driver as D;
+    match settings.and_then(|s| s.driver) {
+        None => {}
+        Some(D::Docker(d)) => {
+            spec.docker = Some(DockerSettings {
+                network: non_empty(d.network),
+                bind_host: non_empty(d.bind_host),
+            });
+        }
+        Some(D::Ec2(e)) => spec.ec2 = Some(ec2_from_pb(e)?),
+        Some(D::Kubernetes(k)) => spec.kubernetes = Some(kubernetes_from_pb(k)?),
+    }
+    Ok(())
+}
+
+fn ec2_from_pb(e: pb::Ec2Settings) -> Result<Ec2Settings, ConvertError> {
+    let address = match e.address.as_str() {
+        "" => Ec2Address::default(),
+        name => named(
+            "spec.ec2.address",
+            "address",
+            name,
+            &Ec2Address::ALL,
+            Ec2Address::as_str,
+        )?,
+    };
+    Ok(Ec2Settings {
+        region: e.region,
+        ami: e.ami,
+        instance_type: e.instance_type,
+        subnet_id: e.subnet_id,
+        security_group_ids: e.security_group_ids,
+        key_name: non_empty(e.key_name),
+        iam_instance_profile: non_empty(e.iam_instance_profile),
+        tags: e.tags.into_iter().collect(),
+        address,
+        endpoint_url: non_empty(e.endpoint_url),
+        user_data: non_empty(e.user_data),
+    })
+}
+
+fn kubernetes_from_pb(k: pb::KubernetesSettings) -> Result<KubernetesSettings, ConvertError> {
+    let service_type = match k.service_type.as_str() {
+        "" => None,
+        name => Some(named(
+            "spec.kubernetes.serviceType",
+            "Service type",
+            name,
+            &ServiceType::ALL,
+            ServiceType::as_str,
+        )?),
+    };
+    let expose = match (k.expose.as_str(), service_type) {
+        ("" | "pods", None) => Expose::Pods,
+        ("" | "pods", Some(_)) => {
+            return Err(ConvertError::invalid(
+                "spec.kubernetes.serviceType",
+                "only used with `expose: service`",
+            ));
+        }
+        ("service", service_type) => Expose::Service(service_type.unwrap_or_default()),
+        (other, _) => {
+            return Err(ConvertError::invalid(
+                "spec.kubernetes.expose",
+                format!("unknown expose {other:?}, expected pods or service"),
+            ));
+        }
+    };
+    let tolerations = k
+        .tolerations
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let field = |key: &str| format!("spec.kubernetes.tolerations[{i}].{key}");
+            let operator = match t.operator.as_str() {
+                "" => TolerationOperator::default(),
+                name => named(
+                    &field("operator"),
+                    "operator",
+                    name,
+                    &TolerationOperator::ALL,
+                    TolerationOperator::as_str,
+                )?,
+            };
+            let effect = match t.effect.as_str() {
+                "" => None,
+                name => Some(named(
+                    &field("effect"),
+                    "effect",
+                    name,
+                    &TaintEffect::ALL,
+                    TaintEffect::as_str,
+                )?),
+            };
+            Ok(Toleration {
+                key: t.key,
+                operator,
+                value: t.value,
+                effect,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(KubernetesSettings {
+        namespace: if k.namespace.is_empty() {
+            DEFAULT_NAMESPACE.to_owned()
+        } else {
+            k.namespace
+        },
+        context: non_empty(k.context),
+        labels: k.labels.into_iter().collect(),
+        annotations: k.annotations.into_iter().collect(),
+        node_selector: k.node_selector.into_iter().collect(),
+        tolerations,
+        image_pull_secrets: k.image_pull_secrets,
+        expose,
+    })
+}
+
+/// proto3's empty string as "not set".
+fn non_empty(s: String) -> Option<String> {
+    Some(s).filter(|s| !s.is_empty())
+}
+
+/// The one of `all` that `as_str` calls `name`; `what` names the kind of value in the
+/// error.
+fn named<T: Copy>(
+    field: &str,
+    what: &str,
+    name: &str,
+    all: &[T],
+    as_str: fn(T) -> &'static str,
+) -> Result<T, ConvertError> {
+    all.iter()
+        .copied()
+        .find(|v| as_str(*v) == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|v| as_str(*v)).collect();
+            ConvertError::invalid(
+                field,
+                format!(
+                    "unknown {what} {name:?}, expected one of: {}",
+                    names.join(", ")
+                ),
+            )
+        })
 }
 
 /// `generation` and the timestamps are left 0; the caller fills them.
@@ -640,6 +869,308 @@ spec: {command: run, replicas: 1}
         assert_eq!(
             err.to_string(),
             "invalid field `spec.placement.mode`: unknown placement mode 42"
+        );
+    }
+
+    /// Providers with every setting of every driver, and with only the defaults.
+    const SETTINGS: &str = "\
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: ec2-full}
+spec:
+  driver: ec2
+  ec2:
+    region: us-east-1
+    ami: ami-12345678
+    instanceType: m7g.2xlarge
+    subnetId: subnet-0123456789abcdef0
+    securityGroupIds: [sg-12345678, sg-0123456789abcdef0]
+    keyName: ops
+    iamInstanceProfile: arn:aws:iam::123456789012:instance-profile/web
+    tags: {team: web, Name: mirror}
+    address: public
+    endpointUrl: http://127.0.0.1:5000
+    userData: |
+      #!/bin/sh
+      echo hi
+---
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: ec2-min}
+spec:
+  driver: ec2
+  ec2: {region: eu-west-1, ami: ami-12345678, instanceType: t3.small, subnetId: subnet-12345678}
+---
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: k8s-full}
+spec:
+  driver: kubernetes
+  kubernetes:
+    namespace: web
+    context: prod
+    labels: {team: web, example.com/tier: front}
+    annotations: {example.com/note: 'any text: here'}
+    nodeSelector: {pool: apps}
+    tolerations:
+      - {key: dedicated, value: web, effect: NoSchedule}
+      - {operator: Exists}
+    imagePullSecrets: [registry]
+    expose: service
+    serviceType: LoadBalancer
+---
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: k8s-service}
+spec: {driver: kubernetes, kubernetes: {expose: service}}
+---
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: k8s-min}
+spec: {driver: kubernetes, kubernetes: {}}
+---
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: docker-bind}
+spec: {driver: docker, docker: {bindHost: '0.0.0.0'}}
+---
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: docker-net}
+spec: {driver: docker, docker: {network: apps}}
+---
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: docker-none}
+spec: {driver: docker}
+";
+
+    fn providers(text: &str) -> Vec<Provider> {
+        parse_documents("t.yaml", text)
+            .unwrap()
+            .into_iter()
+            .map(|d| match d.document {
+                Document::Provider(p) => p,
+                Document::App(a) => panic!("not a provider: {a:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn settings_round_trip() {
+        let example = include_str!("../../../deploy/examples/cloud-providers.yaml");
+        let all: Vec<Provider> = providers(SETTINGS)
+            .into_iter()
+            .chain(providers(example))
+            .collect();
+        for p in all {
+            // YAML → domain → protobuf → domain (what `get` shows and agents receive).
+            assert_eq!(Provider::try_from(pb::Provider::from(&p)), Ok(p.clone()));
+            // domain → YAML → domain (`get -o yaml`, then apply again: unchanged).
+            let yaml = Document::Provider(p.clone()).to_yaml();
+            let again = providers(&yaml);
+            assert_eq!(again, std::slice::from_ref(&p), "{yaml}");
+            // domain → JSON → domain (stored records).
+            let json = serde_json::to_string(&p.spec).unwrap();
+            assert_eq!(serde_json::from_str::<ProviderSpec>(&json).unwrap(), p.spec);
+        }
+    }
+
+    #[test]
+    fn settings_wire_values() {
+        use pb::provider_settings::Driver as D;
+        let all = providers(SETTINGS);
+        let wire = |name: &str| {
+            let p = all.iter().find(|p| p.metadata.name == name).unwrap();
+            let settings = provider_settings_to_pb(&p.spec);
+            // The object API carries the same settings as assignments.
+            let spec = pb::Provider::from(p).spec.unwrap();
+            assert_eq!(spec.settings, settings);
+            settings.and_then(|s| s.driver)
+        };
+        let Some(D::Ec2(e)) = wire("ec2-full") else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                e.address.as_str(),
+                e.endpoint_url.as_str(),
+                e.user_data.as_str()
+            ),
+            ("public", "http://127.0.0.1:5000", "#!/bin/sh\necho hi\n")
+        );
+        assert_eq!(
+            e.security_group_ids,
+            ["sg-12345678", "sg-0123456789abcdef0"]
+        );
+        assert_eq!(e.tags.get("Name").map(String::as_str), Some("mirror"));
+        // Defaults are sent explicitly, so agents need not know them.
+        let Some(D::Ec2(e)) = wire("ec2-min") else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                e.address.as_str(),
+                e.key_name.as_str(),
+                e.endpoint_url.as_str()
+            ),
+            ("private", "", "")
+        );
+        let Some(D::Kubernetes(k)) = wire("k8s-min") else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                k.namespace.as_str(),
+                k.expose.as_str(),
+                k.service_type.as_str()
+            ),
+            ("default", "pods", "")
+        );
+        let Some(D::Kubernetes(k)) = wire("k8s-service") else {
+            panic!()
+        };
+        assert_eq!(
+            (k.expose.as_str(), k.service_type.as_str()),
+            ("service", "ClusterIP")
+        );
+        let Some(D::Kubernetes(k)) = wire("k8s-full") else {
+            panic!()
+        };
+        assert_eq!(k.service_type, "LoadBalancer");
+        assert_eq!(
+            k.tolerations,
+            [
+                pb::Toleration {
+                    key: "dedicated".into(),
+                    operator: "Equal".into(),
+                    value: "web".into(),
+                    effect: "NoSchedule".into(),
+                },
+                pb::Toleration {
+                    operator: "Exists".into(),
+                    ..Default::default()
+                },
+            ]
+        );
+        let Some(D::Docker(d)) = wire("docker-bind") else {
+            panic!()
+        };
+        assert_eq!((d.network.as_str(), d.bind_host.as_str()), ("", "0.0.0.0"));
+        // No block: the agent's own flags decide.
+        assert_eq!(wire("docker-none"), None);
+        assert_eq!(
+            provider_settings_to_pb(&ProviderSpec::new(DriverKind::Process)),
+            None
+        );
+    }
+
+    #[test]
+    fn settings_from_protobuf_are_checked() {
+        use pb::provider_settings::Driver as D;
+        let provider = |driver: &str, settings: D| pb::Provider {
+            metadata: Some(pb::ObjectMeta {
+                name: "p".into(),
+                ..Default::default()
+            }),
+            spec: Some(pb::ProviderSpec {
+                driver: driver.into(),
+                settings: Some(pb::ProviderSettings {
+                    driver: Some(settings),
+                }),
+                ..Default::default()
+            }),
+        };
+        let ec2 = pb::Ec2Settings {
+            region: "eu-west-1".into(),
+            ami: "ami-12345678".into(),
+            instance_type: "t3.small".into(),
+            subnet_id: "subnet-12345678".into(),
+            ..Default::default()
+        };
+        let kubernetes = |expose: &str, service_type: &str| {
+            D::Kubernetes(pb::KubernetesSettings {
+                expose: expose.into(),
+                service_type: service_type.into(),
+                ..Default::default()
+            })
+        };
+        let cases = [
+            (
+                provider("docker", D::Ec2(ec2.clone())),
+                "invalid field `spec.ec2`: ec2 settings do not apply to this provider: its driver is docker (its settings go in spec.docker)",
+            ),
+            (
+                provider(
+                    "ec2",
+                    D::Ec2(pb::Ec2Settings {
+                        address: "elastic".into(),
+                        ..ec2.clone()
+                    }),
+                ),
+                "invalid field `spec.ec2.address`: unknown address \"elastic\", expected one of: private, public",
+            ),
+            (
+                provider(
+                    "ec2",
+                    D::Ec2(pb::Ec2Settings {
+                        ami: "ami-x".into(),
+                        ..ec2
+                    }),
+                ),
+                "invalid field `spec.ec2.ami`: invalid AMI id \"ami-x\": expected \"ami-\" and 8 or 17 lowercase hexadecimal digits, such as ami-0123456789abcdef0",
+            ),
+            (
+                provider("kubernetes", kubernetes("ingress", "")),
+                "invalid field `spec.kubernetes.expose`: unknown expose \"ingress\", expected pods or service",
+            ),
+            (
+                provider("kubernetes", kubernetes("pods", "NodePort")),
+                "invalid field `spec.kubernetes.serviceType`: only used with `expose: service`",
+            ),
+            (
+                provider("kubernetes", kubernetes("service", "ExternalName")),
+                "invalid field `spec.kubernetes.serviceType`: unknown Service type \"ExternalName\", expected one of: ClusterIP, NodePort, LoadBalancer",
+            ),
+            (
+                provider(
+                    "kubernetes",
+                    D::Kubernetes(pb::KubernetesSettings {
+                        tolerations: vec![pb::Toleration {
+                            key: "k".into(),
+                            operator: "In".into(),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                ),
+                "invalid field `spec.kubernetes.tolerations[0].operator`: unknown operator \"In\", expected one of: Equal, Exists",
+            ),
+            (
+                provider(
+                    "kubernetes",
+                    D::Kubernetes(pb::KubernetesSettings {
+                        tolerations: vec![pb::Toleration {
+                            key: "k".into(),
+                            effect: "NoRun".into(),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                ),
+                "invalid field `spec.kubernetes.tolerations[0].effect`: unknown effect \"NoRun\", expected one of: NoSchedule, PreferNoSchedule, NoExecute",
+            ),
+        ];
+        for (wire, expected) in cases {
+            assert_eq!(Provider::try_from(wire).unwrap_err().to_string(), expected);
+        }
+        // proto3's empty strings are the defaults.
+        let p = Provider::try_from(provider("kubernetes", kubernetes("", ""))).unwrap();
+        assert_eq!(p.spec.kubernetes, Some(KubernetesSettings::default()));
+        let p = Provider::try_from(provider("kubernetes", kubernetes("service", ""))).unwrap();
+        assert_eq!(
+            p.spec.kubernetes.map(|k| k.expose),
+            Some(Expose::Service(ServiceType::ClusterIp))
         );
     }
 }

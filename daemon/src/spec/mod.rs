@@ -15,7 +15,8 @@
 //!   deserialization;
 //! - `fields`, `duration`, `path`: field deserializers with people's error messages,
 //!   `"1m30s"` durations, field paths;
-//! - `convert`: domain ↔ protobuf ([`workload_to_pb`], [`health_to_pb`], `From`/`TryFrom`).
+//! - `convert`: domain ↔ protobuf ([`workload_to_pb`], [`health_to_pb`],
+//!   [`provider_settings_to_pb`], `From`/`TryFrom`).
 //!
 //! Boundary: nothing here stores or schedules; the daemon decides what a valid document
 //! means for the running system.
@@ -32,12 +33,14 @@ mod path;
 mod types;
 mod validate;
 
-pub use convert::{ConvertError, health_to_pb, workload_to_pb};
+pub use convert::{ConvertError, health_to_pb, provider_settings_to_pb, workload_to_pb};
 pub use error::{SpecError, SpecErrors};
 pub use types::{
-    App, AppSpec, Document, DriverKind, FailoverPolicy, HealthCheck, Kind, ObjectMeta, Placement,
-    PlacementMode, PlacementTarget, Port, Probe, Protocol, Provider, ProviderSpec, Resources,
-    Routing, RoutingProtocol, UnknownKind, Workload,
+    App, AppSpec, DockerSettings, Document, DriverKind, Ec2Address, Ec2Settings, Expose,
+    FailoverPolicy, HealthCheck, Kind, KubernetesSettings, ObjectMeta, Placement, PlacementMode,
+    PlacementTarget, Port, Probe, Protocol, Provider, ProviderSpec, Resources, Routing,
+    RoutingProtocol, ServiceType, TaintEffect, Toleration, TolerationOperator, UnknownKind,
+    Workload,
 };
 
 /// Largest input [`parse_documents`] reads: 1 MiB.

@@ -23,7 +23,9 @@ use super::error::{SpecError, SpecErrors};
 use super::fields::KeyText;
 use super::locate::{Location, locate_all};
 use super::path::{FieldPath, Issue};
-use super::types::{App, AppSpec, AppSpecWire, Document, DocumentWire, Provider, ProviderSpec};
+use super::types::{
+    App, AppSpec, AppSpecWire, Document, DocumentWire, Provider, ProviderSpec, ProviderSpecWire,
+};
 use super::{Kind, MAX_DOCUMENTS, MAX_SOURCE_BYTES, ParsedDocument, validate};
 
 /// See [`super::parse_documents`].
@@ -126,10 +128,11 @@ pub(super) fn issue_error(
     }
 }
 
-fn provider(wire: DocumentWire<ProviderSpec>) -> Result<Document, Vec<Issue>> {
+fn provider(wire: DocumentWire<ProviderSpecWire>) -> Result<Document, Vec<Issue>> {
+    let spec = ProviderSpec::try_from(wire.spec).map_err(|issue| vec![issue.under("spec")])?;
     let provider = Provider {
         metadata: wire.metadata,
-        spec: wire.spec,
+        spec,
     };
     let issues = validate::provider(&provider);
     if issues.is_empty() {

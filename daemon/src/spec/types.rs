@@ -1,10 +1,12 @@
 //! The domain types of the declarative specs, and their YAML shape (serde).
 //!
-//! Most types serialize as themselves. Two differ from their YAML shape: [`AppSpec`],
-//! whose [`Workload`] fields sit directly under `spec`, and [`HealthCheck`], whose probe is
-//! one of the sibling keys `http`, `tcp` or `exec`. Both go through a private wire struct
-//! rather than `#[serde(flatten)]`, which would lose field paths, positions and
-//! `deny_unknown_fields`.
+//! Most types serialize as themselves. Three differ from their YAML shape: [`AppSpec`],
+//! whose [`Workload`] fields sit directly under `spec`, [`HealthCheck`], whose probe is
+//! one of the sibling keys `http`, `tcp` or `exec`, and [`KubernetesSettings`], whose
+//! [`Expose`] is the sibling keys `expose` and `serviceType`. They go through a private
+//! wire struct rather than `#[serde(flatten)]`, which would lose field paths, positions
+//! and `deny_unknown_fields`; so does [`ProviderSpec`], which holds the Kubernetes one,
+//! so that its problems are placed in the text like every other field's.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -199,20 +201,290 @@ pub struct Provider {
 }
 
 /// The `spec` of a [`Provider`].
+///
+/// At most one settings block is set, the one named like `driver` (validation rejects the
+/// others); none means the agent's own flags decide. Settings are sent to the provider's
+/// agent with every assignment. They never hold credentials: the agent takes those from
+/// its own environment (the AWS credential chain, its kubeconfig or service account, its
+/// Docker socket).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(try_from = "ProviderSpecWire", into = "ProviderSpecWire")]
 pub struct ProviderSpec {
     /// Driver the provider's agent uses.
     pub driver: DriverKind,
     /// Higher serves first in active-passive placement. Default 0.
-    #[serde(default, deserialize_with = "fields::int")]
     pub priority: i32,
     /// Most replicas (of all apps) the provider may run; 0 means unlimited.
-    #[serde(default, deserialize_with = "fields::int")]
     pub capacity: u32,
     /// Free text shown by `describe`.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
+    /// Settings of the docker driver (`spec.docker`).
+    pub docker: Option<DockerSettings>,
+    /// Settings of the ec2 driver (`spec.ec2`).
+    pub ec2: Option<Ec2Settings>,
+    /// Settings of the kubernetes driver (`spec.kubernetes`).
+    pub kubernetes: Option<KubernetesSettings>,
+}
+
+impl ProviderSpec {
+    /// A provider of `driver` with priority 0, no capacity limit, no description and no
+    /// settings. A starting point for building specs in code.
+    pub fn new(driver: DriverKind) -> Self {
+        Self {
+            driver,
+            priority: 0,
+            capacity: 0,
+            description: String::new(),
+            docker: None,
+            ec2: None,
+            kubernetes: None,
+        }
+    }
+}
+
+/// Settings of the `docker` driver.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DockerSettings {
+    /// Docker network the replicas join instead of publishing ports (a provider whose
+    /// replicas live on a private network); not `host` or `none`, which give a container
+    /// no address of its own. `None`: the agent's `--docker-network`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// IP address ports are published on when there is no network. `None`: the agent's
+    /// `--bind-host` (127.0.0.1 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind_host: Option<String>,
+}
+
+/// Settings of the `ec2` driver: a replica is one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Ec2Settings {
+    /// AWS region the instances run in, e.g. `eu-west-1`.
+    pub region: String,
+    /// AMI the instances boot, `ami-` and 8 or 17 hexadecimal digits.
+    pub ami: String,
+    /// Instance type, e.g. `t3.small`.
+    pub instance_type: String,
+    /// Subnet the instances are placed in, `subnet-…`; it decides the VPC and zone.
+    pub subnet_id: String,
+    /// Security groups of the instances, `sg-…`; empty: the VPC's default group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_group_ids: Vec<String>,
+    /// EC2 key pair for SSH access to the instances; `None`: no key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
+    /// IAM instance profile (name or ARN) the instances run with, e.g. to pull images
+    /// from a private registry; `None`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iam_instance_profile: Option<String>,
+    /// Extra tags on every instance, for cost allocation and ownership. Keys starting
+    /// with `aws:` (AWS's) or `skymirror` (skymirror's own identity tags) are refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// Which address of an instance replicas are reached at. Default private.
+    #[serde(default)]
+    pub address: Ec2Address,
+    /// EC2 API endpoint to use instead of AWS's (moto, LocalStack), an http(s) URL;
+    /// `None`: AWS's endpoint for `region`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+    /// User-data template the instances boot with; `None`: the built-in one that
+    /// starts the app. At most 16 KiB, AWS's limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+}
+
+/// Which address of an EC2 instance its replica is reached at.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ec2Address {
+    /// The address in the subnet (the default): the agent, the front door and the
+    /// daemon reach the instances inside the VPC or over a peering.
+    #[default]
+    Private,
+    /// The public address: for instances reached over the internet.
+    Public,
+}
+
+impl Ec2Address {
+    /// Every address kind.
+    pub const ALL: [Ec2Address; 2] = [Self::Private, Self::Public];
+
+    /// `private` or `public`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Private => "private",
+            Self::Public => "public",
+        }
+    }
+}
+
+/// Default Kubernetes namespace of a provider's objects.
+pub(super) const DEFAULT_NAMESPACE: &str = "default";
+
+/// Settings of the `kubernetes` driver.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "KubernetesWire", into = "KubernetesWire")]
+pub struct KubernetesSettings {
+    /// Namespace the replicas' objects live in. Default `default`.
+    pub namespace: String,
+    /// kubeconfig context; `None`: the current context, or the in-cluster configuration
+    /// when the agent runs as a pod.
+    pub context: Option<String>,
+    /// Extra labels on every object; `skymirror.dev/` keys are skymirror's own.
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations on every object; `skymirror.dev/` keys are skymirror's own.
+    pub annotations: BTreeMap<String, String>,
+    /// Node selector of the replicas' pods.
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the replicas' pods tolerate.
+    pub tolerations: Vec<Toleration>,
+    /// Secrets (in `namespace`) the kubelet pulls the app's image with.
+    pub image_pull_secrets: Vec<String>,
+    /// How replicas are reached. Default [`Expose::Pods`].
+    pub expose: Expose,
+}
+
+impl Default for KubernetesSettings {
+    /// The `default` namespace, replicas reached at their pods' addresses, nothing else.
+    fn default() -> Self {
+        Self {
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            context: None,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            image_pull_secrets: Vec::new(),
+            expose: Expose::Pods,
+        }
+    }
+}
+
+/// How the replicas of a Kubernetes provider are reached. In YAML: `expose: pods`, or
+/// `expose: service` with an optional `serviceType`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Expose {
+    /// At each pod's own address (the default): the agent, the front door and the
+    /// daemon are on the cluster's pod network.
+    #[default]
+    Pods,
+    /// Through one Service per app, of this type: for front doors outside the cluster.
+    Service(ServiceType),
+}
+
+impl Expose {
+    /// `pods` or `service`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pods => "pods",
+            Self::Service(_) => "service",
+        }
+    }
+}
+
+/// The `expose` key alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ExposeKind {
+    #[default]
+    Pods,
+    Service,
+}
+
+/// Type of the Service of [`Expose::Service`], as Kubernetes names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ServiceType {
+    /// Reachable inside the cluster only (the default).
+    #[default]
+    #[serde(rename = "ClusterIP")]
+    ClusterIp,
+    /// Also on a port of every node.
+    NodePort,
+    /// Also through the cloud's load balancer.
+    LoadBalancer,
+}
+
+impl ServiceType {
+    /// Every Service type.
+    pub const ALL: [ServiceType; 3] = [Self::ClusterIp, Self::NodePort, Self::LoadBalancer];
+
+    /// `ClusterIP`, `NodePort` or `LoadBalancer`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// A Kubernetes toleration, as in a pod spec.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Toleration {
+    /// Taint key; empty (with operator `Exists`) tolerates every taint.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key: String,
+    /// How `value` is compared. Default `Equal`.
+    #[serde(default)]
+    pub operator: TolerationOperator,
+    /// Taint value for `Equal`; empty for `Exists`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub value: String,
+    /// Taint effect tolerated; `None`: every effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<TaintEffect>,
+}
+
+/// How a [`Toleration`] matches a taint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TolerationOperator {
+    /// Key and value equal (the default, as in Kubernetes).
+    #[default]
+    Equal,
+    /// Key present, whatever the value.
+    Exists,
+}
+
+impl TolerationOperator {
+    /// Every operator.
+    pub const ALL: [TolerationOperator; 2] = [Self::Equal, Self::Exists];
+
+    /// `Equal` or `Exists`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Equal => "Equal",
+            Self::Exists => "Exists",
+        }
+    }
+}
+
+/// The effect of a Kubernetes taint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TaintEffect {
+    /// New pods are not scheduled on the node.
+    NoSchedule,
+    /// The scheduler avoids the node.
+    PreferNoSchedule,
+    /// Running pods are evicted too.
+    NoExecute,
+}
+
+impl TaintEffect {
+    /// Every effect.
+    pub const ALL: [TaintEffect; 3] = [Self::NoSchedule, Self::PreferNoSchedule, Self::NoExecute];
+
+    /// `NoSchedule`, `PreferNoSchedule` or `NoExecute`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoSchedule => "NoSchedule",
+            Self::PreferNoSchedule => "PreferNoSchedule",
+            Self::NoExecute => "NoExecute",
+        }
+    }
 }
 
 /// The runtimes an agent can drive.
@@ -798,6 +1070,140 @@ impl From<HealthCheck> for HealthWire {
             timeout: h.timeout,
             failure_threshold: h.failure_threshold,
             success_threshold: h.success_threshold,
+        }
+    }
+}
+
+/// The YAML shape of a provider's `spec`; differs from [`ProviderSpec`] only in holding
+/// the Kubernetes settings in their YAML shape.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct ProviderSpecWire {
+    driver: DriverKind,
+    #[serde(default, deserialize_with = "fields::int")]
+    priority: i32,
+    #[serde(default, deserialize_with = "fields::int")]
+    capacity: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    description: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    docker: Option<DockerSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ec2: Option<Ec2Settings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kubernetes: Option<KubernetesWire>,
+}
+
+impl TryFrom<ProviderSpecWire> for ProviderSpec {
+    /// Kubernetes settings whose `serviceType` goes without `expose: service`; the path
+    /// is relative to `spec`.
+    type Error = Issue;
+
+    fn try_from(w: ProviderSpecWire) -> Result<Self, Issue> {
+        let kubernetes = match w.kubernetes {
+            Some(k) => Some(KubernetesSettings::try_from(k).map_err(|e| e.under("kubernetes"))?),
+            None => None,
+        };
+        Ok(Self {
+            driver: w.driver,
+            priority: w.priority,
+            capacity: w.capacity,
+            description: w.description,
+            docker: w.docker,
+            ec2: w.ec2,
+            kubernetes,
+        })
+    }
+}
+
+impl From<ProviderSpec> for ProviderSpecWire {
+    fn from(s: ProviderSpec) -> Self {
+        Self {
+            driver: s.driver,
+            priority: s.priority,
+            capacity: s.capacity,
+            description: s.description,
+            docker: s.docker,
+            ec2: s.ec2,
+            kubernetes: s.kubernetes.map(KubernetesWire::from),
+        }
+    }
+}
+
+/// The YAML shape of the Kubernetes settings: [`Expose`] is two sibling keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct KubernetesWire {
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    context: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    image_pull_secrets: Vec<String>,
+    #[serde(default)]
+    expose: ExposeKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    service_type: Option<ServiceType>,
+}
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_owned()
+}
+
+impl TryFrom<KubernetesWire> for KubernetesSettings {
+    /// `serviceType` without `expose: service`; the path is relative to the settings.
+    type Error = Issue;
+
+    fn try_from(w: KubernetesWire) -> Result<Self, Issue> {
+        let expose = match (w.expose, w.service_type) {
+            (ExposeKind::Pods, None) => Expose::Pods,
+            (ExposeKind::Service, service_type) => {
+                Expose::Service(service_type.unwrap_or_default())
+            }
+            (ExposeKind::Pods, Some(_)) => {
+                return Err(Issue::new(
+                    FieldPath::of(&["serviceType"]),
+                    "only used with `expose: service`; pods are reached at their own addresses",
+                ));
+            }
+        };
+        Ok(Self {
+            namespace: w.namespace,
+            context: w.context,
+            labels: w.labels,
+            annotations: w.annotations,
+            node_selector: w.node_selector,
+            tolerations: w.tolerations,
+            image_pull_secrets: w.image_pull_secrets,
+            expose,
+        })
+    }
+}
+
+impl From<KubernetesSettings> for KubernetesWire {
+    fn from(k: KubernetesSettings) -> Self {
+        let (expose, service_type) = match k.expose {
+            Expose::Pods => (ExposeKind::Pods, None),
+            Expose::Service(t) => (ExposeKind::Service, Some(t)),
+        };
+        Self {
+            namespace: k.namespace,
+            context: k.context,
+            labels: k.labels,
+            annotations: k.annotations,
+            node_selector: k.node_selector,
+            tolerations: k.tolerations,
+            image_pull_secrets: k.image_pull_secrets,
+            expose,
+            service_type,
         }
     }
 }
