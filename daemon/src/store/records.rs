@@ -13,8 +13,8 @@
 //! (written by a newer release) is a [`StoreError::Decode`] naming the record
 //! and the version; nothing guesses.
 //!
-//! Version 1 of every record is the shape the daemon has written since its
-//! first release, when it serialized its domain types directly: field names
+//! Version 1 of every record is the shape the releases before these types
+//! wrote by serializing their domain types directly: field names
 //! in `snake_case` around the spec, the spec itself in the YAML's
 //! `camelCase`, the workload's fields flat in the app's `spec`, the health
 //! probe as one of the keys `http`, `tcp` or `exec`, durations as text
@@ -123,7 +123,7 @@ fn unknown_version<T: Versioned>(what: &str, version: u32) -> StoreError {
     StoreError::Decode {
         what: what.to_string(),
         reason: format!(
-            "record version {version} is not supported: this build reads {} records of versions 1 to {}, and {why}",
+            "record version {version} is not supported: this build reads {} records up to version {}, and {why}",
             T::RECORD,
             T::VERSION
         ),
@@ -217,7 +217,7 @@ impl Versioned for Event {
 }
 
 // ---------------------------------------------------------------------------
-// Version 1: the shape written since the first release. Frozen.
+// Version 1: the shape written by the releases up to commit f32e1b1. Frozen.
 // ---------------------------------------------------------------------------
 
 /// Defaults of version 1 records, as the release that wrote them applied
@@ -1487,7 +1487,7 @@ mod tests {
         assert_eq!(
             err,
             "store: cannot decode app web: record version 2 is not supported: this build reads \
-             app records of versions 1 to 1, and it was written by a newer release of skymirror"
+             app records up to version 1, and it was written by a newer release of skymirror"
         );
         let zero = CONTROLS_V1.replacen(r#"{"v":1,"#, r#"{"v":0,"#, 1);
         let err = decode::<Controls>("controls", zero.as_bytes())

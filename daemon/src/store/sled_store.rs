@@ -4,7 +4,9 @@
 //! `providers`, `assignments` (keyed by
 //! name), `replicas` (keyed by `provider \0 app \0 index`), `events` (keyed by
 //! the big-endian sequence number, so iteration is in log order). The event log
-//! keeps the newest [`SledStore::EVENT_RETENTION`] entries.
+//! keeps the newest [`SledStore::EVENT_RETENTION`] entries. Every value is a
+//! versioned record (`super::records`); errors name it from its key
+//! (`app web`, `replica web/aws/0`, `event 42`).
 
 use std::path::Path;
 use std::sync::Mutex;
