@@ -2,29 +2,32 @@
 //!
 //! Desired state is what users applied ([`DeclaredApp`], [`DeclaredProvider`]) and
 //! what the scheduler decided ([`Assignment`]); actual state is what agents
-//! last reported ([`ReportedReplica`]). Records are serialized as their own
-//! versioned types: a stored byte string is a compatibility promise, so the
-//! records never embed protobuf types.
+//! last reported ([`ReportedReplica`]). Values are written as the store's own
+//! records (`records`), each type versioned on its own inside an envelope
+//! `{"v": N, "data": …}`: a stored byte string is a compatibility promise, so
+//! records embed neither protobuf nor YAML types, and `records` documents how
+//! they migrate. [`SCHEMA_VERSION`] versions the layout around them (trees,
+//! keys, the envelope).
 //!
 //! Invariant: [`Store::commit`] is atomic and durable: when it returns, every
 //! change of the batch is on disk, and no reader ever sees half of a batch.
 
+mod duration;
 mod records;
 mod sled_store;
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize};
 
 use crate::model::{
     Assignment, Controls, DeclaredApp, DeclaredProvider, Event, NewEvent, ReportedReplica,
 };
 
+use records::Versioned;
 pub use sled_store::SledStore;
 
-/// Schema version of the store layout; checked on open.
+/// Version of the store's layout: its trees, their keys and the record
+/// envelope; checked on open. Record versions are separate (`records`).
 pub const SCHEMA_VERSION: u32 = 1;
-
-/// Record version written into every stored value.
-const RECORD_VERSION: u32 = 1;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -130,31 +133,36 @@ pub trait Store: Send + Sync + 'static {
     fn flush(&self) -> Result<(), StoreError>;
 }
 
-/// Envelope that versions every stored value.
-#[derive(Serialize, Deserialize)]
+/// Envelope that versions every stored value: `v` is the version of the
+/// record type in `data`.
+#[derive(Serialize)]
 struct Envelope<T> {
     v: u32,
     data: T,
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(&Envelope {
-        v: RECORD_VERSION,
-        data: value,
-    })
-    .map_err(|e| StoreError::Backend(format!("cannot encode record: {e}")))
+/// Only the version of an envelope; its data is read once the version says
+/// which record type it holds.
+#[derive(Deserialize)]
+struct EnvelopeVersion {
+    v: u32,
 }
 
-fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    let envelope: Envelope<T> = serde_json::from_slice(bytes).map_err(|e| StoreError::Decode {
+/// Encodes `value` as its current record.
+fn encode<T: Versioned>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(&Envelope {
+        v: T::VERSION,
+        data: T::Record::from(value),
+    })
+    .map_err(|e| StoreError::Backend(format!("cannot encode {} record: {e}", T::RECORD)))
+}
+
+/// Decodes a record of any version this build reads; `what` names it in
+/// errors, e.g. `app web`.
+fn decode<T: Versioned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    let EnvelopeVersion { v } = serde_json::from_slice(bytes).map_err(|e| StoreError::Decode {
         what: what.to_string(),
-        reason: e.to_string(),
+        reason: format!("not a versioned record: {e}"),
     })?;
-    if envelope.v != RECORD_VERSION {
-        return Err(StoreError::Decode {
-            what: what.to_string(),
-            reason: format!("record version {} is not supported", envelope.v),
-        });
-    }
-    Ok(envelope.data)
+    T::read(what, v, bytes)?.try_into()
 }

@@ -4,7 +4,9 @@
 //! `providers`, `assignments` (keyed by
 //! name), `replicas` (keyed by `provider \0 app \0 index`), `events` (keyed by
 //! the big-endian sequence number, so iteration is in log order). The event log
-//! keeps the newest [`SledStore::EVENT_RETENTION`] entries.
+//! keeps the newest [`SledStore::EVENT_RETENTION`] entries. Every value is a
+//! versioned record (`super::records`); errors name it from its key
+//! (`app web`, `replica web/aws/0`, `event 42`).
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -12,7 +14,7 @@ use std::sync::Mutex;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use super::records::EventV1;
+use super::records::Versioned;
 use super::{Batch, SCHEMA_VERSION, Store, StoreError, decode, encode};
 use crate::model::{
     Assignment, Controls, DeclaredApp, DeclaredProvider, Event, NewEvent, ReportedReplica, now_ms,
@@ -114,13 +116,16 @@ impl SledStore {
         })
     }
 
-    fn values<T: serde::de::DeserializeOwned>(
+    /// Every record of `tree`, each named in errors by `name` from its key.
+    fn values<T: Versioned>(
         tree: &sled::Tree,
-        what: &str,
+        name: impl Fn(&[u8]) -> String,
     ) -> Result<Vec<T>, StoreError> {
         tree.iter()
-            .values()
-            .map(|v| decode(what, &v.map_err(backend)?))
+            .map(|entry| {
+                let (key, value) = entry.map_err(backend)?;
+                decode(&name(&key), &value)
+            })
             .collect()
     }
 
@@ -150,7 +155,7 @@ impl SledStore {
                 time_ms,
                 event,
             };
-            encoded.push((seq, encode(&EventV1::from(&event))?));
+            encoded.push((seq, encode(&event)?));
             stored.push(event);
         }
         let result = write(&encoded)?;
@@ -177,8 +182,39 @@ impl SledStore {
     }
 }
 
-fn decode_event(bytes: &[u8]) -> Result<Event, StoreError> {
-    Event::try_from(decode::<EventV1>("event", bytes)?)
+/// How a record keyed by its object's name is named in errors: `app web`.
+fn named<T: Versioned>(key: &[u8]) -> String {
+    format!("{} {}", T::RECORD, String::from_utf8_lossy(key))
+}
+
+/// How a replica is named in errors, from its key: `replica web/aws/0`.
+fn replica_name(key: &[u8]) -> String {
+    let mut parts = key.splitn(3, |b| *b == 0);
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next().map(<[u8; 4]>::try_from),
+    ) {
+        (Some(provider), Some(app), Some(Ok(index))) => format!(
+            "replica {}/{}/{}",
+            String::from_utf8_lossy(app),
+            String::from_utf8_lossy(provider),
+            u32::from_be_bytes(index)
+        ),
+        _ => format!("replica with key {key:?}"),
+    }
+}
+
+/// How an event is named in errors, from its key: `event 42`.
+fn event_name(key: &[u8]) -> String {
+    match <[u8; 8]>::try_from(key) {
+        Ok(seq) => format!("event {}", u64::from_be_bytes(seq)),
+        Err(_) => format!("event with key {key:?}"),
+    }
+}
+
+fn decode_event(key: &[u8], bytes: &[u8]) -> Result<Event, StoreError> {
+    decode(&event_name(key), bytes)
 }
 
 fn seq_from_key(key: &[u8]) -> Result<u64, StoreError> {
@@ -191,23 +227,23 @@ fn seq_from_key(key: &[u8]) -> Result<u64, StoreError> {
 
 impl Store for SledStore {
     fn apps(&self) -> Result<Vec<DeclaredApp>, StoreError> {
-        Self::values(&self.apps, "app")
+        Self::values(&self.apps, named::<DeclaredApp>)
     }
 
     fn app(&self, name: &str) -> Result<Option<DeclaredApp>, StoreError> {
         self.apps
             .get(name)
             .map_err(backend)?
-            .map(|v| decode(&format!("app {name}"), &v))
+            .map(|v| decode(&named::<DeclaredApp>(name.as_bytes()), &v))
             .transpose()
     }
 
     fn providers(&self) -> Result<Vec<DeclaredProvider>, StoreError> {
-        Self::values(&self.providers, "provider")
+        Self::values(&self.providers, named::<DeclaredProvider>)
     }
 
     fn assignments(&self) -> Result<Vec<Assignment>, StoreError> {
-        Self::values(&self.assignments, "assignment")
+        Self::values(&self.assignments, named::<Assignment>)
     }
 
     fn controls(&self) -> Result<Controls, StoreError> {
@@ -282,7 +318,7 @@ impl Store for SledStore {
     }
 
     fn replicas(&self) -> Result<Vec<ReportedReplica>, StoreError> {
-        Self::values(&self.replicas, "replica")
+        Self::values(&self.replicas, replica_name)
     }
 
     fn put_replicas(
@@ -328,9 +364,11 @@ impl Store for SledStore {
         let start = after.saturating_add(1).to_be_bytes();
         self.events
             .range(start..)
-            .values()
             .take(limit)
-            .map(|v| decode_event(&v.map_err(backend)?))
+            .map(|entry| {
+                let (key, value) = entry.map_err(backend)?;
+                decode_event(&key, &value)
+            })
             .collect()
     }
 
@@ -338,10 +376,12 @@ impl Store for SledStore {
         let mut events: Vec<Event> = self
             .events
             .iter()
-            .values()
             .rev()
             .take(count)
-            .map(|v| decode_event(&v.map_err(backend)?))
+            .map(|entry| {
+                let (key, value) = entry.map_err(backend)?;
+                decode_event(&key, &value)
+            })
             .collect::<Result<_, _>>()?;
         events.reverse();
         Ok(events)
@@ -477,6 +517,36 @@ mod tests {
         assert_eq!(ids, vec!["web/a/1", "web/ab/0"]);
         store.delete_replicas("a", &[("web".into(), 1)])?;
         assert_eq!(store.replicas()?.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn records_of_an_unknown_version_are_refused_by_name() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Backend(e.to_string()))?;
+        let store = SledStore::open(dir.path())?;
+        store.put_replicas(None, &[replica("aws", "web", 3)])?;
+        let newer = |tree: &sled::Tree, key: &[u8]| -> Result<(), StoreError> {
+            tree.insert(key, r#"{"v":7,"data":{"whatever":true}}"#)
+                .map_err(backend)?;
+            Ok(())
+        };
+        newer(&store.replicas, &replica_key("aws", "web", 3))?;
+        newer(&store.apps, b"web")?;
+        newer(&store.events, &9u64.to_be_bytes())?;
+        let refused = |result: Result<(), StoreError>| match result {
+            Err(StoreError::Decode { what, reason }) => format!("{what}: {reason}"),
+            other => format!("not refused: {other:?}"),
+        };
+        let replicas = refused(store.replicas().map(drop));
+        assert!(
+            replicas.starts_with("replica web/aws/3: record version 7 is not supported"),
+            "{replicas}"
+        );
+        assert!(refused(store.apps().map(drop)).starts_with("app web: record version 7"));
+        assert!(refused(store.app("web").map(drop)).starts_with("app web: record version 7"));
+        assert!(
+            refused(store.events_after(0, 10).map(drop)).starts_with("event 9: record version 7")
+        );
         Ok(())
     }
 
