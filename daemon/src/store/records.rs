@@ -849,6 +849,266 @@ pub(super) struct ProviderSpecRecordV1 {
     /// Free text; written only when not empty.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
+    /// Settings of the docker driver; absent when unset (and in every record
+    /// written before driver settings existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerSettingsRecordV1>,
+    /// Settings of the ec2 driver; absent when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ec2: Option<Ec2SettingsRecordV1>,
+    /// Settings of the kubernetes driver; absent when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesSettingsRecordV1>,
+}
+
+/// The docker driver's settings as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct DockerSettingsRecordV1 {
+    /// Docker network the containers join.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// Host address ports are published on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind_host: Option<String>,
+}
+
+/// The ec2 driver's settings as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Ec2SettingsRecordV1 {
+    /// AWS region.
+    pub region: String,
+    /// AMI the instances boot.
+    pub ami: String,
+    /// Instance type.
+    pub instance_type: String,
+    /// Subnet of the instances.
+    pub subnet_id: String,
+    /// Security groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_group_ids: Vec<String>,
+    /// EC2 key pair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
+    /// IAM instance profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iam_instance_profile: Option<String>,
+    /// Extra tags.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// `private` or `public`.
+    #[serde(default)]
+    pub address: Ec2AddressRecordV1,
+    /// Another EC2 endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+    /// User-data template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+}
+
+/// Which address replicas on EC2 are reached at, as stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Ec2AddressRecordV1 {
+    /// The instance's private address.
+    #[default]
+    Private,
+    /// Its public address.
+    Public,
+}
+
+/// The kubernetes driver's settings as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct KubernetesSettingsRecordV1 {
+    /// Namespace of the replicas' objects.
+    pub namespace: String,
+    /// kubeconfig context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// Extra labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Node selector.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<TolerationRecordV1>,
+    /// Image pull secrets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<String>,
+    /// `pods`, or `service` with `service_type`.
+    #[serde(default)]
+    pub expose: String,
+    /// `ClusterIP`, `NodePort` or `LoadBalancer` when exposed by a Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_type: Option<String>,
+}
+
+/// A toleration as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct TolerationRecordV1 {
+    /// Taint key; empty matches every key.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key: String,
+    /// `Equal` or `Exists`.
+    pub operator: String,
+    /// Taint value.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub value: String,
+    /// Taint effect; absent: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<String>,
+}
+
+impl From<&spec::DockerSettings> for DockerSettingsRecordV1 {
+    fn from(d: &spec::DockerSettings) -> Self {
+        DockerSettingsRecordV1 {
+            network: d.network.clone(),
+            bind_host: d.bind_host.clone(),
+        }
+    }
+}
+
+impl From<DockerSettingsRecordV1> for spec::DockerSettings {
+    fn from(r: DockerSettingsRecordV1) -> Self {
+        spec::DockerSettings {
+            network: r.network,
+            bind_host: r.bind_host,
+        }
+    }
+}
+
+impl From<&spec::Ec2Settings> for Ec2SettingsRecordV1 {
+    fn from(e: &spec::Ec2Settings) -> Self {
+        Ec2SettingsRecordV1 {
+            region: e.region.clone(),
+            ami: e.ami.clone(),
+            instance_type: e.instance_type.clone(),
+            subnet_id: e.subnet_id.clone(),
+            security_group_ids: e.security_group_ids.clone(),
+            key_name: e.key_name.clone(),
+            iam_instance_profile: e.iam_instance_profile.clone(),
+            tags: e.tags.clone(),
+            address: match e.address {
+                spec::Ec2Address::Private => Ec2AddressRecordV1::Private,
+                spec::Ec2Address::Public => Ec2AddressRecordV1::Public,
+            },
+            endpoint_url: e.endpoint_url.clone(),
+            user_data: e.user_data.clone(),
+        }
+    }
+}
+
+impl From<Ec2SettingsRecordV1> for spec::Ec2Settings {
+    fn from(r: Ec2SettingsRecordV1) -> Self {
+        spec::Ec2Settings {
+            region: r.region,
+            ami: r.ami,
+            instance_type: r.instance_type,
+            subnet_id: r.subnet_id,
+            security_group_ids: r.security_group_ids,
+            key_name: r.key_name,
+            iam_instance_profile: r.iam_instance_profile,
+            tags: r.tags,
+            address: match r.address {
+                Ec2AddressRecordV1::Private => spec::Ec2Address::Private,
+                Ec2AddressRecordV1::Public => spec::Ec2Address::Public,
+            },
+            endpoint_url: r.endpoint_url,
+            user_data: r.user_data,
+        }
+    }
+}
+
+impl From<&spec::KubernetesSettings> for KubernetesSettingsRecordV1 {
+    fn from(k: &spec::KubernetesSettings) -> Self {
+        let (expose, service_type) = match k.expose {
+            spec::Expose::Pods => ("pods", None),
+            spec::Expose::Service(t) => ("service", Some(t.as_str().to_string())),
+        };
+        KubernetesSettingsRecordV1 {
+            namespace: k.namespace.clone(),
+            context: k.context.clone(),
+            labels: k.labels.clone(),
+            annotations: k.annotations.clone(),
+            node_selector: k.node_selector.clone(),
+            tolerations: k
+                .tolerations
+                .iter()
+                .map(|t| TolerationRecordV1 {
+                    key: t.key.clone(),
+                    operator: t.operator.as_str().to_string(),
+                    value: t.value.clone(),
+                    effect: t.effect.map(|e| e.as_str().to_string()),
+                })
+                .collect(),
+            image_pull_secrets: k.image_pull_secrets.clone(),
+            expose: expose.to_string(),
+            service_type,
+        }
+    }
+}
+
+impl KubernetesSettingsRecordV1 {
+    fn into_spec(self, what: &str) -> Result<spec::KubernetesSettings, StoreError> {
+        let bad = |field: &str, value: &str| StoreError::Decode {
+            what: what.to_string(),
+            reason: format!("kubernetes.{field}: unknown value {value:?}"),
+        };
+        let expose = match (self.expose.as_str(), self.service_type.as_deref()) {
+            ("pods" | "", _) => spec::Expose::Pods,
+            ("service", t) => {
+                let t = t.unwrap_or("ClusterIP");
+                spec::Expose::Service(
+                    spec::ServiceType::ALL
+                        .into_iter()
+                        .find(|x| x.as_str() == t)
+                        .ok_or_else(|| bad("serviceType", t))?,
+                )
+            }
+            (other, _) => return Err(bad("expose", other)),
+        };
+        let mut tolerations = Vec::with_capacity(self.tolerations.len());
+        for t in self.tolerations {
+            let operator = spec::TolerationOperator::ALL
+                .into_iter()
+                .find(|o| o.as_str() == t.operator)
+                .ok_or_else(|| bad("tolerations.operator", &t.operator))?;
+            let effect = match t.effect {
+                Some(e) => Some(
+                    spec::TaintEffect::ALL
+                        .into_iter()
+                        .find(|x| x.as_str() == e)
+                        .ok_or_else(|| bad("tolerations.effect", &e))?,
+                ),
+                None => None,
+            };
+            tolerations.push(spec::Toleration {
+                key: t.key,
+                operator,
+                value: t.value,
+                effect,
+            });
+        }
+        Ok(spec::KubernetesSettings {
+            namespace: self.namespace,
+            context: self.context,
+            labels: self.labels,
+            annotations: self.annotations,
+            node_selector: self.node_selector,
+            tolerations,
+            image_pull_secrets: self.image_pull_secrets,
+            expose,
+        })
+    }
 }
 
 /// A driver as stored.
@@ -881,6 +1141,9 @@ impl From<&DeclaredProvider> for ProviderRecordV1 {
                     priority: s.priority,
                     capacity: s.capacity,
                     description: s.description.clone(),
+                    docker: s.docker.as_ref().map(DockerSettingsRecordV1::from),
+                    ec2: s.ec2.as_ref().map(Ec2SettingsRecordV1::from),
+                    kubernetes: s.kubernetes.as_ref().map(KubernetesSettingsRecordV1::from),
                 },
             },
             generation: d.generation,
@@ -895,6 +1158,10 @@ impl TryFrom<ProviderRecordV1> for DeclaredProvider {
 
     fn try_from(r: ProviderRecordV1) -> Result<Self, StoreError> {
         let ProviderObjectRecordV1 { metadata, spec: s } = r.provider;
+        let kubernetes = match s.kubernetes {
+            Some(k) => Some(k.into_spec(&format!("provider {}", metadata.name))?),
+            None => None,
+        };
         Ok(DeclaredProvider {
             provider: spec::Provider {
                 metadata: metadata.into(),
@@ -908,6 +1175,9 @@ impl TryFrom<ProviderRecordV1> for DeclaredProvider {
                     priority: s.priority,
                     capacity: s.capacity,
                     description: s.description,
+                    docker: s.docker.map(Into::into),
+                    ec2: s.ec2.map(Into::into),
+                    kubernetes,
                 },
             },
             generation: r.generation,
@@ -1327,6 +1597,33 @@ mod tests {
         bare.app.metadata.labels.clear();
         bare.app.spec = spec::AppSpec::default();
         assert_eq!(round_trip(&bare), bare);
+    }
+
+    #[test]
+    fn providers_with_driver_settings_round_trip() {
+        let text = include_str!("../../../deploy/examples/cloud-providers.yaml");
+        let docs = spec::parse_documents("cloud-providers.yaml", text).expect("the example parses");
+        let mut with_settings = 0;
+        for doc in docs {
+            let spec::Document::Provider(provider) = doc.document else {
+                continue;
+            };
+            let s = &provider.spec;
+            with_settings +=
+                usize::from(s.docker.is_some() || s.ec2.is_some() || s.kubernetes.is_some());
+            let declared = DeclaredProvider {
+                provider,
+                generation: 1,
+                created_at_ms: 1,
+                updated_at_ms: 2,
+            };
+            assert_eq!(round_trip(&declared), declared);
+        }
+        assert_eq!(with_settings, 3, "the example shows every driver's block");
+        // A version-1 provider from before driver settings reads without them.
+        let old: DeclaredProvider = read_v1(K8S_PROD_V1);
+        let s = &old.provider.spec;
+        assert!(s.docker.is_none() && s.ec2.is_none() && s.kubernetes.is_none());
     }
 
     #[test]
