@@ -9,12 +9,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-
 use crate::spec;
 
 /// A declared app: the spec plus what the daemon tracks about it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeclaredApp {
     /// The app as applied.
     pub app: spec::App,
@@ -29,7 +27,7 @@ pub struct DeclaredApp {
 }
 
 /// A declared provider.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeclaredProvider {
     /// The provider as applied.
     pub provider: spec::Provider,
@@ -42,8 +40,7 @@ pub struct DeclaredProvider {
 }
 
 /// Lifecycle state of a replica, as its agent reported it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplicaState {
     /// Assigned, not started.
     Pending,
@@ -83,7 +80,7 @@ impl ReplicaState {
 }
 
 /// A replica as last reported by its agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReportedReplica {
     /// Provider the replica runs on.
     pub provider: String,
@@ -126,7 +123,7 @@ impl ReportedReplica {
 }
 
 /// One app's share of a provider's assignment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AssignedApp {
     /// App name.
     pub app: String,
@@ -137,12 +134,11 @@ pub struct AssignedApp {
     /// Replicas the provider runs.
     pub replicas: u32,
     /// Of those, replicas re-placed from lost providers (failover extras).
-    #[serde(default)]
     pub extra: u32,
 }
 
 /// The complete desired set for one provider, as last decided.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assignment {
     /// Provider name.
     pub provider: String,
@@ -393,7 +389,7 @@ pub struct Event {
 }
 
 /// Operator controls: cordoned and draining providers, manual failovers.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Controls {
     /// Providers that get no new replicas.
     pub cordoned: std::collections::BTreeSet<String>,
