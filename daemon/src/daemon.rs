@@ -27,7 +27,7 @@ use crate::pass::{LeaseTiming, PassInput};
 use crate::reconciler::Reconciler;
 use crate::registry::{AgentRegistry, lock};
 use crate::scheduler::{Context, Schedule};
-use crate::store::{Batch, Store};
+use crate::store::{Batch, MemoryFront, SledStore, Start, Store, StoreError, StoreIdentity};
 
 /// Settings of a daemon.
 #[derive(Debug, Clone)]
@@ -57,6 +57,11 @@ pub struct DaemonConfig {
     pub lease_margin: Duration,
     /// Timeout of the daemon's own probes of replicas of silent providers.
     pub probe_timeout: Duration,
+    /// How the daemon starts on its store: resume it (refusing a damaged
+    /// one) or reset it on purpose.
+    pub start: Start,
+    /// A backup to restore the store from before starting.
+    pub restore: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -74,8 +79,21 @@ impl DaemonConfig {
             lease: Duration::from_secs(2),
             lease_margin: Duration::from_secs(1),
             probe_timeout: Duration::from_millis(300),
+            start: Start::Resume,
+            restore: None,
         }
     }
+}
+
+/// Events kept while the store cannot write, recorded once it can; older
+/// ones are dropped (and counted) beyond this.
+const PENDING_EVENTS: usize = 1000;
+
+/// Events that could not be recorded while the store could not write.
+#[derive(Debug, Default)]
+struct PendingEvents {
+    events: std::collections::VecDeque<NewEvent>,
+    dropped: usize,
 }
 
 /// Events fanned out to followers of the log.
@@ -105,6 +123,8 @@ pub struct Daemon {
     pub(crate) config: DaemonConfig,
     /// Changes on every start: lets agents tell a restarted daemon.
     pub(crate) daemon_id: String,
+    /// The store's identity, sent to agents with every assignment.
+    pub(crate) identity: StoreIdentity,
     /// Wall-clock start, ms (display).
     pub(crate) started_at_ms: i64,
     /// Start on tokio's clock (reconnect grace, leases).
@@ -127,6 +147,10 @@ pub struct Daemon {
     pub(crate) log_requests: crate::logs::LogRequests,
     /// Every long-lived task the daemon spawned; joined on shutdown.
     pub(crate) tasks: TaskTracker,
+    /// Whether the store can write; the health service follows it.
+    pub(crate) writable: watch::Sender<bool>,
+    /// Events kept while the store could not write.
+    pending: Mutex<PendingEvents>,
     /// Cancelled when the daemon stops; ends long-lived streams.
     pub(crate) shutdown: CancellationToken,
 }
@@ -140,12 +164,49 @@ impl std::fmt::Debug for Daemon {
 }
 
 impl Daemon {
-    /// Builds the context on an opened store.
+    /// Opens the store in `config.data_dir` as `config.start` and
+    /// `config.restore` say (refusing a damaged one) and builds the context.
+    pub fn open(config: DaemonConfig) -> Result<Arc<Self>, DaemonError> {
+        let dir = config.data_dir.clone();
+        if let Some(backup) = &config.restore {
+            crate::store::backup::restore(&dir, backup)?;
+        }
+        let (sled, identity) = SledStore::open_checked(&dir, config.start)?;
+        // The front reopens the store after a failed write, checked again.
+        let opener: crate::store::Opener = Box::new(move || {
+            let (reopened, _) = SledStore::open_checked(&dir, Start::Resume)?;
+            Ok(Box::new(reopened) as Box<dyn Store>)
+        });
+        let front = MemoryFront::open_with(
+            Some(Box::new(sled)),
+            opener,
+            SledStore::EVENT_RETENTION as usize,
+        )?;
+        Self::with_identity(Arc::new(front), identity, config)
+    }
+
+    /// Builds the context on an opened store, with a new identity (tests).
     pub fn new(store: Arc<dyn Store>, config: DaemonConfig) -> Result<Arc<Self>, DaemonError> {
+        let identity = StoreIdentity {
+            store_id: crate::random_id()?,
+            epoch: 1,
+        };
+        Self::with_identity(store, identity, config)
+    }
+
+    /// Builds the context on an opened store of `identity`.
+    pub fn with_identity(
+        store: Arc<dyn Store>,
+        identity: StoreIdentity,
+        config: DaemonConfig,
+    ) -> Result<Arc<Self>, DaemonError> {
         let registry = AgentRegistry::new(store.replicas()?);
         let (events, _) = broadcast::channel(1024);
         Ok(Arc::new(Daemon {
             config,
+            identity,
+            writable: watch::channel(true).0,
+            pending: Mutex::new(PendingEvents::default()),
             daemon_id: crate::random_id()?,
             started_at_ms: now_ms(),
             started: Instant::now(),
@@ -191,16 +252,64 @@ impl Daemon {
         self.events.publish(events);
     }
 
-    /// Appends and publishes events; a store failure is logged, not fatal,
-    /// because events describe state rather than hold it.
+    /// Appends and publishes events. Events describe state rather than hold
+    /// it, so a store that cannot write does not fail the caller: they are
+    /// kept (up to a bound) and recorded once it can again.
     pub(crate) fn record(&self, events: Vec<NewEvent>) {
         if events.is_empty() {
             return;
         }
-        match self.store.append_events(events) {
+        match self.store.append_events(events.clone()) {
             Ok(stored) => self.events.publish(&stored),
+            Err(StoreError::Unwritable(_)) => {
+                let mut pending = lock(&self.pending);
+                pending.events.extend(events);
+                while pending.events.len() > PENDING_EVENTS {
+                    pending.events.pop_front();
+                    pending.dropped += 1;
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "cannot record events"),
         }
+    }
+
+    /// Follows whether the store can write: while it cannot, tries to make
+    /// it writable again; once it can, records what happened meanwhile.
+    pub(crate) fn watch_store(&self) {
+        let writable = matches!(self.store.writable(), crate::store::Writable::Yes);
+        if !writable && let Some((outage, error)) = self.store.recover() {
+            let (mut events, dropped) = {
+                let mut pending = lock(&self.pending);
+                (
+                    std::mem::take(&mut pending.events),
+                    std::mem::take(&mut pending.dropped),
+                )
+            };
+            events.push_front(NewEvent::daemon(
+                crate::model::EventReason::StoreUnwritable,
+                &self.daemon_id,
+                format!("the store could not write: {error}; writes were refused, reads and routing went on from memory"),
+            ));
+            events.push_back(NewEvent::daemon(
+                crate::model::EventReason::StoreWritable,
+                &self.daemon_id,
+                format!(
+                    "the store can write again after {:.1}s{}",
+                    outage.as_secs_f64(),
+                    if dropped > 0 {
+                        format!("; {dropped} events of the outage were dropped")
+                    } else {
+                        String::new()
+                    }
+                ),
+            ));
+            tracing::info!(outage = ?outage, "the store can write again");
+            self.record(events.into());
+            self.wake();
+        }
+        let now = matches!(self.store.writable(), crate::store::Writable::Yes);
+        self.writable
+            .send_if_modified(|w| std::mem::replace(w, now) != now);
     }
 
     /// The lease timing passes judge singletons by.
@@ -234,6 +343,19 @@ impl Daemon {
         }))
     }
 
+    /// A consistent backup of the store (see `store::backup`), taken while
+    /// no apply, delete or control can change desired state.
+    pub async fn backup(&self) -> Result<Vec<u8>, DaemonError> {
+        let _guard = self.writes.lock().await;
+        let store = self.store.clone();
+        let identity = self.identity.clone();
+        let bytes =
+            tokio::task::spawn_blocking(move || crate::store::backup::export(&*store, &identity))
+                .await
+                .map_err(|e| DaemonError::Serve(format!("backup task: {e}")))??;
+        Ok(bytes)
+    }
+
     /// The schedule in force: the last pass's decisions.
     pub(crate) fn schedule_in_force(&self) -> Arc<Schedule> {
         lock(&self.in_force).clone()
@@ -261,8 +383,7 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
-    let store = crate::store::SledStore::open(&config.data_dir)?;
-    let daemon = Daemon::new(Arc::new(store), config)?;
+    let daemon = Daemon::open(config)?;
     serve(daemon, listener, shutdown).await
 }
 

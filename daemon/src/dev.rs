@@ -7,7 +7,6 @@
 //! stopped, replicas included, and a temporary data directory is removed.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -17,7 +16,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::DevArgs;
 use crate::daemon::{Daemon, DaemonConfig};
-use crate::store::SledStore;
 
 const PROVIDERS: &str = include_str!("../../deploy/examples/local-providers.yaml");
 const EXAMPLE_APP: &str = include_str!("../../deploy/examples/hello.yaml");
@@ -61,11 +59,7 @@ async fn run_in(args: &DevArgs, data_dir: &Path) -> anyhow::Result<()> {
         })?;
     let addr = listener.local_addr()?;
     let server = format!("http://{addr}");
-    let store = SledStore::open(&data_dir.join("store"))?;
-    let daemon = Daemon::new(
-        Arc::new(store),
-        DaemonConfig::new(data_dir.join("store"), token.clone()),
-    )?;
+    let daemon = Daemon::open(DaemonConfig::new(data_dir.join("store"), token.clone()))?;
 
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();

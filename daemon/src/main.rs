@@ -115,7 +115,11 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to learn the port when `--listen` ends in :0.
     println!("skymirror daemon listening on {addr}");
-    let config = DaemonConfig::new(args.data_dir.join("store"), token);
+    let mut config = DaemonConfig::new(args.data_dir.join("store"), token);
+    config.restore = args.restore.clone();
+    if args.reset_store {
+        config.start = skymirror::store::Start::Reset;
+    }
     skymirror::daemon::run(config, listener, skymirror::shutdown_signal()).await?;
     Ok(())
 }

@@ -275,6 +275,11 @@ event_reasons! {
     ReplicaRemoved: Replica, warning = false, decision = false;
     /// A daemon started.
     DaemonStarted: Daemon, warning = false, decision = false;
+    /// The store could not write (a full disk): writes are refused while
+    /// reads and routing go on from memory.
+    StoreUnwritable: Daemon, warning = true, decision = false;
+    /// The store can write again.
+    StoreWritable: Daemon, warning = false, decision = false;
 }
 
 impl std::fmt::Display for EventReason {

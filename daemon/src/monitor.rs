@@ -141,6 +141,7 @@ impl Daemon {
             if let Err(e) = self.liveness_pass().await {
                 tracing::error!(error = %e, "liveness pass failed");
             }
+            self.watch_store();
             let unsettled = self.registry.with(|entries| {
                 entries
                     .values()

@@ -114,6 +114,7 @@ impl Daemon {
                         .iter()
                         .find(|p| p.provider.metadata.name == provider)
                         .cloned(),
+                    identity: self.identity.clone(),
                 })
             });
 
@@ -146,8 +147,14 @@ impl Daemon {
         loop {
             let began = Instant::now();
             let span = tracing::debug_span!("reconcile");
-            if let Err(e) = tracing::Instrument::instrument(self.reconcile(), span).await {
-                tracing::error!(error = %e, "reconcile pass failed");
+            match tracing::Instrument::instrument(self.reconcile(), span).await {
+                Ok(()) => {}
+                // Said once, when the store became unwritable; the pass is
+                // retried on every wake-up until it can write again.
+                Err(DaemonError::Store(crate::store::StoreError::Unwritable(e))) => {
+                    tracing::debug!(error = %e, "reconcile pass waits for the store");
+                }
+                Err(e) => tracing::error!(error = %e, "reconcile pass failed"),
             }
             let ended = Instant::now();
             tokio::select! {

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::liveness::{Liveness, ProviderLiveness};
 use crate::model::{Assignment, DeclaredApp, DeclaredProvider, ReportedReplica, now_ms};
+use crate::store::StoreIdentity;
 
 /// Locks a std mutex, recovering the data if a panicking thread poisoned it:
 /// everything it guards is rebuilt from the store and the agents' next reports.
@@ -57,6 +58,8 @@ pub struct Welcome {
     pub daemon_id: String,
     /// How often the agent must heartbeat.
     pub heartbeat_interval: Duration,
+    /// The store's identity: agents order assignments only within one epoch.
+    pub identity: StoreIdentity,
 }
 
 /// An assignment with what the agent needs to act on it: the apps it names
@@ -69,6 +72,8 @@ pub struct AssignmentMessage {
     pub apps: BTreeMap<String, DeclaredApp>,
     /// The provider, for its driver settings; `None` once it was deleted.
     pub provider: Option<DeclaredProvider>,
+    /// The store's identity (its epoch orders revisions).
+    pub identity: StoreIdentity,
 }
 
 /// A request for replica output.

@@ -175,6 +175,7 @@ impl Daemon {
         tx.send(ToAgent::Welcome(Welcome {
             daemon_id: self.daemon_id.clone(),
             heartbeat_interval: self.config.heartbeat_interval,
+            identity: self.identity.clone(),
         }))
         .await
         .map_err(|_| DaemonError::Cancelled("agent went away".into()))?;

@@ -77,6 +77,10 @@ pub struct DaemonStatus {
     pub started_at_ms: i64,
     /// Newest event's sequence number.
     pub last_event_seq: u64,
+    /// Why the store cannot write, when it cannot.
+    pub store_error: Option<String>,
+    /// The store's identity.
+    pub identity: crate::store::StoreIdentity,
 }
 
 /// Desired and ready replicas of an app over all providers. A replica counts
@@ -231,6 +235,11 @@ impl Daemon {
             store_bytes: self.store.size_on_disk()?,
             started_at_ms: self.started_at_ms,
             last_event_seq: self.store.last_event_seq()?,
+            store_error: match self.store.writable() {
+                crate::store::Writable::Yes => None,
+                crate::store::Writable::No { error, .. } => Some(error),
+            },
+            identity: self.identity.clone(),
         })
     }
 }

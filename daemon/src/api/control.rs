@@ -72,6 +72,10 @@ fn targets_from_request(req: &pb::DeleteRequest) -> Result<Vec<(Kind, String)>, 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
 type RouteStream = Pin<Box<dyn Stream<Item = Result<pb::RoutingTable, Status>> + Send>>;
+type BackupStream = Pin<Box<dyn Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
+/// Bytes per piece of a backup.
+const BACKUP_CHUNK: usize = 1024 * 1024;
 
 fn event_matches(req: &pb::WatchEventsRequest, e: &Event) -> bool {
     (req.app.is_empty() || e.event.app == req.app)
@@ -83,6 +87,19 @@ impl pb::control_service_server::ControlService for ControlApi {
     type WatchEventsStream = EventStream;
     type WatchRoutesStream = RouteStream;
     type LogsStream = LogStream;
+    type BackupStream = BackupStream;
+
+    async fn backup(
+        &self,
+        _request: Request<pb::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let bytes = self.daemon.backup().await?;
+        let chunks: Vec<Result<pb::BackupChunk, Status>> = bytes
+            .chunks(BACKUP_CHUNK)
+            .map(|c| Ok(pb::BackupChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
 
     async fn logs(
         &self,

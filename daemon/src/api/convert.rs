@@ -169,7 +169,8 @@ pub fn to_agent_pb(msg: &ToAgent) -> pb::DaemonMessage {
             daemon_id: w.daemon_id.clone(),
             heartbeat_interval_ms: u32::try_from(w.heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
-            ..pb::Welcome::default()
+            store_id: w.identity.store_id.clone(),
+            epoch: w.identity.epoch,
         }),
         ToAgent::Assignment(a) => Message::Assignment(assignment_to_pb(a)),
         ToAgent::HeartbeatAck { seq, lease } => Message::HeartbeatAck(pb::HeartbeatAck {
@@ -218,7 +219,8 @@ pub fn assignment_to_pb(m: &AssignmentMessage) -> pb::Assignment {
             .provider
             .as_ref()
             .and_then(|p| spec::provider_settings_to_pb(&p.provider.spec)),
-        ..pb::Assignment::default()
+        epoch: m.identity.epoch,
+        store_id: m.identity.store_id.clone(),
     }
 }
 
@@ -395,6 +397,10 @@ pub fn daemon_status_to_pb(s: &DaemonStatus) -> pb::DaemonStatus {
         store_bytes: s.store_bytes,
         started_at_ms: s.started_at_ms,
         last_event_seq: s.last_event_seq,
+        store_writable: s.store_error.is_none(),
+        store_error: s.store_error.clone().unwrap_or_default(),
+        store_id: s.identity.store_id.clone(),
+        store_epoch: s.identity.epoch,
     }
 }
 

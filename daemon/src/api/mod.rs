@@ -21,6 +21,9 @@ use crate::daemon::Daemon;
 use crate::error::DaemonError;
 use crate::model::{EventReason, NewEvent};
 
+/// The health service name that says whether the store accepts writes.
+pub const STORE_HEALTH: &str = "skymirror.v1.Store";
+
 /// How long shutdown waits for the daemon's tasks (streams, forwarders) to end.
 const TASKS_GRACE: Duration = Duration::from_secs(5);
 
@@ -35,6 +38,9 @@ impl From<DaemonError> for tonic::Status {
             DaemonError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
             DaemonError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
             DaemonError::Cancelled(_) => tonic::Status::cancelled(message),
+            DaemonError::Store(crate::store::StoreError::Unwritable(_)) => {
+                tonic::Status::unavailable(message)
+            }
             DaemonError::Store(_) | DaemonError::Randomness(_) | DaemonError::Serve(_) => {
                 tonic::Status::internal(message)
             }
@@ -65,6 +71,25 @@ pub async fn serve(
     health_reporter
         .set_serving::<pb::agent_service_server::AgentServiceServer<agents::AgentApi>>()
         .await;
+    // `skymirror.v1.Store` says whether writes are accepted (see
+    // `DaemonStatus.store_writable`); the services stay SERVING for reads.
+    let mut writable = daemon.writable.subscribe();
+    let store_health = health_reporter.clone();
+    let stop_health = token.clone();
+    daemon.tasks.spawn(async move {
+        loop {
+            let status = if *writable.borrow_and_update() {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            store_health.set_service_status(STORE_HEALTH, status).await;
+            tokio::select! {
+                _ = stop_health.cancelled() => return,
+                changed = writable.changed() => if changed.is_err() { return },
+            }
+        }
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(skymirror_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

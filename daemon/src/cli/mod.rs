@@ -140,6 +140,14 @@ pub enum Command {
         #[arg(short = 'f', long)]
         follow: bool,
     },
+    /// Write a consistent backup of the daemon's store to a file (mode
+    /// 0600: it holds apps' environment); `skymirror daemon --restore FILE`
+    /// starts a daemon from it.
+    Backup {
+        /// File to write; replaced atomically.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
     /// Print the event log; with --follow, keep printing new events.
     Events {
         #[arg(short = 'f', long)]
@@ -188,6 +196,15 @@ pub struct DaemonArgs {
     /// Log filter, e.g. `info` or `skymirror=debug`.
     #[arg(long, env = "SKYMIRROR_LOG", default_value = "info")]
     pub log: String,
+    /// Replace the store with the one in this backup (`skymirror backup`),
+    /// keeping the current one aside, then serve. Agents take over under the
+    /// restored store's new epoch.
+    #[arg(long, conflicts_with = "reset_store")]
+    pub restore: Option<PathBuf>,
+    /// Start an empty store on purpose, keeping the current one (damaged or
+    /// not) aside; agents accept the new store's assignments.
+    #[arg(long)]
+    pub reset_store: bool,
 }
 
 /// `skymirror edge` flags.
@@ -203,6 +220,29 @@ pub struct EdgeArgs {
     /// Log filter.
     #[arg(long, env = "SKYMIRROR_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// Writes `bytes` to `path` readable by its owner only, replacing it
+/// atomically (a temporary file beside it, synced, then renamed).
+fn write_private_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut tmp_name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    tmp_name.push(".partial");
+    let tmp = path.with_file_name(tmp_name);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
 
 fn parse_override(s: &str) -> Result<(String, SocketAddr), String> {
@@ -734,6 +774,26 @@ async fn run_verb(server: &str, command: Command) -> anyhow::Result<()> {
         Command::Drain { provider } => {
             control_provider(server, provider, pb::ProviderControl::Drain).await
         }
+        Command::Backup { file } => {
+            let mut client = connect(server).await?;
+            let mut stream = client
+                .backup(pb::BackupRequest {})
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = stream.message().await.map_err(ClientError::from)? {
+                bytes.extend(chunk.data);
+            }
+            write_private_atomically(&file, &bytes)?;
+            writeln!(
+                Stdout::lock(),
+                "backup written to {} ({} bytes)",
+                file.display(),
+                bytes.len()
+            )?;
+            Ok(())
+        }
         Command::Explain { app, output } => {
             let mut client = connect(server).await?;
             let r = client
@@ -867,12 +927,18 @@ async fn run_verb(server: &str, command: Command) -> anyhow::Result<()> {
             )?;
             writeln!(
                 out,
-                "Reconcile: {} passes, last {} µs, mean {} µs, max {} µs; store {} KiB\n",
+                "Reconcile: {} passes, last {} µs, mean {} µs, max {} µs; store {} KiB, epoch {}{}\n",
                 daemon.reconcile_passes,
                 daemon.last_reconcile_micros,
                 daemon.mean_reconcile_micros,
                 daemon.max_reconcile_micros,
-                daemon.store_bytes / 1024
+                daemon.store_bytes / 1024,
+                daemon.store_epoch,
+                if daemon.store_writable {
+                    String::new()
+                } else {
+                    format!("; CANNOT WRITE: {}", daemon.store_error)
+                }
             )?;
             writeln!(out, "{}\n", output::provider_table(&provider_views))?;
             writeln!(
@@ -1057,6 +1123,10 @@ struct DaemonView {
     store_bytes: u64,
     started_at_ms: i64,
     last_event_seq: u64,
+    store_writable: bool,
+    store_error: String,
+    store_id: String,
+    store_epoch: u64,
 }
 
 impl From<&pb::DaemonStatus> for DaemonView {
@@ -1074,6 +1144,10 @@ impl From<&pb::DaemonStatus> for DaemonView {
             store_bytes: d.store_bytes,
             started_at_ms: d.started_at_ms,
             last_event_seq: d.last_event_seq,
+            store_writable: d.store_writable,
+            store_error: d.store_error.clone(),
+            store_id: d.store_id.clone(),
+            store_epoch: d.store_epoch,
         }
     }
 }

@@ -12,7 +12,10 @@
 //! Invariant: [`Store::commit`] is atomic and durable: when it returns, every
 //! change of the batch is on disk, and no reader ever sees half of a batch.
 
+pub mod backup;
 mod duration;
+mod front;
+mod identity;
 mod records;
 mod sled_store;
 
@@ -22,8 +25,10 @@ use crate::model::{
     Assignment, Controls, DeclaredApp, DeclaredProvider, Event, NewEvent, ReportedReplica,
 };
 
+pub use front::{MemoryFront, Opener, Writable};
+pub use identity::StoreIdentity;
 use records::Versioned;
-pub use sled_store::SledStore;
+pub use sled_store::{SledStore, Start};
 
 /// Version of the store's layout: its trees, their keys and the record
 /// envelope; checked on open. Record versions are separate (`records`).
@@ -44,6 +49,25 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// The store is damaged, or is not the one its data directory held: the
+    /// daemon refuses to serve from it. Not retryable: restore a backup or
+    /// reset the store on purpose.
+    #[error(
+        "the store at {} is damaged: {reason}. Nothing was changed. Restore it from a backup (`skymirror daemon --restore FILE`) or start a fresh store on purpose (`skymirror daemon --reset-store`); either keeps the damaged one aside",
+        path.display()
+    )]
+    Damaged {
+        /// The file or directory at fault.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The store cannot write now (a full disk, an I/O error). Retryable: the
+    /// daemon serves reads from memory and resumes writing by itself.
+    #[error(
+        "the store cannot write: {0}; reads and routing go on from memory, and writes resume by themselves once it can"
+    )]
+    Unwritable(String),
     /// The store was written with another schema version. Not retryable.
     #[error(
         "store: schema version {found} is not supported (this build reads version {SCHEMA_VERSION})"
@@ -131,6 +155,19 @@ pub trait Store: Send + Sync + 'static {
     fn size_on_disk(&self) -> Result<u64, StoreError>;
     /// Writes everything buffered to disk.
     fn flush(&self) -> Result<(), StoreError>;
+    /// Proves the store can write durably now (after it could not).
+    fn check_writable(&self) -> Result<(), StoreError> {
+        self.flush()
+    }
+    /// Whether the store can write now; see [`MemoryFront`].
+    fn writable(&self) -> Writable {
+        Writable::Yes
+    }
+    /// Tries to make an unwritable store writable again; returns how long it
+    /// was unwritable and why when it just recovered. See [`MemoryFront`].
+    fn recover(&self) -> Option<(std::time::Duration, String)> {
+        None
+    }
 }
 
 /// Envelope that versions every stored value: `v` is the version of the

@@ -1,6 +1,7 @@
 //! The embedded [`Store`]: one sled database in the daemon's data directory.
 //!
-//! Trees: `meta` (schema version), `controls` (operator controls), `apps`,
+//! Trees: `meta` (schema version, the store's identity and its count of
+//! committed batches, see `super::identity`), `controls` (operator controls), `apps`,
 //! `providers`, `assignments` (keyed by
 //! name), `replicas` (keyed by `provider \0 app \0 index`), `events` (keyed by
 //! the big-endian sequence number, so iteration is in log order). The event log
@@ -8,22 +9,37 @@
 //! versioned record (`super::records`); errors name it from its key
 //! (`app web`, `replica web/aws/0`, `event 42`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+use super::identity::{IdentityFile, IdentityFileV1, StoreIdentity, created_now, new_identity};
 use super::records::Versioned;
 use super::{Batch, SCHEMA_VERSION, Store, StoreError, decode, encode};
 use crate::model::{
     Assignment, Controls, DeclaredApp, DeclaredProvider, Event, NewEvent, ReportedReplica, now_ms,
 };
 
+/// How a daemon starts on its store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Serve from the store as it is; refuse a damaged one.
+    Resume,
+    /// Keep the store (if any) aside and start an empty one under a new epoch.
+    Reset,
+}
+
 /// sled-backed [`Store`].
 #[derive(Debug)]
 pub struct SledStore {
     db: sled::Db,
+    /// Schema version, identity, commit count.
+    meta: sled::Tree,
+    /// The identity file updated after every durable commit, with what it
+    /// records besides the count; `None` for a store opened without one.
+    identity_file: Option<(IdentityFile, IdentityFileV1)>,
     apps: sled::Tree,
     providers: sled::Tree,
     assignments: sled::Tree,
@@ -49,6 +65,73 @@ fn backend(e: sled::Error) -> StoreError {
 }
 
 const CONTROLS_KEY: &str = "controls";
+/// Meta keys of the identity (see `super::identity`).
+const STORE_ID_KEY: &str = "store_id";
+const EPOCH_KEY: &str = "epoch";
+const COMMITS_KEY: &str = "commits";
+const PROBE_KEY: &str = "writable_probe";
+
+fn u64_of(raw: Option<sled::IVec>) -> u64 {
+    raw.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+/// Opens sled in `dir`, turning a panic of sled's on a corrupt file into an
+/// error: nothing in a damaged data directory may crash the daemon.
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    let config = sled::Config::new()
+        .path(dir)
+        // The working set is small (specs, a few thousand replica records);
+        // sled's 1 GiB default cache would only inflate the daemon's memory.
+        .cache_capacity(8 * 1024 * 1024)
+        .flush_every_ms(Some(200));
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    // The configuration is not used again after a panic.
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()));
+    std::panic::set_hook(quiet);
+    let damaged = |reason: String| StoreError::Damaged {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(sled::Error::Io(e))) if e.kind() == std::io::ErrorKind::WouldBlock => Err(
+            StoreError::Backend(format!("cannot open {}: {e}", dir.display())),
+        ),
+        Ok(Err(e)) if e.to_string().contains("lock") => Err(StoreError::Backend(format!(
+            "cannot open {}: {e}",
+            dir.display()
+        ))),
+        Ok(Err(e)) => Err(damaged(format!("the database cannot be opened: {e}"))),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_else(|| "unreadable".into());
+            Err(damaged(format!("the database is corrupt ({what})")))
+        }
+    }
+}
+
+/// Moves `path` aside as `<path>.<what>-<ms>`; returns where it went.
+fn move_aside(path: &Path, what: &str) -> Result<PathBuf, StoreError> {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".{what}-{}", now_ms()));
+    let to = path.with_file_name(name);
+    std::fs::rename(path, &to).map_err(|e| {
+        StoreError::Backend(format!(
+            "cannot move {} aside to {}: {e}",
+            path.display(),
+            to.display()
+        ))
+    })?;
+    Ok(to)
+}
 
 fn replica_key(provider: &str, app: &str, index: u32) -> Vec<u8> {
     let mut key = Vec::with_capacity(provider.len() + app.len() + 6);
@@ -70,16 +153,10 @@ impl SledStore {
     /// Events kept in the log; older ones are dropped as new ones arrive.
     pub const EVENT_RETENTION: u64 = 10_000;
 
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir` as it is, without checking its
+    /// identity (tests, tools); daemons use [`SledStore::open_checked`].
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            // The working set is small (specs, a few thousand replica records);
-            // sled's 1 GiB default cache would only inflate the daemon's memory.
-            .cache_capacity(8 * 1024 * 1024)
-            .flush_every_ms(Some(200))
-            .open()
-            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", dir.display())))?;
+        let db = open_db(dir)?;
         let meta = db.open_tree("meta").map_err(backend)?;
         match meta.get("schema_version").map_err(backend)? {
             Some(raw) => {
@@ -105,6 +182,8 @@ impl SledStore {
         // One scan at start-up; afterwards the count is kept as events come and go.
         let count = events.len() as u64;
         Ok(SledStore {
+            meta,
+            identity_file: None,
             apps: db.open_tree("apps").map_err(backend)?,
             providers: db.open_tree("providers").map_err(backend)?,
             assignments: db.open_tree("assignments").map_err(backend)?,
@@ -114,6 +193,176 @@ impl SledStore {
             event_lock: Mutex::new(EventLog { last_seq, count }),
             db,
         })
+    }
+
+    /// Opens the store in `dir` for a daemon: checks it against its identity
+    /// file and refuses a damaged one (see `super::identity`), creates a new
+    /// store where there was none, or, with [`Start::Reset`], keeps the old
+    /// one aside and starts an empty one under the next epoch. Returns the
+    /// store and its identity.
+    pub fn open_checked(dir: &Path, start: Start) -> Result<(Self, StoreIdentity), StoreError> {
+        let file = IdentityFile::of(dir);
+        if start == Start::Reset {
+            let previous = file.read().ok().flatten();
+            if dir.exists() {
+                let aside = move_aside(dir, "reset")?;
+                tracing::warn!(store = %dir.display(), kept = %aside.display(), "store reset on purpose; the old one is kept aside");
+            }
+            if file.path().exists() {
+                move_aside(file.path(), "reset")?;
+            }
+            let identity = match previous {
+                Some(p) => StoreIdentity {
+                    store_id: p.store_id,
+                    epoch: p.epoch + 1,
+                },
+                None => new_identity(1)?,
+            };
+            return Self::create(dir, &file, identity);
+        }
+        let recorded = file.read()?;
+        let has_db = dir.join("db").exists();
+        let Some(recorded) = recorded else {
+            if !has_db {
+                return Self::create(dir, &file, new_identity(1)?);
+            }
+            // A store of a release before identities, or one whose identity
+            // file was lost: the store's own record is authoritative.
+            let mut store = Self::open(dir)?;
+            let identity = match store.meta_identity()? {
+                Some((identity, _)) => identity,
+                None => {
+                    let identity = new_identity(1)?;
+                    store.set_identity(&identity)?;
+                    identity
+                }
+            };
+            let commits = store.commits()?;
+            let f = IdentityFileV1::new(&identity, commits, created_now());
+            file.write(&f)?;
+            store.identity_file = Some((file, f));
+            return Ok((store, identity));
+        };
+        let expected = format!(
+            "store {} (epoch {}) with at least {} committed changes, as {} says",
+            recorded.store_id,
+            recorded.epoch,
+            recorded.commits,
+            file.path().display()
+        );
+        let damaged = |reason: String| StoreError::Damaged {
+            path: dir.join("db"),
+            reason,
+        };
+        if !has_db {
+            return Err(damaged(format!("it is missing; expected {expected}")));
+        }
+        let mut store = Self::open(dir)?;
+        let Some((identity, commits)) = store.meta_identity()? else {
+            return Err(damaged(format!(
+                "it holds no store: it was deleted, truncated or replaced; expected {expected}"
+            )));
+        };
+        if identity.store_id != recorded.store_id {
+            return Err(damaged(format!(
+                "it holds store {}, not the one expected: {expected}",
+                identity.store_id
+            )));
+        }
+        if commits < recorded.commits || identity.epoch < recorded.epoch {
+            return Err(damaged(format!(
+                "it holds {commits} committed changes in epoch {}: it lost acknowledged data (truncated or rolled back); expected {expected}",
+                identity.epoch
+            )));
+        }
+        // The store may be ahead of its file (a stop between a commit and
+        // the file's update): the file catches up.
+        let f = IdentityFileV1::new(&identity, commits, recorded.created_at_ms);
+        if f != recorded {
+            file.write(&f)?;
+        }
+        store.identity_file = Some((file, f));
+        Ok((store, identity))
+    }
+
+    /// Creates an empty store of `identity` in `dir` to restore a backup
+    /// into, keeping the store that was there (and its identity file) aside.
+    pub(super) fn create_restored(dir: &Path, identity: StoreIdentity) -> Result<Self, StoreError> {
+        let file = IdentityFile::of(dir);
+        if dir.exists() {
+            let aside = move_aside(dir, "before-restore")?;
+            tracing::warn!(store = %dir.display(), kept = %aside.display(), "the store being replaced by a restore is kept aside");
+        }
+        if file.path().exists() {
+            move_aside(file.path(), "before-restore")?;
+        }
+        Self::create(dir, &file, identity).map(|(store, _)| store)
+    }
+
+    /// Writes events of a backup under their own sequence numbers; later
+    /// events continue after the last of them.
+    pub(super) fn import_events(&self, events: &[Event]) -> Result<(), StoreError> {
+        let mut log = self
+            .event_lock
+            .lock()
+            .map_err(|_| StoreError::Backend("event lock poisoned".into()))?;
+        let mut batch = sled::Batch::default();
+        for e in events {
+            batch.insert(&e.seq.to_be_bytes(), encode(e)?);
+            log.last_seq = log.last_seq.max(e.seq);
+        }
+        self.events.apply_batch(batch).map_err(backend)?;
+        log.count = self.events.len() as u64;
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    /// Creates a store with `identity` in `dir`, which holds none.
+    fn create(
+        dir: &Path,
+        file: &IdentityFile,
+        identity: StoreIdentity,
+    ) -> Result<(Self, StoreIdentity), StoreError> {
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| StoreError::Backend(format!("{}: {e}", parent.display())))?;
+        }
+        let mut store = Self::open(dir)?;
+        store.set_identity(&identity)?;
+        let f = IdentityFileV1::new(&identity, store.commits()?, created_now());
+        file.write(&f)?;
+        store.identity_file = Some((file.clone(), f));
+        tracing::info!(store = %dir.display(), store_id = %identity.store_id, epoch = identity.epoch, "created a store");
+        Ok((store, identity))
+    }
+
+    /// The identity and commit count the store itself holds.
+    fn meta_identity(&self) -> Result<Option<(StoreIdentity, u64)>, StoreError> {
+        let Some(id) = self.meta.get(STORE_ID_KEY).map_err(backend)? else {
+            return Ok(None);
+        };
+        let identity = StoreIdentity {
+            store_id: String::from_utf8_lossy(&id).into_owned(),
+            epoch: u64_of(self.meta.get(EPOCH_KEY).map_err(backend)?),
+        };
+        Ok(Some((identity, self.commits()?)))
+    }
+
+    /// Batches committed so far.
+    fn commits(&self) -> Result<u64, StoreError> {
+        Ok(u64_of(self.meta.get(COMMITS_KEY).map_err(backend)?))
+    }
+
+    /// Records `identity` in the store, durably.
+    fn set_identity(&self, identity: &StoreIdentity) -> Result<(), StoreError> {
+        self.meta
+            .insert(STORE_ID_KEY, identity.store_id.as_bytes())
+            .map_err(backend)?;
+        self.meta
+            .insert(EPOCH_KEY, &identity.epoch.to_be_bytes())
+            .map_err(backend)?;
+        self.db.flush().map_err(backend)?;
+        Ok(())
     }
 
     /// Every record of `tree`, each named in errors by `name` from its key.
@@ -270,16 +519,19 @@ impl Store for SledStore {
             assignments.push((a.provider.clone(), encode(a)?));
         }
         let controls = batch.controls.as_ref().map(encode).transpose()?;
-        let ((), stored) = self.with_events(batch.events, |events| {
+        let (commits, stored) = self.with_events(batch.events, |events| {
             (
                 &self.apps,
                 &self.providers,
                 &self.assignments,
                 &self.controls,
                 &self.events,
+                &self.meta,
             )
                 .transaction(
-                    |(t_apps, t_providers, t_assignments, t_controls, t_events)| {
+                    |(t_apps, t_providers, t_assignments, t_controls, t_events, t_meta)| {
+                        let commits = u64_of(t_meta.get(COMMITS_KEY)?) + 1;
+                        t_meta.insert(COMMITS_KEY, &commits.to_be_bytes())?;
                         if let Some(c) = &controls {
                             t_controls.insert(CONTROLS_KEY, c.as_slice())?;
                         }
@@ -301,7 +553,7 @@ impl Store for SledStore {
                         for (seq, value) in events {
                             t_events.insert(&seq.to_be_bytes(), value.as_slice())?;
                         }
-                        Ok::<(), ConflictableTransactionError<()>>(())
+                        Ok::<u64, ConflictableTransactionError<()>>(commits)
                     },
                 )
                 .map_err(|e| match e {
@@ -313,6 +565,14 @@ impl Store for SledStore {
         })?;
         if durable {
             self.db.flush().map_err(backend)?;
+            if let Some((file, f)) = &self.identity_file {
+                // A lower bound: failing to raise it only weakens the check
+                // of a later start, never the commit that just succeeded.
+                let next = IdentityFileV1::new(&f.identity(), commits, f.created_at_ms);
+                if let Err(e) = file.write(&next) {
+                    tracing::warn!(error = %e, "cannot update the store's identity file");
+                }
+            }
         }
         Ok(stored)
     }
@@ -399,6 +659,13 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(backend)
+    }
+
+    fn check_writable(&self) -> Result<(), StoreError> {
+        self.meta
+            .insert(PROBE_KEY, &now_ms().to_be_bytes())
+            .map_err(backend)?;
         self.db.flush().map(|_| ()).map_err(backend)
     }
 }
