@@ -254,8 +254,14 @@ impl Cluster {
 
     /// Starts (or restarts, on the same port) the daemon and waits until it listens.
     pub fn start_daemon(&mut self) -> Result<()> {
-        let mut child = Command::new(&self.bins.skymirror)
-            .args(["daemon", "--data-dir"])
+        self.start_daemon_with(&[])
+    }
+
+    /// The daemon's command line on this cluster's data dir, address and
+    /// token, with `extra` flags.
+    fn daemon_command(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bins.skymirror);
+        cmd.args(["daemon", "--data-dir"])
             .arg(self.data_dir())
             .args([
                 "--listen",
@@ -265,7 +271,42 @@ impl Cluster {
                 "--log",
                 "info",
             ])
-            .env(MARKER_VAR, &self.marker)
+            .args(extra)
+            .env(MARKER_VAR, &self.marker);
+        cmd
+    }
+
+    /// Runs the daemon with `extra` flags expecting it to refuse to start:
+    /// returns its exit status and standard error once it exits, and fails
+    /// (killing it) if it is still running after `timeout`.
+    pub fn daemon_refusal(&self, extra: &[&str], timeout: Duration) -> Result<Output> {
+        let mut child = self
+            .daemon_command(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the daemon")?;
+        let deadline = Instant::now() + timeout;
+        while child.try_wait()?.is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output()?;
+                bail!(
+                    "the daemon did not exit within {timeout:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(child.wait_with_output()?)
+    }
+
+    /// Starts (or restarts, on the same port) the daemon with `extra` flags
+    /// (`--restore FILE`, `--reset-store`) and waits until it listens.
+    pub fn start_daemon_with(&mut self, extra: &[&str]) -> Result<()> {
+        let mut child = self
+            .daemon_command(extra)
             .stdout(Stdio::piped())
             .stderr(log_file(self.dir.path(), "daemon.log")?)
             .spawn()

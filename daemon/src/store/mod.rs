@@ -53,7 +53,7 @@ pub enum StoreError {
     /// daemon refuses to serve from it. Not retryable: restore a backup or
     /// reset the store on purpose.
     #[error(
-        "the store at {} is damaged: {reason}. Nothing was changed. Restore it from a backup (`skymirror daemon --restore FILE`) or start a fresh store on purpose (`skymirror daemon --reset-store`); either keeps the damaged one aside",
+        "the store at {} is damaged: {reason}. The daemon does not serve from it. Restore it from a backup (`skymirror daemon --restore FILE`) or start a fresh store on purpose (`skymirror daemon --reset-store`); either keeps the damaged one aside",
         path.display()
     )]
     Damaged {

@@ -203,7 +203,23 @@ impl SledStore {
     pub fn open_checked(dir: &Path, start: Start) -> Result<(Self, StoreIdentity), StoreError> {
         let file = IdentityFile::of(dir);
         if start == Start::Reset {
-            let previous = file.read().ok().flatten();
+            // The identity to continue: the file's, or else the old store's
+            // own, when either can still be read.
+            let previous = file
+                .read()
+                .ok()
+                .flatten()
+                .map(|f| f.identity())
+                .or_else(|| {
+                    if !dir.join("db").exists() {
+                        return None;
+                    }
+                    let old = Self::open(dir).ok()?;
+                    old.meta_identity()
+                        .ok()
+                        .flatten()
+                        .map(|(identity, _)| identity)
+                });
             if dir.exists() {
                 let aside = move_aside(dir, "reset")?;
                 tracing::warn!(store = %dir.display(), kept = %aside.display(), "store reset on purpose; the old one is kept aside");
