@@ -15,10 +15,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
-use crate::convert::DesiredSet;
-use crate::driver::LogOptions;
+use crate::convert::{DesiredSet, capabilities_to_wire};
+use crate::driver::{Capabilities, LogOptions};
 use crate::logs::LogsQuery;
-use crate::supervisor::SupervisorHandle;
+use crate::random::{NoRandomness, full_jitter};
+use crate::supervisor::{SupervisorHandle, longest_stop};
 
 /// Who the agent is, for the hello.
 #[derive(Debug, Clone)]
@@ -33,9 +34,15 @@ pub struct Identity {
     pub join_token: String,
     /// Driver kind.
     pub driver: String,
+    /// What the driver can do and how it must be driven.
+    pub capabilities: Capabilities,
 }
 
-/// Reconnect delays: start, cap.
+/// Reconnect backoff window: first, and largest. Each wait is drawn at random
+/// over the whole window ("full jitter"), which doubles per failed attempt,
+/// so a fleet that lost its daemon together does not come back together.
+/// The cap stays well below the daemon's reconnect grace after its own
+/// restart (10 s), so every agent is back before it is judged.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Heartbeat period until the daemon's welcome says otherwise.
@@ -76,33 +83,37 @@ impl tokio_stream::Stream for Outbound {
     }
 }
 
-/// Keeps a session with the daemon until `shutdown`.
-pub async fn run(identity: Identity, supervisor: SupervisorHandle, shutdown: CancellationToken) {
-    let mut backoff = BACKOFF_START;
+/// Keeps a session with the daemon until `shutdown`; fails only when the OS
+/// gives no randomness for the reconnect jitter.
+pub async fn run(
+    identity: Identity,
+    supervisor: SupervisorHandle,
+    shutdown: CancellationToken,
+) -> Result<(), NoRandomness> {
+    let mut window = BACKOFF_START;
     loop {
         let started = tokio::time::Instant::now();
         let outcome = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             r = session(&identity, &supervisor) => r,
         };
+        if started.elapsed() > Duration::from_secs(10) {
+            window = BACKOFF_START;
+        }
+        let wait = full_jitter(window)?;
         match outcome {
             Ok(reason) => {
-                tracing::warn!(reason = %reason, "session with the daemon ended; reconnecting")
+                tracing::warn!(reason = %reason, retry_in = ?wait, "session with the daemon ended; reconnecting")
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot hold a session with the daemon")
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot hold a session with the daemon")
             }
         }
-        if started.elapsed() > Duration::from_secs(10) {
-            backoff = BACKOFF_START;
-        }
-        // Jitter spreads reconnects of many agents after a daemon restart.
-        let jitter = Duration::from_millis(u64::from(std::process::id() % 100));
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        window = (window * 2).min(BACKOFF_MAX);
     }
 }
 
@@ -172,6 +183,10 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
             driver: id.driver.clone(),
             replicas,
             applied_revision: revision,
+            capabilities: Some(capabilities_to_wire(
+                &id.capabilities,
+                longest_stop(&id.capabilities),
+            )),
         })),
     };
     if tx.send(hello).await.is_err() {

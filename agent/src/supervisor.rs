@@ -13,24 +13,39 @@
 //! task of its own ([`crate::logs::serve`]), so a followed replica never holds
 //! the loop up.
 //!
+//! The driver's [`Capabilities`] say how it is driven: driver operations
+//! (start, stop, destroy) run under a semaphore of
+//! [`Capabilities::max_concurrent_operations`] permits, handed out in order;
+//! inspection passes run every [`Capabilities::inspect_interval`]; a call the
+//! runtime throttles ([`DriverError::Throttled`]) is retried after the delay
+//! it asked for plus jitter, never sooner, and counts as no crash; and with
+//! [`Capabilities::runtime_restarts`] crashed instances are the runtime's to
+//! restart: the supervisor reports those restarts and starts an instance only
+//! when the runtime has lost one. The provider's driver settings, which come
+//! with each assignment, are handed to the driver ([`Driver::configure`]) in a
+//! task of their own before the supervisor converges to that assignment.
+//!
 //! Invariants: at most one driver operation is in flight per replica (reading
-//! output is not one: it changes nothing); a replica is never torn down
+//! output is not one: it changes nothing), and at most
+//! `max_concurrent_operations` in all; a replica is never torn down
 //! because the daemon is unreachable; every instance handle is persisted
 //! before the replica is reported running.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use skymirror_proto::v1 as pb;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::convert::{DesiredApp, DesiredSet};
 use crate::driver::{
-    Driver, DriverError, Handle, Inspection, ReplicaKey, ReplicaSpec, RuntimeHealth,
+    Capabilities, Driver, DriverError, DriverSettings, Handle, Inspection, ReplicaKey, ReplicaSpec,
+    RuntimeHealth,
 };
 use crate::health::{Health, HealthSpec, HealthTracker, probe_once};
 use crate::logs::{LogsQuery, Target};
@@ -39,7 +54,10 @@ use crate::state::{PersistedReplica, StateDir};
 /// Tunables of the supervisor.
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
-    /// How often running instances are inspected for exits.
+    /// How often the supervisor re-plans when no input arrives: a restart
+    /// or retry that falls due waits at most this long. Running instances are
+    /// inspected on the driver's own period
+    /// ([`Capabilities::inspect_interval`]), on these ticks when it is longer.
     pub tick: Duration,
     /// First restart delay after a crash; doubles per consecutive crash.
     pub backoff_base: Duration,
@@ -195,6 +213,31 @@ impl Lease {
 const FENCE_EARLY: Duration = Duration::from_millis(500);
 const FENCE_GRACE: Duration = Duration::from_millis(400);
 
+/// The longest stop the agent may have to wait for when a singleton's lease
+/// ends, which the hello tells the daemon (`DriverCapabilities.max_stop_ms`):
+/// the driver's bound ([`Capabilities::max_stop`]) for the largest grace such
+/// a stop gets, [`FENCE_GRACE`]. One number per agent, whatever its apps'
+/// graces: a singleton whose lease runs out is stopped with at most that
+/// grace, so this is how long after the agent's fence it may still run, and
+/// what the daemon's margin past the lease must cover. (Stops for other
+/// reasons — a replacement, a removal — get the app's full grace, but the
+/// daemon never waits on those to place a singleton.)
+pub fn longest_stop(capabilities: &Capabilities) -> Duration {
+    capabilities.max_stop(FENCE_GRACE)
+}
+
+/// Most times one stop or destroy (or a recovery at start-up) is retried
+/// after the runtime throttled it, before it counts as failed.
+const THROTTLED_RETRIES: u32 = 10;
+
+/// Longest [`Driver::configure`] may take; past it the new settings count as
+/// refused and the assignment is taken with the old ones.
+const CONFIGURE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Shortest inspection period, whatever a driver declares (a zero period
+/// would spin).
+const MIN_INSPECT_INTERVAL: Duration = Duration::from_millis(10);
+
 /// What a replica is doing.
 #[derive(Debug, Clone, PartialEq)]
 enum Phase {
@@ -227,7 +270,16 @@ struct Replica {
     /// inspection; `None` when the runtime has no check of its own.
     runtime_health: Option<RuntimeHealth>,
     probe: Option<CancellationToken>,
+    /// Restarts by the supervisor, and the runtime's restarts of earlier
+    /// instances; persisted.
     restarts: u32,
+    /// The runtime's own restarts of the current instance
+    /// ([`Inspection::Restarted`]), read anew from the runtime after an agent
+    /// restart, so never persisted.
+    runtime_restarts: u32,
+    /// The runtime holds the current instance between two of its restarts
+    /// (a crash loop's back-off): it is the runtime's to bring back.
+    runtime_down: bool,
     crashes_in_row: u32,
     message: String,
     started_at: Option<Instant>,
@@ -248,6 +300,8 @@ impl Replica {
             runtime_health: None,
             probe: None,
             restarts: 0,
+            runtime_restarts: 0,
+            runtime_down: false,
             crashes_in_row: 0,
             message: String::new(),
             started_at: None,
@@ -274,6 +328,7 @@ impl Replica {
             Phase::Backoff { .. } => pb::ReplicaState::Backoff,
             Phase::Failed { .. } => pb::ReplicaState::Failed,
             Phase::Stopping { .. } => pb::ReplicaState::Stopping,
+            Phase::Running if self.runtime_down => pb::ReplicaState::Backoff,
             Phase::Running => match (app, self.runtime_health) {
                 (Some(Health::Unhealthy), _) | (_, Some(RuntimeHealth::Unhealthy)) => {
                     pb::ReplicaState::Unhealthy
@@ -320,8 +375,9 @@ const FIRST_STARTUP_PROBE: Duration = Duration::from_millis(10);
 /// Inputs of the supervisor loop.
 #[derive(Debug)]
 pub enum Input {
-    /// A new desired set from the daemon.
-    Assign(DesiredSet, pb::Assignment),
+    /// A new desired set from the daemon, with the assignment as it came
+    /// (boxed: the wire type is large, inputs are many and assignments rare).
+    Assign(DesiredSet, Box<pb::Assignment>),
     /// A start finished.
     Started {
         key: ReplicaKey,
@@ -339,6 +395,17 @@ pub enum Input {
     /// An inspection pass finished: what each running instance looked like,
     /// with the operation it was inspected under.
     Inspected(Vec<(ReplicaKey, u64, Inspection)>),
+    /// The runtime throttled an inspection pass: the next one waits.
+    InspectionThrottled {
+        /// The delay the runtime asked for.
+        retry_after: Duration,
+    },
+    /// [`Driver::configure`] finished with these settings.
+    Configured {
+        settings: DriverSettings,
+        /// Why the driver refused them, for people.
+        result: Result<(), String>,
+    },
     /// The daemon asks for replica output.
     Logs(LogsQuery),
 }
@@ -449,7 +516,7 @@ impl SupervisorHandle {
     /// Hands a new assignment to the supervisor.
     pub async fn assign(&self, set: DesiredSet, raw: pb::Assignment) {
         // The supervisor only stops with the agent; a closed inbox means shutdown.
-        let _ = self.inbox.send(Input::Assign(set, raw)).await;
+        let _ = self.inbox.send(Input::Assign(set, Box::new(raw))).await;
     }
 
     /// Hands a request for replica output to the supervisor, which answers it
@@ -462,10 +529,25 @@ impl SupervisorHandle {
 /// The supervisor task's state.
 pub struct Supervisor<D: Driver> {
     driver: Arc<D>,
+    /// How the driver must be driven, read once.
+    capabilities: Capabilities,
+    /// One permit per driver operation in flight, at most
+    /// `capabilities.max_concurrent_operations`; fair, so operations run in
+    /// the order they were asked for.
+    ops: Arc<Semaphore>,
     provider: String,
     state: StateDir,
     config: SupervisorConfig,
     desired: Option<DesiredSet>,
+    /// The newest assignment, held back while the driver takes its settings.
+    pending: Option<DesiredSet>,
+    /// A [`Driver::configure`] is in flight; assignments wait in `pending`.
+    configuring: bool,
+    /// The settings the driver runs with (the last it took).
+    settings: DriverSettings,
+    /// Why the provider's latest settings are not in use, for every
+    /// replica's message until settings the driver takes arrive.
+    settings_error: Option<String>,
     replicas: BTreeMap<ReplicaKey, Replica>,
     inbox: mpsc::Receiver<Input>,
     inbox_tx: mpsc::Sender<Input>,
@@ -478,6 +560,10 @@ pub struct Supervisor<D: Driver> {
     /// The inspection pass in flight; ticks start none until it has ended, so
     /// passes never overlap (and one that died does not stop them).
     inspection: Option<tokio::task::JoinHandle<()>>,
+    /// When the next inspection pass is due: one driver period after the last.
+    next_inspection: Instant,
+    /// No inspection pass before this: the runtime throttled the last one.
+    inspect_not_before: Option<Instant>,
 }
 
 impl<D: Driver> std::fmt::Debug for Supervisor<D> {
@@ -491,8 +577,88 @@ impl<D: Driver> std::fmt::Debug for Supervisor<D> {
 /// Inbox bound: inputs beyond it wait (driver tasks and probes are few per replica).
 const INBOX: usize = 1024;
 
+/// Runs one driver call under an operation permit. A call the runtime
+/// throttles is retried after the delay it asked for plus jitter, up to
+/// `retries` times; the permit is given back while it waits, so a throttled
+/// call holds up nothing else.
+async fn call_driver<T, F, Fut>(
+    ops: &Semaphore,
+    retries: u32,
+    mut call: F,
+) -> Result<T, DriverError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, DriverError>>,
+{
+    let mut attempt = 0;
+    loop {
+        let result = {
+            // The semaphore is never closed; were it, the call would go ahead
+            // unbounded rather than never.
+            let _permit = ops.acquire().await.ok();
+            call().await
+        };
+        let delay = match &result {
+            Err(e) if attempt < retries => e.retry_after(),
+            _ => None,
+        };
+        let Some(delay) = delay else {
+            return result;
+        };
+        attempt += 1;
+        let wait = throttle_delay(delay);
+        tracing::info!(retry_in = ?wait, "the runtime throttled a call; waiting");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Hands `settings` to the driver, within [`CONFIGURE_TIMEOUT`]; the refusal
+/// is for people.
+async fn configure<D: Driver>(driver: &D, settings: &DriverSettings) -> Result<(), String> {
+    match tokio::time::timeout(CONFIGURE_TIMEOUT, driver.configure(settings)).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "the {} driver did not take them within {CONFIGURE_TIMEOUT:?}",
+            driver.kind()
+        )),
+    }
+}
+
+/// How long to wait after the runtime throttled a call: its delay, never
+/// less, plus up to half of it again at random, so that calls throttled
+/// together are not retried together.
+fn throttle_delay(retry_after: Duration) -> Duration {
+    match crate::random::full_jitter(retry_after / 2) {
+        Ok(jitter) => retry_after.saturating_add(jitter),
+        Err(e) => {
+            tracing::error!(error = %e, "retrying a throttled call without jitter");
+            retry_after
+        }
+    }
+}
+
+/// What the supervisor takes an inspection for. A driver that does not
+/// declare [`Capabilities::runtime_restarts`] does not get restarts left to
+/// its runtime: what it reports as restarted counts as running, or as an exit
+/// the supervisor restarts.
+fn normalize(inspection: Inspection, runtime_restarts: bool) -> Inspection {
+    match inspection {
+        Inspection::Restarted {
+            running: true,
+            health,
+            ..
+        } if !runtime_restarts => Inspection::Running { health },
+        Inspection::Restarted { running: false, .. } if !runtime_restarts => Inspection::Exited {
+            code: None,
+            signal: None,
+        },
+        other => other,
+    }
+}
+
 impl<D: Driver> Supervisor<D> {
-    /// Restores persisted state and re-attaches to running instances.
+    /// Restores persisted state, hands the persisted assignment's driver
+    /// settings to the driver, and re-attaches to running instances.
     pub async fn restore(
         driver: Arc<D>,
         provider: String,
@@ -521,12 +687,19 @@ impl<D: Driver> Supervisor<D> {
             },
             None => None,
         };
+        let capabilities = driver.capabilities();
         let mut sup = Supervisor {
+            ops: Arc::new(Semaphore::new(capabilities.operations())),
+            capabilities,
             driver,
             provider,
             state,
             config,
-            desired,
+            desired: None,
+            pending: None,
+            configuring: false,
+            settings: DriverSettings::Unset,
+            settings_error: None,
             replicas: BTreeMap::new(),
             inbox,
             inbox_tx: inbox_tx.clone(),
@@ -535,22 +708,37 @@ impl<D: Driver> Supervisor<D> {
             saved_lease: None,
             dirty: false,
             inspection: None,
+            next_inspection: Instant::now(),
+            inspect_not_before: None,
         };
+        if let Some(set) = desired {
+            let settings = set.settings.clone();
+            match sup.refusal(&settings) {
+                Some(problem) => {
+                    sup.settings_refused(problem);
+                }
+                None if settings != sup.settings => {
+                    let result = configure(sup.driver.as_ref(), &settings).await;
+                    sup.settings_taken(settings, result);
+                }
+                None => {}
+            }
+            sup.desired = Some(set);
+        }
         for p in sup.state.load_replicas()? {
             let mut r = Replica::new(p.generation, p.workload_generation);
             r.restarts = p.restarts;
-            match sup.driver.recover(&p.handle).await {
-                Ok(Inspection::Running { health }) => {
-                    tracing::info!(replica = %p.key, instance = %p.handle.instance_id, "adopted running replica");
-                    r.phase = Phase::Running;
-                    r.runtime_health = health;
-                    r.started_at = Some(Instant::now());
-                    r.message = "adopted after agent restart".into();
-                    r.output = Some(p.handle.clone());
-                    r.handle = Some(p.handle);
-                    sup.replicas.insert(p.key.clone(), r);
-                    sup.start_probe(&p.key);
-                }
+            let driver = sup.driver.clone();
+            let recovered = call_driver(&sup.ops, THROTTLED_RETRIES, || driver.recover(&p.handle))
+                .await
+                .map(|i| normalize(i, sup.capabilities.runtime_restarts));
+            let (health, runtime) = match recovered {
+                Ok(Inspection::Running { health }) => (health, None),
+                Ok(Inspection::Restarted {
+                    restarts,
+                    running,
+                    health,
+                }) => (health, Some((restarts, running))),
                 Ok(Inspection::Exited { .. }) | Err(_) => {
                     tracing::info!(replica = %p.key, "replica exited while the agent was down; it will be restarted");
                     r.phase = Phase::Backoff {
@@ -559,8 +747,22 @@ impl<D: Driver> Supervisor<D> {
                     r.message = "exited while the agent was not running".into();
                     sup.replicas.insert(p.key, r);
                     sup.dirty = true;
+                    continue;
                 }
+            };
+            tracing::info!(replica = %p.key, instance = %p.handle.instance_id, "adopted running replica");
+            r.phase = Phase::Running;
+            r.runtime_health = health;
+            if let Some((restarts, running)) = runtime {
+                r.runtime_restarts = restarts;
+                r.runtime_down = !running;
             }
+            r.started_at = Some(Instant::now());
+            r.message = "adopted after agent restart".into();
+            r.output = Some(p.handle.clone());
+            r.handle = Some(p.handle);
+            sup.replicas.insert(p.key.clone(), r);
+            sup.start_probe(&p.key);
         }
         // Instances of this provider that no adopted replica holds are nobody's
         // (see `Driver::list_instances`): remove them.
@@ -574,7 +776,10 @@ impl<D: Driver> Supervisor<D> {
                     });
                     if !held {
                         tracing::info!(instance = %h.instance_id, "removing an instance no replica holds");
-                        if let Err(e) = sup.driver.destroy(&h).await {
+                        let driver = sup.driver.clone();
+                        if let Err(e) =
+                            call_driver(&sup.ops, THROTTLED_RETRIES, || driver.destroy(&h)).await
+                        {
                             tracing::warn!(instance = %h.instance_id, error = %e, "cannot remove it");
                         }
                     }
@@ -596,7 +801,8 @@ impl<D: Driver> Supervisor<D> {
 
     /// Runs until `shutdown`; with `stop_all`, stops every replica before returning.
     pub async fn run(mut self, shutdown: CancellationToken, stop_all: bool) {
-        let mut tick = tokio::time::interval(self.config.tick);
+        let inspect_every = self.capabilities.inspect_interval.max(MIN_INSPECT_INTERVAL);
+        let mut tick = tokio::time::interval(self.config.tick.min(inspect_every));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Work per pass is proportional to all replicas, so inputs are
@@ -611,8 +817,12 @@ impl<D: Driver> Supervisor<D> {
                     }
                     changed
                 }
-                _ = tick.tick() => {
-                    self.start_inspection();
+                at = tick.tick() => {
+                    let throttled = self.inspect_not_before.is_some_and(|t| at < t);
+                    if at >= self.next_inspection && !throttled {
+                        self.next_inspection = at + inspect_every;
+                        self.start_inspection();
+                    }
                     false
                 }
             };
@@ -635,15 +845,15 @@ impl<D: Driver> Supervisor<D> {
         let mut tasks = Vec::new();
         for (key, r) in &mut self.replicas {
             if let Some(h) = r.handle.take() {
-                let driver = self.driver.clone();
+                let (driver, ops) = (self.driver.clone(), self.ops.clone());
                 let grace = self
                     .desired
                     .as_ref()
                     .and_then(|d| d.apps.get(&key.app))
                     .map_or(Duration::from_secs(10), |d| d.workload.stop_grace);
                 tasks.push(tokio::spawn(async move {
-                    let _ = driver.stop(&h, grace).await;
-                    let _ = driver.destroy(&h).await;
+                    let _ = call_driver(&ops, THROTTLED_RETRIES, || driver.stop(&h, grace)).await;
+                    let _ = call_driver(&ops, THROTTLED_RETRIES, || driver.destroy(&h)).await;
                 }));
             }
         }
@@ -654,15 +864,87 @@ impl<D: Driver> Supervisor<D> {
         self.dirty = true;
     }
 
+    /// Why the driver cannot take `settings` at all: settings of another
+    /// driver. Refused without asking the driver.
+    fn refusal(&self, settings: &DriverSettings) -> Option<String> {
+        let kind = settings.kind()?;
+        let mine = self.driver.kind();
+        (kind != mine).then(|| {
+            format!(
+                "the provider's settings are for the {kind} driver, but this agent runs the \
+                 {mine} driver; it keeps its own flags"
+            )
+        })
+    }
+
+    /// Records that the driver refused the provider's settings: said once in
+    /// the log, and in every replica's message while it stands.
+    fn settings_refused(&mut self, problem: String) -> bool {
+        let problem = format!("provider settings not in use: {problem}");
+        if self.settings_error.as_ref() == Some(&problem) {
+            return false;
+        }
+        tracing::error!(problem = %problem, "the driver cannot take the provider's settings");
+        self.settings_error = Some(problem);
+        true
+    }
+
+    /// Records what [`Driver::configure`] made of `settings`.
+    fn settings_taken(&mut self, settings: DriverSettings, result: Result<(), String>) -> bool {
+        match result {
+            Ok(()) => {
+                tracing::info!(settings = ?settings, "the driver took the provider's settings");
+                self.settings = settings;
+                self.settings_error.take().is_some()
+            }
+            Err(problem) => self.settings_refused(problem),
+        }
+    }
+
+    /// Takes an assignment: at once when the driver has (or cannot have) its
+    /// settings, else after [`Driver::configure`], in a task of its own so
+    /// the loop never waits on the runtime. Returns whether the desired set
+    /// changed.
+    fn take_assignment(&mut self, set: DesiredSet) -> bool {
+        if set.settings == self.settings {
+            self.settings_error = None;
+            self.accept(set);
+            return true;
+        }
+        if let Some(problem) = self.refusal(&set.settings) {
+            self.settings_refused(problem);
+            self.accept(set);
+            return true;
+        }
+        self.configuring = true;
+        let settings = set.settings.clone();
+        self.pending = Some(set);
+        let (driver, tx) = (self.driver.clone(), self.inbox_tx.clone());
+        tokio::spawn(async move {
+            let result = configure(driver.as_ref(), &settings).await;
+            let _ = tx.send(Input::Configured { settings, result }).await;
+        });
+        false
+    }
+
+    /// Makes `set` the desired set.
+    fn accept(&mut self, set: DesiredSet) {
+        for (key, r) in &mut self.replicas {
+            if let Some(d) = set.apps.get(&key.app)
+                && r.workload_generation == d.workload_generation
+            {
+                r.generation = d.generation;
+            }
+        }
+        self.desired = Some(set);
+    }
+
     /// Applies one input; returns whether replica state may have changed.
     fn handle(&mut self, input: Input) -> bool {
         match input {
             Input::Assign(set, raw) => {
-                if self
-                    .desired
-                    .as_ref()
-                    .is_some_and(|d| set.revision < d.revision)
-                {
+                let newest = self.pending.as_ref().or(self.desired.as_ref());
+                if newest.is_some_and(|d| set.revision < d.revision) {
                     tracing::warn!(
                         revision = set.revision,
                         "ignoring an assignment older than the current one"
@@ -677,25 +959,39 @@ impl<D: Driver> Supervisor<D> {
                     apps = set.apps.len(),
                     "assignment received"
                 );
-                for (key, r) in &mut self.replicas {
-                    if let Some(d) = set.apps.get(&key.app)
-                        && r.workload_generation == d.workload_generation
-                    {
-                        r.generation = d.generation;
+                if self.configuring {
+                    // Taken once the driver has answered for the settings before.
+                    self.pending = Some(set);
+                    return false;
+                }
+                self.take_assignment(set)
+            }
+            Input::Configured { settings, result } => {
+                self.configuring = false;
+                let mut changed = self.settings_taken(settings.clone(), result);
+                if let Some(set) = self.pending.take() {
+                    if set.settings == settings {
+                        // Taken or refused just now: not asked for twice.
+                        self.accept(set);
+                        changed = true;
+                    } else {
+                        changed |= self.take_assignment(set);
                     }
                 }
-                self.desired = Some(set);
-                true
+                changed
             }
             Input::Started { key, op, result } => {
                 let backoff_max = self.config.backoff_max;
                 let Some(r) = self.replicas.get_mut(&key).filter(|r| r.op == op) else {
                     // The replica was removed meanwhile: stop what was started.
                     if let Ok(h) = result {
-                        let driver = self.driver.clone();
+                        let (driver, ops) = (self.driver.clone(), self.ops.clone());
                         tokio::spawn(async move {
-                            let _ = driver.stop(&h, Duration::from_secs(5)).await;
-                            let _ = driver.destroy(&h).await;
+                            let grace = Duration::from_secs(5);
+                            let _ = call_driver(&ops, THROTTLED_RETRIES, || driver.stop(&h, grace))
+                                .await;
+                            let _ =
+                                call_driver(&ops, THROTTLED_RETRIES, || driver.destroy(&h)).await;
                         });
                     }
                     return false;
@@ -711,22 +1007,36 @@ impl<D: Driver> Supervisor<D> {
                         self.dirty = true;
                         self.start_probe(&key);
                     }
-                    Err(e) if e.is_retryable() => {
-                        tracing::warn!(replica = %key, error = %e, "start failed; retrying");
-                        let backoff = backoff(&self.config, r.crashes_in_row.saturating_add(1));
-                        r.crashes_in_row = r.crashes_in_row.saturating_add(1);
-                        r.phase = Phase::Backoff {
-                            until: Instant::now() + backoff,
-                        };
-                        r.message = format!("start failed: {e}; retrying in {}", human(backoff));
-                    }
-                    Err(e) => {
-                        tracing::warn!(replica = %key, error = %e, "replica cannot start");
-                        r.phase = Phase::Failed {
-                            until: Instant::now() + backoff_max,
-                        };
-                        r.message = e.to_string();
-                    }
+                    Err(e) => match e.retry_after() {
+                        // The runtime's rate, not the replica: its delay, and
+                        // no crash.
+                        Some(delay) => {
+                            let wait = throttle_delay(delay);
+                            tracing::info!(replica = %key, error = %e, retry_in = ?wait, "start throttled");
+                            r.phase = Phase::Backoff {
+                                until: Instant::now() + wait,
+                            };
+                            r.message =
+                                format!("start throttled: {e}; retrying in {}", human(wait));
+                        }
+                        None if e.is_retryable() => {
+                            tracing::warn!(replica = %key, error = %e, "start failed; retrying");
+                            let backoff = backoff(&self.config, r.crashes_in_row.saturating_add(1));
+                            r.crashes_in_row = r.crashes_in_row.saturating_add(1);
+                            r.phase = Phase::Backoff {
+                                until: Instant::now() + backoff,
+                            };
+                            r.message =
+                                format!("start failed: {e}; retrying in {}", human(backoff));
+                        }
+                        None => {
+                            tracing::warn!(replica = %key, error = %e, "replica cannot start");
+                            r.phase = Phase::Failed {
+                                until: Instant::now() + backoff_max,
+                            };
+                            r.message = e.to_string();
+                        }
+                    },
                 }
                 true
             }
@@ -748,6 +1058,12 @@ impl<D: Driver> Supervisor<D> {
                 true
             }
             Input::Inspected(seen) => self.inspected(seen),
+            Input::InspectionThrottled { retry_after } => {
+                let wait = throttle_delay(retry_after);
+                tracing::info!(retry_in = ?wait, "the runtime throttled inspection; the next pass waits");
+                self.inspect_not_before = Some(Instant::now() + wait);
+                false
+            }
             Input::Probe { key, op, result } => {
                 let Some(r) = self
                     .replicas
@@ -825,19 +1141,27 @@ impl<D: Driver> Supervisor<D> {
             let handles: Vec<Handle> = targets.iter().map(|(_, _, h)| h.clone()).collect();
             let results = driver.inspect_all(&handles).await;
             let mut seen = Vec::with_capacity(targets.len());
+            let mut throttled: Option<Duration> = None;
             for ((key, op, _), result) in targets.into_iter().zip(results) {
                 match result {
                     Ok(inspection) => seen.push((key, op, inspection)),
-                    Err(e) => tracing::warn!(replica = %key, error = %e, "inspect failed"),
+                    Err(e) => match e.retry_after() {
+                        Some(delay) => throttled = throttled.max(Some(delay)),
+                        None => tracing::warn!(replica = %key, error = %e, "inspect failed"),
+                    },
                 }
+            }
+            if let Some(retry_after) = throttled {
+                let _ = tx.send(Input::InspectionThrottled { retry_after }).await;
             }
             let _ = tx.send(Input::Inspected(seen)).await;
         }));
     }
 
     /// Takes in an inspection pass; an exit is a crash (stops we asked for are
-    /// in `Stopping` and not inspected). Results for an instance that was
-    /// replaced or stopped meanwhile (another `op`) are stale and ignored.
+    /// in `Stopping` and not inspected), and a restart by the runtime is
+    /// reported, never acted on. Results for an instance that was replaced or
+    /// stopped meanwhile (another `op`) are stale and ignored.
     fn inspected(&mut self, seen: Vec<(ReplicaKey, u64, Inspection)>) -> bool {
         let now = Instant::now();
         let mut changed = false;
@@ -851,14 +1175,68 @@ impl<D: Driver> Supervisor<D> {
             else {
                 continue;
             };
-            match inspection {
+            match normalize(inspection, self.capabilities.runtime_restarts) {
                 Inspection::Running { health } => {
+                    if r.runtime_down {
+                        r.runtime_down = false;
+                        changed = true;
+                    }
                     if health != r.runtime_health {
                         tracing::info!(replica = %key, health = ?health, "the runtime's own health check changed");
                         r.runtime_health = health;
                         changed = true;
                     }
                     if r.crashes_in_row > 0
+                        && r.started_at
+                            .is_some_and(|s| now.duration_since(s) >= min_run)
+                    {
+                        r.crashes_in_row = 0;
+                        changed = true;
+                    }
+                }
+                Inspection::Restarted {
+                    restarts,
+                    running,
+                    health,
+                } => {
+                    if restarts > r.runtime_restarts {
+                        // Counted like the supervisor's own restarts: runs
+                        // shorter than `min_run` in a row are a crash loop.
+                        let new = restarts - r.runtime_restarts;
+                        let ran = r
+                            .started_at
+                            .map_or(Duration::ZERO, |s| now.duration_since(s));
+                        r.crashes_in_row = if ran < min_run {
+                            r.crashes_in_row.saturating_add(new)
+                        } else {
+                            new
+                        };
+                        r.runtime_restarts = restarts;
+                        r.started_at = Some(now);
+                        r.message = format!(
+                            "the runtime restarted it ({restarts} restart{} so far)",
+                            if restarts == 1 { "" } else { "s" }
+                        );
+                        if r.crashes_in_row >= loop_after {
+                            r.message.push_str(&format!(
+                                " (crash-looping: {} short runs in a row)",
+                                r.crashes_in_row
+                            ));
+                        }
+                        tracing::warn!(replica = %key, message = %r.message, "the runtime restarted the replica");
+                        changed = true;
+                    }
+                    if r.runtime_down == running {
+                        r.runtime_down = !running;
+                        changed = true;
+                    }
+                    let health = health.filter(|_| running);
+                    if health != r.runtime_health {
+                        r.runtime_health = health;
+                        changed = true;
+                    }
+                    if running
+                        && r.crashes_in_row > 0
                         && r.started_at
                             .is_some_and(|s| now.duration_since(s) >= min_run)
                     {
@@ -985,20 +1363,28 @@ impl<D: Driver> Supervisor<D> {
         r.workload_generation = d.workload_generation;
         r.health = None;
         r.runtime_health = None;
+        // The runtime's restarts belonged to the last instance: they join
+        // the replica's own count, and the new instance starts from none.
+        r.restarts = r.restarts.saturating_add(r.runtime_restarts);
+        r.runtime_restarts = 0;
+        r.runtime_down = false;
         let spec = ReplicaSpec {
             key: key.clone(),
             provider: self.provider.clone(),
             workload: d.workload.clone(),
             workload_generation: d.workload_generation,
         };
-        let (driver, tx, op, key) = (
+        let (driver, ops, tx, op, key) = (
             self.driver.clone(),
+            self.ops.clone(),
             self.inbox_tx.clone(),
             r.op,
             key.clone(),
         );
         tokio::spawn(async move {
-            let result = driver.start(&spec).await;
+            // A throttled start comes back as it is: the supervisor schedules
+            // the retry, so the replica says what it waits for.
+            let result = call_driver(&ops, 0, || driver.start(&spec)).await;
             let _ = tx.send(Input::Started { key, op, result }).await;
         });
     }
@@ -1024,22 +1410,29 @@ impl<D: Driver> Supervisor<D> {
             r.output.take()
         };
         self.dirty = true;
-        let (driver, tx, op, key) = (
+        let (driver, ops, tx, op, key) = (
             self.driver.clone(),
+            self.ops.clone(),
             self.inbox_tx.clone(),
             r.op,
             key.clone(),
         );
         tokio::spawn(async move {
+            let destroy = |h: Handle| {
+                let (driver, ops) = (driver.clone(), ops.clone());
+                async move { call_driver(&ops, THROTTLED_RETRIES, || driver.destroy(&h)).await }
+            };
             if let Some(h) = handle {
-                if let Err(e) = driver.stop(&h, grace).await {
+                if let Err(e) =
+                    call_driver(&ops, THROTTLED_RETRIES, || driver.stop(&h, grace)).await
+                {
                     tracing::warn!(replica = %key, error = %e, "stop failed");
                 }
-                if !replace && let Err(e) = driver.destroy(&h).await {
+                if !replace && let Err(e) = destroy(h).await {
                     tracing::warn!(replica = %key, error = %e, "destroy failed");
                 }
             } else if let Some(h) = leftover
-                && let Err(e) = driver.destroy(&h).await
+                && let Err(e) = destroy(h).await
             {
                 tracing::warn!(replica = %key, error = %e, "destroy failed");
             }
@@ -1143,9 +1536,13 @@ impl<D: Driver> Supervisor<D> {
                 })
                 .unwrap_or_default(),
             instance_id: h.map(|h| h.instance_id.clone()).unwrap_or_default(),
-            restarts: r.restarts,
+            restarts: r.restarts.saturating_add(r.runtime_restarts),
             crash_looping: r.crashes_in_row >= self.config.crash_loop_after,
-            message: r.status_message(),
+            message: match (r.status_message(), &self.settings_error) {
+                (own, None) => own,
+                (own, Some(problem)) if own.is_empty() => problem.clone(),
+                (own, Some(problem)) => format!("{own}; {problem}"),
+            },
             started_at_ms: h.map_or(0, |h| h.started_at_ms),
             state_since_ms: r.state_since_ms,
             provider: self.provider.clone(),
