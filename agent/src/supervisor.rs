@@ -1912,4 +1912,570 @@ mod tests {
         assert_eq!(d.removed, vec!["web/0".to_string()]);
         assert_eq!(d.revision, 2);
     }
+
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::driver::settings::{DockerSettings, Ec2Settings};
+
+    /// A driver for the supervisor's own tests. Every call is recorded with
+    /// its time (on the paused clock) and announced on `changes`; operations
+    /// can be held at a gate; starts and inspections can be throttled by
+    /// script; inspections answer what the test sets per instance.
+    #[derive(Debug)]
+    struct Fake {
+        kind: &'static str,
+        caps: Capabilities,
+        /// When set, every start, stop and destroy takes a permit of it first
+        /// (and keeps it), so the test decides when they finish.
+        gate: Option<Semaphore>,
+        /// How many of the next starts the runtime throttles, and for how long.
+        throttled_starts: Mutex<VecDeque<Duration>>,
+        /// The next inspection is throttled for this long.
+        throttled_inspection: Mutex<Option<Duration>>,
+        /// Refuses every settings but `Unset` with this reason.
+        refuse_settings: Option<&'static str>,
+        /// Operations (start, stop, destroy) in flight, and the most ever.
+        in_flight: AtomicUsize,
+        most_in_flight: AtomicUsize,
+        /// Every call: what, and when.
+        calls: Mutex<Vec<(&'static str, Instant)>>,
+        /// The settings `configure` was given, in order.
+        configured: Mutex<Vec<DriverSettings>>,
+        /// What `inspect` answers per instance id; running when unset.
+        inspections: Mutex<HashMap<String, Inspection>>,
+        next_id: AtomicUsize,
+        changes: watch::Sender<u64>,
+    }
+
+    impl Fake {
+        fn new(caps: Capabilities) -> Self {
+            Fake {
+                kind: "fake",
+                caps,
+                gate: None,
+                throttled_starts: Mutex::default(),
+                throttled_inspection: Mutex::default(),
+                refuse_settings: None,
+                in_flight: AtomicUsize::new(0),
+                most_in_flight: AtomicUsize::new(0),
+                calls: Mutex::default(),
+                configured: Mutex::default(),
+                inspections: Mutex::default(),
+                next_id: AtomicUsize::new(1),
+                changes: watch::Sender::new(0),
+            }
+        }
+
+        /// A local runtime: many operations, inspected every 250 ms.
+        fn caps() -> Capabilities {
+            Capabilities {
+                recover: true,
+                exec: true,
+                logs: false,
+                max_concurrent_operations: 64,
+                inspect_interval: Duration::from_millis(250),
+                stop_overhead: Duration::from_secs(1),
+                runtime_restarts: false,
+            }
+        }
+
+        fn record(&self, call: &'static str) {
+            self.calls
+                .lock()
+                .expect("calls")
+                .push((call, Instant::now()));
+            self.changes.send_modify(|n| *n += 1);
+        }
+
+        /// When each call of this kind was made.
+        fn times(&self, call: &str) -> Vec<Instant> {
+            self.calls
+                .lock()
+                .expect("calls")
+                .iter()
+                .filter(|(c, _)| *c == call)
+                .map(|(_, at)| *at)
+                .collect()
+        }
+
+        fn count(&self, call: &str) -> usize {
+            self.times(call).len()
+        }
+
+        fn in_flight(&self) -> usize {
+            self.in_flight.load(Ordering::SeqCst)
+        }
+
+        fn set_inspection(&self, instance: &str, inspection: Inspection) {
+            self.inspections
+                .lock()
+                .expect("inspections")
+                .insert(instance.to_string(), inspection);
+        }
+
+        /// One operation: counted in flight while it waits at the gate.
+        async fn operation(&self, call: &'static str) {
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            self.record(call);
+            if let Some(gate) = &self.gate {
+                gate.acquire().await.expect("gate").forget();
+            }
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    impl Driver for Fake {
+        fn kind(&self) -> &'static str {
+            self.kind
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.caps
+        }
+        async fn configure(&self, settings: &DriverSettings) -> Result<(), DriverError> {
+            self.configured
+                .lock()
+                .expect("configured")
+                .push(settings.clone());
+            self.record("configure");
+            match self.refuse_settings {
+                Some(reason) if *settings != DriverSettings::Unset => {
+                    Err(DriverError::InvalidSettings(reason.into()))
+                }
+                _ => Ok(()),
+            }
+        }
+        async fn start(&self, spec: &ReplicaSpec) -> Result<Handle, DriverError> {
+            self.operation("start").await;
+            let throttled = self.throttled_starts.lock().expect("script").pop_front();
+            if let Some(retry_after) = throttled {
+                return Err(DriverError::Throttled {
+                    message: "RequestLimitExceeded".into(),
+                    retry_after,
+                });
+            }
+            let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+            Ok(Handle {
+                driver: self.kind.into(),
+                instance_id: format!("{}-{id}", spec.key),
+                address: None,
+                ports: BTreeMap::new(),
+                started_at_ms: 0,
+                data: serde_json::Value::Null,
+            })
+        }
+        async fn recover(&self, _: &Handle) -> Result<Inspection, DriverError> {
+            Ok(Inspection::RUNNING)
+        }
+        async fn inspect(&self, handle: &Handle) -> Result<Inspection, DriverError> {
+            self.record("inspect");
+            if let Some(retry_after) = self.throttled_inspection.lock().expect("script").take() {
+                return Err(DriverError::Throttled {
+                    message: "RequestLimitExceeded".into(),
+                    retry_after,
+                });
+            }
+            let set = self.inspections.lock().expect("inspections");
+            Ok(set
+                .get(&handle.instance_id)
+                .copied()
+                .unwrap_or(Inspection::RUNNING))
+        }
+        async fn stop(&self, _: &Handle, _: Duration) -> Result<(), DriverError> {
+            self.operation("stop").await;
+            Ok(())
+        }
+        async fn destroy(&self, _: &Handle) -> Result<(), DriverError> {
+            self.operation("destroy").await;
+            Ok(())
+        }
+        async fn exec(
+            &self,
+            _: &Handle,
+            _: &[String],
+            _: Duration,
+        ) -> Result<Option<i32>, DriverError> {
+            Ok(Some(0))
+        }
+    }
+
+    /// A supervisor of `fake` running on its own task (stopped with the
+    /// token), and the state directory it keeps.
+    async fn supervise(
+        fake: &Arc<Fake>,
+    ) -> (
+        SupervisorHandle,
+        tokio_util::sync::DropGuard,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::open(dir.path()).expect("state");
+        let (sup, handle) =
+            Supervisor::restore(fake.clone(), "p".into(), state, SupervisorConfig::default())
+                .await
+                .expect("supervisor");
+        let stop = CancellationToken::new();
+        tokio::spawn(sup.run(stop.clone(), false));
+        (handle, stop.drop_guard(), dir)
+    }
+
+    /// Sends the supervisor an assignment of `apps` with `settings`.
+    async fn assign(
+        handle: &SupervisorHandle,
+        revision: u64,
+        apps: Vec<(String, DesiredApp)>,
+        settings: DriverSettings,
+    ) {
+        let set = DesiredSet {
+            revision,
+            apps: apps.into_iter().collect(),
+            settings,
+        };
+        let raw = pb::Assignment {
+            revision,
+            ..Default::default()
+        };
+        handle.assign(set, raw).await;
+    }
+
+    /// Waits until `done` holds of the fake, within a minute of the paused clock.
+    async fn until_fake(fake: &Fake, what: &str, done: impl Fn(&Fake) -> bool) {
+        let mut changes = fake.changes.subscribe();
+        let wait = async {
+            while !done(fake) {
+                changes.changed().await.expect("the fake lives");
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(60), wait)
+            .await
+            .is_err()
+        {
+            panic!("timed out waiting for {what}");
+        }
+    }
+
+    /// Waits until `done` holds of the published statuses, within a minute
+    /// of the paused clock; returns them.
+    async fn until_board(
+        board: &StatusBoard,
+        what: &str,
+        done: impl Fn(&[pb::ReplicaStatus]) -> bool,
+    ) -> Vec<pb::ReplicaStatus> {
+        let mut changes = board.subscribe();
+        let wait = async {
+            loop {
+                let (all, _) = board.snapshot();
+                if done(&all) {
+                    return all;
+                }
+                changes.changed().await.expect("the board lives");
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(60), wait).await {
+            Ok(all) => all,
+            Err(_) => panic!("timed out waiting for {what}: {:?}", board.snapshot().0),
+        }
+    }
+
+    fn all_in(state: pb::ReplicaState, n: usize) -> impl Fn(&[pb::ReplicaStatus]) -> bool {
+        move |all| all.len() == n && all.iter().all(|r| r.state() == state)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn driver_operations_in_flight_never_exceed_the_drivers_bound() {
+        let mut fake = Fake::new(Capabilities {
+            max_concurrent_operations: 3,
+            ..Fake::caps()
+        });
+        fake.gate = Some(Semaphore::new(0));
+        let fake = Arc::new(fake);
+        let (handle, _stop, _dir) = supervise(&fake).await;
+        let gate = |n| fake.gate.as_ref().expect("gate").add_permits(n);
+
+        // A burst of twelve starts: three go to the runtime, the rest wait.
+        assign(&handle, 1, vec![app("web", 12, 1)], DriverSettings::Unset).await;
+        until_fake(&fake, "three starts in flight", |f| f.in_flight() == 3).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!((fake.count("start"), fake.in_flight()), (3, 3));
+        gate(12);
+        until_board(
+            &handle.board,
+            "twelve running replicas",
+            all_in(pb::ReplicaState::Running, 12),
+        )
+        .await;
+        assert_eq!(fake.count("start"), 12);
+
+        // A burst of removals: stops and destroys share the same bound.
+        assign(&handle, 2, vec![], DriverSettings::Unset).await;
+        until_fake(&fake, "three stops in flight", |f| f.in_flight() == 3).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!((fake.count("stop"), fake.in_flight()), (3, 3));
+        gate(24);
+        until_board(&handle.board, "every replica gone", |all| all.is_empty()).await;
+        assert_eq!((fake.count("stop"), fake.count("destroy")), (12, 12));
+        assert_eq!(fake.most_in_flight.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_start_waits_out_the_runtimes_delay_and_is_no_crash() {
+        const DELAY: Duration = Duration::from_secs(4);
+        let fake = Fake::new(Fake::caps());
+        // More throttles in a row than make a crash loop, each shorter than
+        // the supervisor's own backoff would wait.
+        fake.throttled_starts
+            .lock()
+            .expect("script")
+            .extend([DELAY; 4]);
+        let fake = Arc::new(fake);
+        let (handle, _stop, _dir) = supervise(&fake).await;
+        assign(&handle, 1, vec![app("web", 1, 1)], DriverSettings::Unset).await;
+
+        let waiting = until_board(&handle.board, "the replica waiting on the runtime", |all| {
+            all.iter()
+                .any(|r| r.state() == pb::ReplicaState::Backoff && r.message.contains("throttled"))
+        })
+        .await;
+        assert!(
+            waiting[0].message.contains("RequestLimitExceeded"),
+            "{}",
+            waiting[0].message
+        );
+        let all = until_board(
+            &handle.board,
+            "the replica running",
+            all_in(pb::ReplicaState::Running, 1),
+        )
+        .await;
+
+        let starts = fake.times("start");
+        assert_eq!(starts.len(), 5, "four throttled starts, then one that ran");
+        // The delay plus at most half of it as jitter, noticed on the next tick.
+        let latest = DELAY + DELAY / 2 + SupervisorConfig::default().tick;
+        for pair in starts.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= DELAY,
+                "retried after {gap:?}, before the runtime's {DELAY:?}"
+            );
+            assert!(gap <= latest, "retried only after {gap:?}");
+        }
+        assert!(!all[0].crash_looping, "throttling counted as crashes");
+        assert_eq!(all[0].restarts, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn inspections_follow_the_drivers_period_and_wait_out_throttling() {
+        const PERIOD: Duration = Duration::from_secs(2);
+        const DELAY: Duration = Duration::from_secs(30);
+        let fake = Arc::new(Fake::new(Capabilities {
+            inspect_interval: PERIOD,
+            ..Fake::caps()
+        }));
+        let (handle, _stop, _dir) = supervise(&fake).await;
+        assign(&handle, 1, vec![app("web", 1, 1)], DriverSettings::Unset).await;
+        until_board(
+            &handle.board,
+            "the replica running",
+            all_in(pb::ReplicaState::Running, 1),
+        )
+        .await;
+        until_fake(&fake, "three inspections", |f| f.count("inspect") >= 3).await;
+        *fake.throttled_inspection.lock().expect("script") = Some(DELAY);
+        let throttled_at = fake.count("inspect") + 1;
+        until_fake(&fake, "two more inspections", |f| {
+            f.count("inspect") >= throttled_at + 1
+        })
+        .await;
+
+        let times = fake.times("inspect");
+        for (i, pair) in times[..throttled_at].windows(2).enumerate() {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= PERIOD && gap < PERIOD + Duration::from_millis(300),
+                "inspection {i} after {gap:?}, not on the driver's period"
+            );
+        }
+        let gap = times[throttled_at] - times[throttled_at - 1];
+        assert!(
+            gap >= DELAY && gap <= DELAY + DELAY / 2 + PERIOD,
+            "the inspection after a throttled one came after {gap:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_runtime_that_restarts_instances_itself_is_reported_not_overruled() {
+        let fake = Arc::new(Fake::new(Capabilities {
+            runtime_restarts: true,
+            ..Fake::caps()
+        }));
+        let (handle, _stop, _dir) = supervise(&fake).await;
+        assign(&handle, 1, vec![app("web", 1, 1)], DriverSettings::Unset).await;
+        let all = until_board(
+            &handle.board,
+            "the replica running",
+            all_in(pb::ReplicaState::Running, 1),
+        )
+        .await;
+        let instance = all[0].instance_id.clone();
+
+        // The runtime holds the crashed instance in its back-off ...
+        fake.set_inspection(
+            &instance,
+            Inspection::Restarted {
+                restarts: 1,
+                running: false,
+                health: None,
+            },
+        );
+        let all = until_board(&handle.board, "the runtime's restart reported", |all| {
+            all.iter()
+                .any(|r| r.state() == pb::ReplicaState::Backoff && r.restarts == 1)
+        })
+        .await;
+        assert!(
+            all[0].message.contains("the runtime restarted it"),
+            "{}",
+            all[0].message
+        );
+        // ... and brings it back, twice more in quick succession.
+        fake.set_inspection(
+            &instance,
+            Inspection::Restarted {
+                restarts: 3,
+                running: true,
+                health: None,
+            },
+        );
+        let all = until_board(&handle.board, "the replica running again", |all| {
+            all.iter()
+                .any(|r| r.state() == pb::ReplicaState::Running && r.restarts == 3)
+        })
+        .await;
+        assert!(
+            all[0].crash_looping,
+            "three short runs in a row are a crash loop"
+        );
+        assert_eq!(all[0].instance_id, instance, "the same instance throughout");
+        assert_eq!(
+            (fake.count("start"), fake.count("stop")),
+            (1, 0),
+            "the supervisor restarted a replica its runtime restarts"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_runtime_restarts_a_restarted_instance_is_the_supervisors_to_restart() {
+        let fake = Arc::new(Fake::new(Fake::caps()));
+        let (handle, _stop, _dir) = supervise(&fake).await;
+        assign(&handle, 1, vec![app("web", 1, 1)], DriverSettings::Unset).await;
+        let all = until_board(
+            &handle.board,
+            "the replica running",
+            all_in(pb::ReplicaState::Running, 1),
+        )
+        .await;
+        fake.set_inspection(
+            &all[0].instance_id,
+            Inspection::Restarted {
+                restarts: 1,
+                running: false,
+                health: None,
+            },
+        );
+        until_fake(&fake, "a second start", |f| f.count("start") == 2).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settings_reach_the_driver_before_its_assignment_and_other_drivers_settings_do_not() {
+        let mut fake = Fake::new(Fake::caps());
+        fake.kind = "docker";
+        let fake = Arc::new(fake);
+        let (handle, _stop, _dir) = supervise(&fake).await;
+        let docker = DriverSettings::Docker(DockerSettings {
+            network: Some("private".into()),
+            bind_host: None,
+        });
+        assign(&handle, 1, vec![app("web", 1, 1)], docker.clone()).await;
+        until_board(
+            &handle.board,
+            "the replica running",
+            all_in(pb::ReplicaState::Running, 1),
+        )
+        .await;
+        let (configured, started) = (fake.times("configure"), fake.times("start"));
+        assert_eq!(
+            *fake.configured.lock().expect("configured"),
+            vec![docker.clone()]
+        );
+        assert!(
+            configured[0] <= started[0],
+            "started before the driver had its settings"
+        );
+
+        // The same settings again are not handed over again.
+        assign(&handle, 2, vec![app("web", 2, 1)], docker).await;
+        until_board(
+            &handle.board,
+            "two replicas running",
+            all_in(pb::ReplicaState::Running, 2),
+        )
+        .await;
+        assert_eq!(fake.count("configure"), 1);
+
+        // Settings of another driver are refused without asking the driver,
+        // and every replica says so; the replicas run on.
+        let ec2 = DriverSettings::Ec2(Box::new(Ec2Settings::default()));
+        assign(&handle, 3, vec![app("web", 3, 1)], ec2).await;
+        let all = until_board(&handle.board, "the refusal on every replica", |all| {
+            all.len() == 3
+                && all
+                    .iter()
+                    .all(|r| r.message.contains("settings are for the ec2 driver"))
+        })
+        .await;
+        assert!(all.iter().all(|r| r.state() == pb::ReplicaState::Running));
+        assert_eq!(fake.count("configure"), 1);
+
+        // No settings: the driver goes back to its flags, and the refusal is gone.
+        assign(&handle, 4, vec![app("web", 3, 1)], DriverSettings::Unset).await;
+        until_board(&handle.board, "the refusal gone", |all| {
+            all.iter().all(|r| !r.message.contains("settings"))
+        })
+        .await;
+        assert_eq!(
+            fake.configured.lock().expect("configured").last(),
+            Some(&DriverSettings::Unset)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settings_the_driver_refuses_are_reported_and_change_nothing_else() {
+        let mut fake = Fake::new(Fake::caps());
+        fake.kind = "docker";
+        fake.refuse_settings = Some("Docker network private does not exist");
+        let fake = Arc::new(fake);
+        let (handle, _stop, _dir) = supervise(&fake).await;
+        let docker = DriverSettings::Docker(DockerSettings {
+            network: Some("private".into()),
+            bind_host: None,
+        });
+        assign(&handle, 1, vec![app("web", 2, 1)], docker).await;
+        let all = until_board(
+            &handle.board,
+            "the refusal on every running replica",
+            |all| {
+                all.len() == 2 && all.iter().all(|r| {
+                    r.state() == pb::ReplicaState::Running
+                        && r.message
+                            == "provider settings not in use: Docker network private does not exist"
+                })
+            },
+        )
+        .await;
+        assert_eq!(all.len(), 2);
+        assert_eq!(fake.count("configure"), 1);
+    }
 }
