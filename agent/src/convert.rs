@@ -334,3 +334,170 @@ pub fn capabilities_to_wire(caps: &Capabilities, max_stop: Duration) -> pb::Driv
         logs: caps.logs,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_settings(driver: pb::provider_settings::Driver) -> pb::Assignment {
+        pb::Assignment {
+            revision: 4,
+            settings: Some(pb::ProviderSettings {
+                driver: Some(driver),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn settings_of(a: pb::Assignment) -> Result<DriverSettings, InvalidAssignment> {
+        DesiredSet::try_from(a).map(|set| set.settings)
+    }
+
+    #[test]
+    fn docker_settings_override_only_what_they_name() -> Result<(), InvalidAssignment> {
+        assert_eq!(
+            settings_of(pb::Assignment::default())?,
+            DriverSettings::Unset
+        );
+        let a = with_settings(pb::provider_settings::Driver::Docker(pb::DockerSettings {
+            network: "cloud-a".into(),
+            bind_host: "10.0.0.7".into(),
+        }));
+        assert_eq!(
+            settings_of(a)?,
+            DriverSettings::Docker(DockerSettings {
+                network: Some("cloud-a".into()),
+                bind_host: Some([10, 0, 0, 7].into()),
+            })
+        );
+        let empty = with_settings(pb::provider_settings::Driver::Docker(
+            pb::DockerSettings::default(),
+        ));
+        assert_eq!(
+            settings_of(empty)?,
+            DriverSettings::Docker(DockerSettings::default())
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn unusable_settings_are_refused_naming_the_field() {
+        let cases = [
+            (
+                pb::provider_settings::Driver::Docker(pb::DockerSettings {
+                    bind_host: "localhost:80".into(),
+                    ..Default::default()
+                }),
+                "assignment: provider settings: spec.docker.bindHost: \"localhost:80\" is not an IP address",
+            ),
+            (
+                pb::provider_settings::Driver::Ec2(pb::Ec2Settings {
+                    address: "elastic".into(),
+                    ..Default::default()
+                }),
+                "assignment: provider settings: spec.ec2.address: \"elastic\" is neither \"private\" nor \"public\"",
+            ),
+            (
+                pb::provider_settings::Driver::Kubernetes(pb::KubernetesSettings {
+                    tolerations: vec![
+                        pb::Toleration::default(),
+                        pb::Toleration {
+                            effect: "NoRun".into(),
+                            ..Default::default()
+                        },
+                    ],
+                    ..Default::default()
+                }),
+                "assignment: provider settings: spec.kubernetes.tolerations[1].effect: \"NoRun\" is not one of NoSchedule, PreferNoSchedule, NoExecute",
+            ),
+        ];
+        for (driver, message) in cases {
+            match settings_of(with_settings(driver)) {
+                Err(e) => assert_eq!(e.to_string(), message),
+                Ok(s) => panic!("accepted {s:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn ec2_and_kubernetes_settings_keep_every_field() -> Result<(), InvalidAssignment> {
+        let ec2 = with_settings(pb::provider_settings::Driver::Ec2(pb::Ec2Settings {
+            region: "eu-west-1".into(),
+            ami: "ami-1".into(),
+            instance_type: "t3.small".into(),
+            security_group_ids: vec!["sg-1".into()],
+            tags: [("team".to_string(), "web".to_string())].into(),
+            address: "public".into(),
+            endpoint_url: "http://127.0.0.1:5000".into(),
+            ..Default::default()
+        }));
+        let DriverSettings::Ec2(e) = settings_of(ec2)? else {
+            panic!("not ec2 settings");
+        };
+        assert_eq!(e.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(e.address, Ec2Address::Public);
+        assert_eq!(e.subnet_id, None);
+        assert_eq!(e.tags["team"], "web");
+        assert_eq!(e.endpoint_url.as_deref(), Some("http://127.0.0.1:5000"));
+
+        let k8s = with_settings(pb::provider_settings::Driver::Kubernetes(
+            pb::KubernetesSettings {
+                namespace: "apps".into(),
+                expose: "service".into(),
+                service_type: "NodePort".into(),
+                tolerations: vec![pb::Toleration {
+                    key: "spot".into(),
+                    operator: "Exists".into(),
+                    effect: "NoSchedule".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ));
+        let DriverSettings::Kubernetes(k) = settings_of(k8s)? else {
+            panic!("not kubernetes settings");
+        };
+        assert_eq!(k.namespace.as_deref(), Some("apps"));
+        assert_eq!(k.context, None);
+        assert_eq!(
+            (k.expose, k.service_type),
+            (KubernetesExpose::Service, ServiceType::NodePort)
+        );
+        assert_eq!(
+            k.tolerations,
+            vec![Toleration {
+                key: Some("spot".into()),
+                operator: TolerationOperator::Exists,
+                value: None,
+                effect: Some(TaintEffect::NoSchedule),
+            }]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn the_hello_carries_the_capabilities_in_milliseconds() {
+        let caps = Capabilities {
+            recover: true,
+            exec: false,
+            logs: true,
+            max_concurrent_operations: 0,
+            inspect_interval: Duration::from_millis(1500),
+            stop_overhead: Duration::from_secs(3),
+            runtime_restarts: true,
+        };
+        let wire = capabilities_to_wire(&caps, Duration::from_secs(u64::MAX / 2000));
+        assert_eq!(
+            wire,
+            pb::DriverCapabilities {
+                max_concurrent_operations: 1,
+                inspect_interval_ms: 1500,
+                max_stop_ms: u32::MAX,
+                runtime_restarts: true,
+                recover: true,
+                exec: false,
+                logs: true,
+            }
+        );
+    }
+}

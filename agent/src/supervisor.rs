@@ -2478,4 +2478,35 @@ mod tests {
         assert_eq!(all.len(), 2);
         assert_eq!(fake.count("configure"), 1);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_agent_hands_the_persisted_settings_to_its_driver() {
+        let mut fake = Fake::new(Fake::caps());
+        fake.kind = "docker";
+        let fake = Arc::new(fake);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::open(dir.path()).expect("state");
+        // As the daemon sent it, and the agent kept it.
+        let raw = pb::Assignment {
+            revision: 9,
+            settings: Some(pb::ProviderSettings {
+                driver: Some(pb::provider_settings::Driver::Docker(pb::DockerSettings {
+                    network: "private".into(),
+                    bind_host: String::new(),
+                })),
+            }),
+            ..Default::default()
+        };
+        state.save_assignment(&raw).expect("save");
+        Supervisor::restore(fake.clone(), "p".into(), state, SupervisorConfig::default())
+            .await
+            .expect("supervisor");
+        assert_eq!(
+            *fake.configured.lock().expect("configured"),
+            vec![DriverSettings::Docker(DockerSettings {
+                network: Some("private".into()),
+                bind_host: None,
+            })]
+        );
+    }
 }

@@ -1490,6 +1490,111 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn provider_settings_place_the_containers_started_after_them() {
+        use crate::driver::settings::{DockerSettings, Ec2Settings};
+        let Some((driver, provider, _cleanup)) = setup("settings").await else {
+            return;
+        };
+        let network = format!("skymirror-unit-settings-{}", std::process::id());
+        driver
+            .docker
+            .create_network(bollard::models::NetworkCreateRequest {
+                name: network.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("create network");
+        let docker = |network: Option<&str>, bind_host: Option<IpAddr>| {
+            DriverSettings::Docker(DockerSettings {
+                network: network.map(str::to_string),
+                bind_host,
+            })
+        };
+        let w = workload(IMAGE, Some(8080), &[]);
+        let mut started = Vec::new();
+        let mut start = async |app: &str| {
+            let result = driver.start(&spec(&provider, app, w.clone())).await;
+            if let Ok(h) = &result {
+                started.push(h.clone());
+            }
+            result.map(|h| h.address.unwrap_or_default())
+        };
+
+        // On the flags: published on a loopback host port.
+        let before = start("before").await;
+        // The provider's network, for the containers started from now on.
+        let taken = driver.configure(&docker(Some(&network), None)).await;
+        let after = start("after").await;
+        // Refused settings change nothing.
+        let missing = driver
+            .configure(&docker(Some(&format!("{network}-missing")), None))
+            .await;
+        let host = driver.configure(&docker(Some("host"), None)).await;
+        let other = driver
+            .configure(&DriverSettings::Ec2(Box::new(Ec2Settings::default())))
+            .await;
+        let still = start("still").await;
+        // No network and another bind host: published there.
+        let moved = driver
+            .configure(&docker(None, Some([127, 0, 0, 2].into())))
+            .await;
+        let published = start("moved").await;
+        // No settings: the flags again.
+        let back = driver.configure(&DriverSettings::Unset).await;
+        let flags = start("flags").await;
+        let first_runs = match started.first() {
+            Some(h) => driver.inspect(h).await.ok(),
+            None => None,
+        };
+        for h in &started {
+            let _ = driver.destroy(h).await;
+        }
+        let _ = driver.docker.remove_network(&network).await;
+
+        let on_host = |address: &str, host: &str| {
+            address
+                .parse::<SocketAddr>()
+                .is_ok_and(|a| a.ip().to_string() == host && a.port() != 8080)
+        };
+        let before = before.expect("start on the flags");
+        assert!(on_host(&before, "127.0.0.1"), "{before}");
+        taken.expect("an existing network is taken");
+        let after = after.expect("start on the network");
+        assert!(
+            after.ends_with(":8080") && !after.starts_with("127."),
+            "{after}"
+        );
+        for (refused, why) in [
+            (missing, "does not exist"),
+            (host, "no address of their own"),
+            (other, "ec2 driver"),
+        ] {
+            match refused {
+                Err(DriverError::InvalidSettings(message)) => {
+                    assert!(message.contains(why), "{message}")
+                }
+                other => panic!("not refused as invalid settings: {other:?}"),
+            }
+        }
+        let still = still.expect("start after refusals");
+        assert!(
+            still.ends_with(":8080") && !still.starts_with("127."),
+            "{still}"
+        );
+        moved.expect("a bind host is taken");
+        let published = published.expect("start on the new bind host");
+        assert!(on_host(&published, "127.0.0.2"), "{published}");
+        back.expect("no settings are taken");
+        let flags = flags.expect("start on the flags again");
+        assert!(on_host(&flags, "127.0.0.1"), "{flags}");
+        assert_eq!(
+            first_runs,
+            Some(Inspection::RUNNING),
+            "new settings touched a running container"
+        );
+    }
+
     #[test]
     fn a_listed_container_reads_as_running_with_its_health() {
         use bollard::models::ContainerSummaryHealth;
