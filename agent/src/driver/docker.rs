@@ -1492,7 +1492,7 @@ mod tests {
 
     #[tokio::test]
     async fn provider_settings_place_the_containers_started_after_them() {
-        use crate::driver::settings::{DockerSettings, Ec2Settings};
+        use crate::driver::settings::DockerSettings;
         let Some((driver, provider, _cleanup)) = setup("settings").await else {
             return;
         };
@@ -1531,9 +1531,7 @@ mod tests {
             .configure(&docker(Some(&format!("{network}-missing")), None))
             .await;
         let host = driver.configure(&docker(Some("host"), None)).await;
-        let other = driver
-            .configure(&DriverSettings::Ec2(Box::new(Ec2Settings::default())))
-            .await;
+        let other = driver.configure(&DriverSettings::Ec2(Box::default())).await;
         let still = start("still").await;
         // No network and another bind host: published there.
         let moved = driver
