@@ -38,13 +38,14 @@ pub struct Identity {
     pub capabilities: Capabilities,
 }
 
-/// Reconnect backoff window: first, and largest. Each wait is drawn at random
-/// over the whole window ("full jitter"), which doubles per failed attempt,
-/// so a fleet that lost its daemon together does not come back together.
-/// The cap stays well below the daemon's reconnect grace after its own
-/// restart (10 s), so every agent is back before it is judged.
+/// Reconnect backoff window: least, and largest. See [`Reconnect`].
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A session that lasted this long was no fluke: its end starts a new outage.
+/// A shorter one (the daemon dropped it at once: a second agent for the same
+/// provider, a daemon failing right after its welcome) continues the outage
+/// it interrupted, so it cannot make the agent retry at the fastest pace.
+const HELD_SESSION: Duration = Duration::from_millis(500);
 /// Heartbeat period until the daemon's welcome says otherwise.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
 /// Requests for output answered at once per session; beyond it a request is
@@ -83,6 +84,47 @@ impl tokio_stream::Stream for Outbound {
     }
 }
 
+/// When to try the daemon again: "full jitter" (AWS's *Exponential Backoff
+/// and Jitter*), each wait drawn from the OS CSPRNG uniformly between zero
+/// and the backoff window, so a fleet that lost its daemon together — all
+/// PID 1 in their containers, all on the same schedule — does not come back
+/// in the same millisecond.
+///
+/// The window is half the outage's age (the time since the daemon last
+/// served a session that held), between [`BACKOFF_START`] and
+/// [`BACKOFF_MAX`]. That grows it as exponential backoff does — retries
+/// thin out in proportion to how long the daemon has been gone, so an outage
+/// of length `L` costs each agent about `4·ln(L / 0.2 s)` attempts — but by
+/// the clock, not by the attempt count: a run of short draws early in an
+/// outage cannot inflate the window to seconds, so an agent out for a second
+/// is back within half a second of the daemon's return. The cap stays well
+/// below the daemon's reconnect grace after its own restart (10 s), so every
+/// agent is back before it is judged.
+#[derive(Debug, Clone, Copy)]
+struct Reconnect {
+    /// When the daemon was last known to serve: the end of the last session
+    /// that held, or the agent's start.
+    outage_began: tokio::time::Instant,
+}
+
+impl Reconnect {
+    fn new(now: tokio::time::Instant) -> Self {
+        Reconnect { outage_began: now }
+    }
+
+    /// A session ended at `now` after lasting `lasted`.
+    fn session_ended(&mut self, lasted: Duration, now: tokio::time::Instant) {
+        if lasted >= HELD_SESSION {
+            self.outage_began = now;
+        }
+    }
+
+    /// The window the next wait is drawn from.
+    fn window(&self, now: tokio::time::Instant) -> Duration {
+        (now.saturating_duration_since(self.outage_began) / 2).clamp(BACKOFF_START, BACKOFF_MAX)
+    }
+}
+
 /// Keeps a session with the daemon until `shutdown`; fails only when the OS
 /// gives no randomness for the reconnect jitter.
 pub async fn run(
@@ -90,17 +132,18 @@ pub async fn run(
     supervisor: SupervisorHandle,
     shutdown: CancellationToken,
 ) -> Result<(), NoRandomness> {
-    let mut window = BACKOFF_START;
+    let mut reconnect = Reconnect::new(tokio::time::Instant::now());
     loop {
         let started = tokio::time::Instant::now();
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             r = session(&identity, &supervisor) => r,
         };
-        if started.elapsed() > Duration::from_secs(10) {
-            window = BACKOFF_START;
+        let now = tokio::time::Instant::now();
+        if outcome.is_ok() {
+            reconnect.session_ended(now.saturating_duration_since(started), now);
         }
-        let wait = full_jitter(window)?;
+        let wait = full_jitter(reconnect.window(now))?;
         match outcome {
             Ok(reason) => {
                 tracing::warn!(reason = %reason, retry_in = ?wait, "session with the daemon ended; reconnecting")
@@ -113,7 +156,6 @@ pub async fn run(
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(wait) => {}
         }
-        window = (window * 2).min(BACKOFF_MAX);
     }
 }
 
@@ -330,6 +372,33 @@ mod tests {
                 ..Default::default()
             })),
         }
+    }
+
+    #[test]
+    fn the_reconnect_window_is_half_the_outages_age_within_bounds() {
+        let began = tokio::time::Instant::now();
+        let reconnect = Reconnect::new(began);
+        let at = |ms: u64| began + Duration::from_millis(ms);
+        assert_eq!(reconnect.window(began), BACKOFF_START);
+        assert_eq!(reconnect.window(at(150)), BACKOFF_START);
+        assert_eq!(reconnect.window(at(1000)), Duration::from_millis(500));
+        assert_eq!(reconnect.window(at(4000)), Duration::from_secs(2));
+        assert_eq!(reconnect.window(at(60_000)), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn only_a_session_that_held_starts_a_new_outage() {
+        let began = tokio::time::Instant::now();
+        let at = |ms: u64| began + Duration::from_millis(ms);
+        let mut reconnect = Reconnect::new(began);
+        // Dropped at once, twice: the outage that began at the start goes on.
+        reconnect.session_ended(Duration::from_millis(20), at(3000));
+        reconnect.session_ended(HELD_SESSION - Duration::from_millis(1), at(6000));
+        assert_eq!(reconnect.window(at(6000)), Duration::from_secs(3));
+        // A session that held: a new outage, retried densely again.
+        reconnect.session_ended(HELD_SESSION, at(8000));
+        assert_eq!(reconnect.window(at(8000)), BACKOFF_START);
+        assert_eq!(reconnect.window(at(9000)), Duration::from_millis(500));
     }
 
     #[tokio::test]
