@@ -45,7 +45,7 @@ pub enum DriverConfig {
         bind_host: IpAddr,
     },
     /// Docker containers, through the engine of `DOCKER_HOST` (or the default
-    /// socket).
+    /// socket). The provider's `spec.docker` settings override both fields.
     #[cfg(feature = "docker")]
     Docker {
         /// Host address container ports are published on and reported at.

@@ -57,7 +57,8 @@ pub struct SupervisorConfig {
     /// How often the supervisor re-plans when no input arrives: a restart
     /// or retry that falls due waits at most this long. Running instances are
     /// inspected on the driver's own period
-    /// ([`Capabilities::inspect_interval`]), on these ticks when it is longer.
+    /// ([`Capabilities::inspect_interval`]); when that is shorter, the
+    /// supervisor ticks on it instead.
     pub tick: Duration,
     /// First restart delay after a crash; doubles per consecutive crash.
     pub backoff_base: Duration,
@@ -400,8 +401,9 @@ pub enum Input {
         /// The delay the runtime asked for.
         retry_after: Duration,
     },
-    /// [`Driver::configure`] finished with these settings.
+    /// [`Driver::configure`] finished.
     Configured {
+        /// The settings it was given.
         settings: DriverSettings,
         /// Why the driver refused them, for people.
         result: Result<(), String>,

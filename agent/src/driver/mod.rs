@@ -1,8 +1,9 @@
 //! The `Driver` extension point: one implementation per runtime.
 //!
 //! A driver starts, re-attaches to, inspects, stops and destroys *one replica* at
-//! a time, and reads its output. It knows nothing of assignments, generations, restarts or health
-//! thresholds: the supervisor decides, the driver acts. Every running replica is
+//! a time, and reads its output; beyond replicas it knows only its provider's
+//! settings. It knows nothing of assignments, generations, restarts, retries or
+//! health thresholds: the supervisor decides, the driver acts. Every running replica is
 //! described by a [`Handle`], which the agent persists so that after an agent
 //! restart [`Driver::recover`] re-attaches to what is already running instead of
 //! starting it again.
