@@ -6,7 +6,8 @@
 //! `driver::docker` with the default `docker` feature);
 //! [`health`] runs the app's checks; [`logs`] answers requests for replica
 //! output; [`state`] persists what must survive a restart; [`convert`] turns
-//! wire assignments into the agent's own types.
+//! wire assignments into the agent's own types (and the driver's capabilities
+//! into the hello's); [`random`] draws ids and jitter from the OS CSPRNG.
 //!
 //! Data flow: daemon → assignment → session → supervisor (persist, plan,
 //! driver start/stop) → status board → session → daemon. Output: daemon →
@@ -17,6 +18,7 @@ pub mod convert;
 pub mod driver;
 pub mod health;
 pub mod logs;
+pub mod random;
 pub mod session;
 pub mod state;
 pub mod supervisor;
@@ -43,7 +45,7 @@ pub enum DriverConfig {
         bind_host: IpAddr,
     },
     /// Docker containers, through the engine of `DOCKER_HOST` (or the default
-    /// socket).
+    /// socket). The provider's `spec.docker` settings override both fields.
     #[cfg(feature = "docker")]
     Docker {
         /// Host address container ports are published on and reported at.
@@ -83,6 +85,9 @@ pub enum AgentError {
     /// The driver could not be set up.
     #[error("driver")]
     Driver(#[from] driver::DriverError),
+    /// The OS gave no randomness (for reconnect jitter). Not retryable.
+    #[error("session with the daemon")]
+    Randomness(#[from] random::NoRandomness),
 }
 
 /// Runs an agent until `shutdown` is cancelled.
@@ -108,8 +113,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             };
             let driver = driver::docker::DockerDriver::connect(dc).await?;
             let mut config = config.clone();
-            // On a network, probes go to each replica's own address.
-            config.supervisor.probe_host = Some(*bind_host).filter(|_| network.is_none());
+            // Probes go to each replica's reported address: its host ports on
+            // the bind host, or its own address on a network — whichever the
+            // flags or the provider's settings gave it when it started.
+            config.supervisor.probe_host = None;
             run_with_driver(driver, config, shutdown).await
         }
     }
@@ -124,6 +131,7 @@ pub async fn run_with_driver<D: Driver>(
     let state = StateDir::open(&config.state_dir)?;
     let agent_id = state.agent_id()?;
     let kind = driver.kind();
+    let capabilities = driver.capabilities();
     let span = tracing::info_span!("agent", provider = %config.provider);
     let _enter = span.enter();
     let (sup, handle) = Supervisor::restore(
@@ -142,12 +150,13 @@ pub async fn run_with_driver<D: Driver>(
         agent_id,
         join_token: config.join_token.clone(),
         driver: kind.to_string(),
+        capabilities,
     };
-    session::run(identity, handle, shutdown.clone()).await;
+    let ended = session::run(identity, handle, shutdown.clone()).await;
     sup_stop.cancel();
     // The supervisor persists its state on the way out; wait for it.
     let _ = supervisor.await;
-    Ok(())
+    Ok(ended?)
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

@@ -40,11 +40,13 @@ struct Args {
     #[arg(long = "search-path")]
     search_path: Vec<PathBuf>,
     /// Host replicas bind (process driver) or container ports are published
-    /// on (docker driver), and where they are reported at.
+    /// on (docker driver), and where they are reported at. The provider's
+    /// `spec.docker.bindHost` overrides it for containers.
     #[arg(long, default_value = "127.0.0.1")]
     bind_host: IpAddr,
     /// Docker driver: containers join this Docker network and are reached at
-    /// their address on it, instead of publishing ports on --bind-host.
+    /// their address on it, instead of publishing ports on --bind-host. A
+    /// provider with a `spec.docker` block decides instead (its `network`).
     #[arg(long, env = "SKYMIRROR_DOCKER_NETWORK")]
     docker_network: Option<String>,
     /// Log filter, e.g. `info` or `skymirror_agent=debug`.

@@ -15,10 +15,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
-use crate::convert::DesiredSet;
-use crate::driver::LogOptions;
+use crate::convert::{DesiredSet, capabilities_to_wire};
+use crate::driver::{Capabilities, LogOptions};
 use crate::logs::LogsQuery;
-use crate::supervisor::SupervisorHandle;
+use crate::random::{NoRandomness, full_jitter};
+use crate::supervisor::{SupervisorHandle, longest_stop};
 
 /// Who the agent is, for the hello.
 #[derive(Debug, Clone)]
@@ -33,11 +34,18 @@ pub struct Identity {
     pub join_token: String,
     /// Driver kind.
     pub driver: String,
+    /// What the driver can do and how it must be driven.
+    pub capabilities: Capabilities,
 }
 
-/// Reconnect delays: start, cap.
+/// Reconnect backoff window: least, and largest. See [`Reconnect`].
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A session that lasted this long was no fluke: its end starts a new outage.
+/// A shorter one (the daemon dropped it at once: a second agent for the same
+/// provider, a daemon failing right after its welcome) continues the outage
+/// it interrupted, so it cannot make the agent retry at the fastest pace.
+const HELD_SESSION: Duration = Duration::from_millis(500);
 /// Heartbeat period until the daemon's welcome says otherwise.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
 /// Requests for output answered at once per session; beyond it a request is
@@ -76,33 +84,78 @@ impl tokio_stream::Stream for Outbound {
     }
 }
 
-/// Keeps a session with the daemon until `shutdown`.
-pub async fn run(identity: Identity, supervisor: SupervisorHandle, shutdown: CancellationToken) {
-    let mut backoff = BACKOFF_START;
+/// When to try the daemon again: "full jitter" (AWS's *Exponential Backoff
+/// and Jitter*), each wait drawn from the OS CSPRNG uniformly between zero
+/// and the backoff window, so a fleet that lost its daemon together — all
+/// PID 1 in their containers, all on the same schedule — does not come back
+/// in the same millisecond.
+///
+/// The window is half the outage's age (the time since the daemon last
+/// served a session that held), between [`BACKOFF_START`] and
+/// [`BACKOFF_MAX`]. That grows it as exponential backoff does — retries
+/// thin out in proportion to how long the daemon has been gone, so an outage
+/// of length `L` costs each agent about `4·ln(L / 0.2 s)` attempts — but by
+/// the clock, not by the attempt count: a run of short draws early in an
+/// outage cannot inflate the window to seconds, so an agent out for a second
+/// is back within half a second of the daemon's return. The cap stays well
+/// below the daemon's reconnect grace after its own restart (10 s), so every
+/// agent is back before it is judged.
+#[derive(Debug, Clone, Copy)]
+struct Reconnect {
+    /// When the daemon was last known to serve: the end of the last session
+    /// that held, or the agent's start.
+    outage_began: tokio::time::Instant,
+}
+
+impl Reconnect {
+    fn new(now: tokio::time::Instant) -> Self {
+        Reconnect { outage_began: now }
+    }
+
+    /// A session ended at `now` after lasting `lasted`.
+    fn session_ended(&mut self, lasted: Duration, now: tokio::time::Instant) {
+        if lasted >= HELD_SESSION {
+            self.outage_began = now;
+        }
+    }
+
+    /// The window the next wait is drawn from.
+    fn window(&self, now: tokio::time::Instant) -> Duration {
+        (now.saturating_duration_since(self.outage_began) / 2).clamp(BACKOFF_START, BACKOFF_MAX)
+    }
+}
+
+/// Keeps a session with the daemon until `shutdown`; fails only when the OS
+/// gives no randomness for the reconnect jitter.
+pub async fn run(
+    identity: Identity,
+    supervisor: SupervisorHandle,
+    shutdown: CancellationToken,
+) -> Result<(), NoRandomness> {
+    let mut reconnect = Reconnect::new(tokio::time::Instant::now());
     loop {
         let started = tokio::time::Instant::now();
         let outcome = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             r = session(&identity, &supervisor) => r,
         };
+        let now = tokio::time::Instant::now();
+        if outcome.is_ok() {
+            reconnect.session_ended(now.saturating_duration_since(started), now);
+        }
+        let wait = full_jitter(reconnect.window(now))?;
         match outcome {
             Ok(reason) => {
-                tracing::warn!(reason = %reason, "session with the daemon ended; reconnecting")
+                tracing::warn!(reason = %reason, retry_in = ?wait, "session with the daemon ended; reconnecting")
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot hold a session with the daemon")
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot hold a session with the daemon")
             }
         }
-        if started.elapsed() > Duration::from_secs(10) {
-            backoff = BACKOFF_START;
-        }
-        // Jitter spreads reconnects of many agents after a daemon restart.
-        let jitter = Duration::from_millis(u64::from(std::process::id() % 100));
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
@@ -172,7 +225,10 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
             driver: id.driver.clone(),
             replicas,
             applied_revision: revision,
-            capabilities: None,
+            capabilities: Some(capabilities_to_wire(
+                &id.capabilities,
+                longest_stop(&id.capabilities),
+            )),
         })),
     };
     if tx.send(hello).await.is_err() {
@@ -316,6 +372,33 @@ mod tests {
                 ..Default::default()
             })),
         }
+    }
+
+    #[test]
+    fn the_reconnect_window_is_half_the_outages_age_within_bounds() {
+        let began = tokio::time::Instant::now();
+        let reconnect = Reconnect::new(began);
+        let at = |ms: u64| began + Duration::from_millis(ms);
+        assert_eq!(reconnect.window(began), BACKOFF_START);
+        assert_eq!(reconnect.window(at(150)), BACKOFF_START);
+        assert_eq!(reconnect.window(at(1000)), Duration::from_millis(500));
+        assert_eq!(reconnect.window(at(4000)), Duration::from_secs(2));
+        assert_eq!(reconnect.window(at(60_000)), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn only_a_session_that_held_starts_a_new_outage() {
+        let began = tokio::time::Instant::now();
+        let at = |ms: u64| began + Duration::from_millis(ms);
+        let mut reconnect = Reconnect::new(began);
+        // Dropped at once, twice: the outage that began at the start goes on.
+        reconnect.session_ended(Duration::from_millis(20), at(3000));
+        reconnect.session_ended(HELD_SESSION - Duration::from_millis(1), at(6000));
+        assert_eq!(reconnect.window(at(6000)), Duration::from_secs(3));
+        // A session that held: a new outage, retried densely again.
+        reconnect.session_ended(HELD_SESSION, at(8000));
+        assert_eq!(reconnect.window(at(8000)), BACKOFF_START);
+        assert_eq!(reconnect.window(at(9000)), Duration::from_millis(500));
     }
 
     #[tokio::test]

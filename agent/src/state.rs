@@ -38,6 +38,9 @@ pub enum StateError {
         /// What is wrong.
         reason: String,
     },
+    /// No randomness for a new agent id. Not retryable.
+    #[error("creating the agent id")]
+    Randomness(#[from] crate::random::NoRandomness),
 }
 
 /// One replica instance as persisted.
@@ -105,7 +108,8 @@ impl StateDir {
         &self.dir
     }
 
-    /// The installation's stable agent id, created on first use.
+    /// The installation's stable agent id, created on first use: a random
+    /// UUID from the OS CSPRNG.
     pub fn agent_id(&self) -> Result<String, StateError> {
         let path = self.dir.join("agent-id");
         if let Some(raw) = read_optional(&path)? {
@@ -114,9 +118,7 @@ impl StateDir {
                 return Ok(id);
             }
         }
-        let id = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
-            .map(|s| s.trim().to_string())
-            .map_err(io(Path::new("/proc/sys/kernel/random/uuid")))?;
+        let id = crate::random::uuid_v4()?;
         write_atomic(&path, id.as_bytes())?;
         Ok(id)
     }
@@ -200,6 +202,7 @@ mod tests {
             provider: "p".into(),
             revision: 7,
             apps: vec![],
+            ..Default::default()
         };
         state.save_assignment(&a)?;
         assert_eq!(state.load_assignment()?, Some(a));

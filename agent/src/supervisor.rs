@@ -13,24 +13,39 @@
 //! task of its own ([`crate::logs::serve`]), so a followed replica never holds
 //! the loop up.
 //!
+//! The driver's [`Capabilities`] say how it is driven: driver operations
+//! (start, stop, destroy) run under a semaphore of
+//! [`Capabilities::max_concurrent_operations`] permits, handed out in order;
+//! inspection passes run every [`Capabilities::inspect_interval`]; a call the
+//! runtime throttles ([`DriverError::Throttled`]) is retried after the delay
+//! it asked for plus jitter, never sooner, and counts as no crash; and with
+//! [`Capabilities::runtime_restarts`] crashed instances are the runtime's to
+//! restart: the supervisor reports those restarts and starts an instance only
+//! when the runtime has lost one. The provider's driver settings, which come
+//! with each assignment, are handed to the driver ([`Driver::configure`]) in a
+//! task of their own before the supervisor converges to that assignment.
+//!
 //! Invariants: at most one driver operation is in flight per replica (reading
-//! output is not one: it changes nothing); a replica is never torn down
+//! output is not one: it changes nothing), and at most
+//! `max_concurrent_operations` in all; a replica is never torn down
 //! because the daemon is unreachable; every instance handle is persisted
 //! before the replica is reported running.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use skymirror_proto::v1 as pb;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::convert::{DesiredApp, DesiredSet};
 use crate::driver::{
-    Driver, DriverError, Handle, Inspection, ReplicaKey, ReplicaSpec, RuntimeHealth,
+    Capabilities, Driver, DriverError, DriverSettings, Handle, Inspection, ReplicaKey, ReplicaSpec,
+    RuntimeHealth,
 };
 use crate::health::{Health, HealthSpec, HealthTracker, probe_once};
 use crate::logs::{LogsQuery, Target};
@@ -39,7 +54,11 @@ use crate::state::{PersistedReplica, StateDir};
 /// Tunables of the supervisor.
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
-    /// How often running instances are inspected for exits.
+    /// How often the supervisor re-plans when no input arrives: a restart
+    /// or retry that falls due waits at most this long. Running instances are
+    /// inspected on the driver's own period
+    /// ([`Capabilities::inspect_interval`]); when that is shorter, the
+    /// supervisor ticks on it instead.
     pub tick: Duration,
     /// First restart delay after a crash; doubles per consecutive crash.
     pub backoff_base: Duration,
@@ -195,6 +214,31 @@ impl Lease {
 const FENCE_EARLY: Duration = Duration::from_millis(500);
 const FENCE_GRACE: Duration = Duration::from_millis(400);
 
+/// The longest stop the agent may have to wait for when a singleton's lease
+/// ends, which the hello tells the daemon (`DriverCapabilities.max_stop_ms`):
+/// the driver's bound ([`Capabilities::max_stop`]) for the largest grace such
+/// a stop gets, [`FENCE_GRACE`]. One number per agent, whatever its apps'
+/// graces: a singleton whose lease runs out is stopped with at most that
+/// grace, so this is how long after the agent's fence it may still run, and
+/// what the daemon's margin past the lease must cover. (Stops for other
+/// reasons — a replacement, a removal — get the app's full grace, but the
+/// daemon never waits on those to place a singleton.)
+pub fn longest_stop(capabilities: &Capabilities) -> Duration {
+    capabilities.max_stop(FENCE_GRACE)
+}
+
+/// Most times one stop or destroy (or a recovery at start-up) is retried
+/// after the runtime throttled it, before it counts as failed.
+const THROTTLED_RETRIES: u32 = 10;
+
+/// Longest [`Driver::configure`] may take; past it the new settings count as
+/// refused and the assignment is taken with the old ones.
+const CONFIGURE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Shortest inspection period, whatever a driver declares (a zero period
+/// would spin).
+const MIN_INSPECT_INTERVAL: Duration = Duration::from_millis(10);
+
 /// What a replica is doing.
 #[derive(Debug, Clone, PartialEq)]
 enum Phase {
@@ -227,7 +271,16 @@ struct Replica {
     /// inspection; `None` when the runtime has no check of its own.
     runtime_health: Option<RuntimeHealth>,
     probe: Option<CancellationToken>,
+    /// Restarts by the supervisor, and the runtime's restarts of earlier
+    /// instances; persisted.
     restarts: u32,
+    /// The runtime's own restarts of the current instance
+    /// ([`Inspection::Restarted`]), read anew from the runtime after an agent
+    /// restart, so never persisted.
+    runtime_restarts: u32,
+    /// The runtime holds the current instance between two of its restarts
+    /// (a crash loop's back-off): it is the runtime's to bring back.
+    runtime_down: bool,
     crashes_in_row: u32,
     message: String,
     started_at: Option<Instant>,
@@ -248,6 +301,8 @@ impl Replica {
             runtime_health: None,
             probe: None,
             restarts: 0,
+            runtime_restarts: 0,
+            runtime_down: false,
             crashes_in_row: 0,
             message: String::new(),
             started_at: None,
@@ -274,6 +329,7 @@ impl Replica {
             Phase::Backoff { .. } => pb::ReplicaState::Backoff,
             Phase::Failed { .. } => pb::ReplicaState::Failed,
             Phase::Stopping { .. } => pb::ReplicaState::Stopping,
+            Phase::Running if self.runtime_down => pb::ReplicaState::Backoff,
             Phase::Running => match (app, self.runtime_health) {
                 (Some(Health::Unhealthy), _) | (_, Some(RuntimeHealth::Unhealthy)) => {
                     pb::ReplicaState::Unhealthy
@@ -320,8 +376,9 @@ const FIRST_STARTUP_PROBE: Duration = Duration::from_millis(10);
 /// Inputs of the supervisor loop.
 #[derive(Debug)]
 pub enum Input {
-    /// A new desired set from the daemon.
-    Assign(DesiredSet, pb::Assignment),
+    /// A new desired set from the daemon, with the assignment as it came
+    /// (boxed: the wire type is large, inputs are many and assignments rare).
+    Assign(DesiredSet, Box<pb::Assignment>),
     /// A start finished.
     Started {
         key: ReplicaKey,
@@ -339,6 +396,18 @@ pub enum Input {
     /// An inspection pass finished: what each running instance looked like,
     /// with the operation it was inspected under.
     Inspected(Vec<(ReplicaKey, u64, Inspection)>),
+    /// The runtime throttled an inspection pass: the next one waits.
+    InspectionThrottled {
+        /// The delay the runtime asked for.
+        retry_after: Duration,
+    },
+    /// [`Driver::configure`] finished.
+    Configured {
+        /// The settings it was given.
+        settings: DriverSettings,
+        /// Why the driver refused them, for people.
+        result: Result<(), String>,
+    },
     /// The daemon asks for replica output.
     Logs(LogsQuery),
 }
@@ -449,7 +518,7 @@ impl SupervisorHandle {
     /// Hands a new assignment to the supervisor.
     pub async fn assign(&self, set: DesiredSet, raw: pb::Assignment) {
         // The supervisor only stops with the agent; a closed inbox means shutdown.
-        let _ = self.inbox.send(Input::Assign(set, raw)).await;
+        let _ = self.inbox.send(Input::Assign(set, Box::new(raw))).await;
     }
 
     /// Hands a request for replica output to the supervisor, which answers it
@@ -462,10 +531,25 @@ impl SupervisorHandle {
 /// The supervisor task's state.
 pub struct Supervisor<D: Driver> {
     driver: Arc<D>,
+    /// How the driver must be driven, read once.
+    capabilities: Capabilities,
+    /// One permit per driver operation in flight, at most
+    /// `capabilities.max_concurrent_operations`; fair, so operations run in
+    /// the order they were asked for.
+    ops: Arc<Semaphore>,
     provider: String,
     state: StateDir,
     config: SupervisorConfig,
     desired: Option<DesiredSet>,
+    /// The newest assignment, held back while the driver takes its settings.
+    pending: Option<DesiredSet>,
+    /// A [`Driver::configure`] is in flight; assignments wait in `pending`.
+    configuring: bool,
+    /// The settings the driver runs with (the last it took).
+    settings: DriverSettings,
+    /// Why the provider's latest settings are not in use, for every
+    /// replica's message until settings the driver takes arrive.
+    settings_error: Option<String>,
     replicas: BTreeMap<ReplicaKey, Replica>,
     inbox: mpsc::Receiver<Input>,
     inbox_tx: mpsc::Sender<Input>,
@@ -478,6 +562,10 @@ pub struct Supervisor<D: Driver> {
     /// The inspection pass in flight; ticks start none until it has ended, so
     /// passes never overlap (and one that died does not stop them).
     inspection: Option<tokio::task::JoinHandle<()>>,
+    /// When the next inspection pass is due: one driver period after the last.
+    next_inspection: Instant,
+    /// No inspection pass before this: the runtime throttled the last one.
+    inspect_not_before: Option<Instant>,
 }
 
 impl<D: Driver> std::fmt::Debug for Supervisor<D> {
@@ -491,8 +579,88 @@ impl<D: Driver> std::fmt::Debug for Supervisor<D> {
 /// Inbox bound: inputs beyond it wait (driver tasks and probes are few per replica).
 const INBOX: usize = 1024;
 
+/// Runs one driver call under an operation permit. A call the runtime
+/// throttles is retried after the delay it asked for plus jitter, up to
+/// `retries` times; the permit is given back while it waits, so a throttled
+/// call holds up nothing else.
+async fn call_driver<T, F, Fut>(
+    ops: &Semaphore,
+    retries: u32,
+    mut call: F,
+) -> Result<T, DriverError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, DriverError>>,
+{
+    let mut attempt = 0;
+    loop {
+        let result = {
+            // The semaphore is never closed; were it, the call would go ahead
+            // unbounded rather than never.
+            let _permit = ops.acquire().await.ok();
+            call().await
+        };
+        let delay = match &result {
+            Err(e) if attempt < retries => e.retry_after(),
+            _ => None,
+        };
+        let Some(delay) = delay else {
+            return result;
+        };
+        attempt += 1;
+        let wait = throttle_delay(delay);
+        tracing::info!(retry_in = ?wait, "the runtime throttled a call; waiting");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Hands `settings` to the driver, within [`CONFIGURE_TIMEOUT`]; the refusal
+/// is for people.
+async fn configure<D: Driver>(driver: &D, settings: &DriverSettings) -> Result<(), String> {
+    match tokio::time::timeout(CONFIGURE_TIMEOUT, driver.configure(settings)).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "the {} driver did not take them within {CONFIGURE_TIMEOUT:?}",
+            driver.kind()
+        )),
+    }
+}
+
+/// How long to wait after the runtime throttled a call: its delay, never
+/// less, plus up to half of it again at random, so that calls throttled
+/// together are not retried together.
+fn throttle_delay(retry_after: Duration) -> Duration {
+    match crate::random::full_jitter(retry_after / 2) {
+        Ok(jitter) => retry_after.saturating_add(jitter),
+        Err(e) => {
+            tracing::error!(error = %e, "retrying a throttled call without jitter");
+            retry_after
+        }
+    }
+}
+
+/// What the supervisor takes an inspection for. A driver that does not
+/// declare [`Capabilities::runtime_restarts`] does not get restarts left to
+/// its runtime: what it reports as restarted counts as running, or as an exit
+/// the supervisor restarts.
+fn normalize(inspection: Inspection, runtime_restarts: bool) -> Inspection {
+    match inspection {
+        Inspection::Restarted {
+            running: true,
+            health,
+            ..
+        } if !runtime_restarts => Inspection::Running { health },
+        Inspection::Restarted { running: false, .. } if !runtime_restarts => Inspection::Exited {
+            code: None,
+            signal: None,
+        },
+        other => other,
+    }
+}
+
 impl<D: Driver> Supervisor<D> {
-    /// Restores persisted state and re-attaches to running instances.
+    /// Restores persisted state, hands the persisted assignment's driver
+    /// settings to the driver, and re-attaches to running instances.
     pub async fn restore(
         driver: Arc<D>,
         provider: String,
@@ -521,12 +689,19 @@ impl<D: Driver> Supervisor<D> {
             },
             None => None,
         };
+        let capabilities = driver.capabilities();
         let mut sup = Supervisor {
+            ops: Arc::new(Semaphore::new(capabilities.operations())),
+            capabilities,
             driver,
             provider,
             state,
             config,
-            desired,
+            desired: None,
+            pending: None,
+            configuring: false,
+            settings: DriverSettings::Unset,
+            settings_error: None,
             replicas: BTreeMap::new(),
             inbox,
             inbox_tx: inbox_tx.clone(),
@@ -535,22 +710,37 @@ impl<D: Driver> Supervisor<D> {
             saved_lease: None,
             dirty: false,
             inspection: None,
+            next_inspection: Instant::now(),
+            inspect_not_before: None,
         };
+        if let Some(set) = desired {
+            let settings = set.settings.clone();
+            match sup.refusal(&settings) {
+                Some(problem) => {
+                    sup.settings_refused(problem);
+                }
+                None if settings != sup.settings => {
+                    let result = configure(sup.driver.as_ref(), &settings).await;
+                    sup.settings_taken(settings, result);
+                }
+                None => {}
+            }
+            sup.desired = Some(set);
+        }
         for p in sup.state.load_replicas()? {
             let mut r = Replica::new(p.generation, p.workload_generation);
             r.restarts = p.restarts;
-            match sup.driver.recover(&p.handle).await {
-                Ok(Inspection::Running { health }) => {
-                    tracing::info!(replica = %p.key, instance = %p.handle.instance_id, "adopted running replica");
-                    r.phase = Phase::Running;
-                    r.runtime_health = health;
-                    r.started_at = Some(Instant::now());
-                    r.message = "adopted after agent restart".into();
-                    r.output = Some(p.handle.clone());
-                    r.handle = Some(p.handle);
-                    sup.replicas.insert(p.key.clone(), r);
-                    sup.start_probe(&p.key);
-                }
+            let driver = sup.driver.clone();
+            let recovered = call_driver(&sup.ops, THROTTLED_RETRIES, || driver.recover(&p.handle))
+                .await
+                .map(|i| normalize(i, sup.capabilities.runtime_restarts));
+            let (health, runtime) = match recovered {
+                Ok(Inspection::Running { health }) => (health, None),
+                Ok(Inspection::Restarted {
+                    restarts,
+                    running,
+                    health,
+                }) => (health, Some((restarts, running))),
                 Ok(Inspection::Exited { .. }) | Err(_) => {
                     tracing::info!(replica = %p.key, "replica exited while the agent was down; it will be restarted");
                     r.phase = Phase::Backoff {
@@ -559,8 +749,22 @@ impl<D: Driver> Supervisor<D> {
                     r.message = "exited while the agent was not running".into();
                     sup.replicas.insert(p.key, r);
                     sup.dirty = true;
+                    continue;
                 }
+            };
+            tracing::info!(replica = %p.key, instance = %p.handle.instance_id, "adopted running replica");
+            r.phase = Phase::Running;
+            r.runtime_health = health;
+            if let Some((restarts, running)) = runtime {
+                r.runtime_restarts = restarts;
+                r.runtime_down = !running;
             }
+            r.started_at = Some(Instant::now());
+            r.message = "adopted after agent restart".into();
+            r.output = Some(p.handle.clone());
+            r.handle = Some(p.handle);
+            sup.replicas.insert(p.key.clone(), r);
+            sup.start_probe(&p.key);
         }
         // Instances of this provider that no adopted replica holds are nobody's
         // (see `Driver::list_instances`): remove them.
@@ -574,7 +778,10 @@ impl<D: Driver> Supervisor<D> {
                     });
                     if !held {
                         tracing::info!(instance = %h.instance_id, "removing an instance no replica holds");
-                        if let Err(e) = sup.driver.destroy(&h).await {
+                        let driver = sup.driver.clone();
+                        if let Err(e) =
+                            call_driver(&sup.ops, THROTTLED_RETRIES, || driver.destroy(&h)).await
+                        {
                             tracing::warn!(instance = %h.instance_id, error = %e, "cannot remove it");
                         }
                     }
@@ -596,7 +803,8 @@ impl<D: Driver> Supervisor<D> {
 
     /// Runs until `shutdown`; with `stop_all`, stops every replica before returning.
     pub async fn run(mut self, shutdown: CancellationToken, stop_all: bool) {
-        let mut tick = tokio::time::interval(self.config.tick);
+        let inspect_every = self.capabilities.inspect_interval.max(MIN_INSPECT_INTERVAL);
+        let mut tick = tokio::time::interval(self.config.tick.min(inspect_every));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Work per pass is proportional to all replicas, so inputs are
@@ -611,8 +819,12 @@ impl<D: Driver> Supervisor<D> {
                     }
                     changed
                 }
-                _ = tick.tick() => {
-                    self.start_inspection();
+                at = tick.tick() => {
+                    let throttled = self.inspect_not_before.is_some_and(|t| at < t);
+                    if at >= self.next_inspection && !throttled {
+                        self.next_inspection = at + inspect_every;
+                        self.start_inspection();
+                    }
                     false
                 }
             };
@@ -635,15 +847,15 @@ impl<D: Driver> Supervisor<D> {
         let mut tasks = Vec::new();
         for (key, r) in &mut self.replicas {
             if let Some(h) = r.handle.take() {
-                let driver = self.driver.clone();
+                let (driver, ops) = (self.driver.clone(), self.ops.clone());
                 let grace = self
                     .desired
                     .as_ref()
                     .and_then(|d| d.apps.get(&key.app))
                     .map_or(Duration::from_secs(10), |d| d.workload.stop_grace);
                 tasks.push(tokio::spawn(async move {
-                    let _ = driver.stop(&h, grace).await;
-                    let _ = driver.destroy(&h).await;
+                    let _ = call_driver(&ops, THROTTLED_RETRIES, || driver.stop(&h, grace)).await;
+                    let _ = call_driver(&ops, THROTTLED_RETRIES, || driver.destroy(&h)).await;
                 }));
             }
         }
@@ -654,15 +866,87 @@ impl<D: Driver> Supervisor<D> {
         self.dirty = true;
     }
 
+    /// Why the driver cannot take `settings` at all: settings of another
+    /// driver. Refused without asking the driver.
+    fn refusal(&self, settings: &DriverSettings) -> Option<String> {
+        let kind = settings.kind()?;
+        let mine = self.driver.kind();
+        (kind != mine).then(|| {
+            format!(
+                "the provider's settings are for the {kind} driver, but this agent runs the \
+                 {mine} driver; it keeps its own flags"
+            )
+        })
+    }
+
+    /// Records that the driver refused the provider's settings: said once in
+    /// the log, and in every replica's message while it stands.
+    fn settings_refused(&mut self, problem: String) -> bool {
+        let problem = format!("provider settings not in use: {problem}");
+        if self.settings_error.as_ref() == Some(&problem) {
+            return false;
+        }
+        tracing::error!(problem = %problem, "the driver cannot take the provider's settings");
+        self.settings_error = Some(problem);
+        true
+    }
+
+    /// Records what [`Driver::configure`] made of `settings`.
+    fn settings_taken(&mut self, settings: DriverSettings, result: Result<(), String>) -> bool {
+        match result {
+            Ok(()) => {
+                tracing::info!(settings = ?settings, "the driver took the provider's settings");
+                self.settings = settings;
+                self.settings_error.take().is_some()
+            }
+            Err(problem) => self.settings_refused(problem),
+        }
+    }
+
+    /// Takes an assignment: at once when the driver has (or cannot have) its
+    /// settings, else after [`Driver::configure`], in a task of its own so
+    /// the loop never waits on the runtime. Returns whether the desired set
+    /// changed.
+    fn take_assignment(&mut self, set: DesiredSet) -> bool {
+        if set.settings == self.settings {
+            self.settings_error = None;
+            self.accept(set);
+            return true;
+        }
+        if let Some(problem) = self.refusal(&set.settings) {
+            self.settings_refused(problem);
+            self.accept(set);
+            return true;
+        }
+        self.configuring = true;
+        let settings = set.settings.clone();
+        self.pending = Some(set);
+        let (driver, tx) = (self.driver.clone(), self.inbox_tx.clone());
+        tokio::spawn(async move {
+            let result = configure(driver.as_ref(), &settings).await;
+            let _ = tx.send(Input::Configured { settings, result }).await;
+        });
+        false
+    }
+
+    /// Makes `set` the desired set.
+    fn accept(&mut self, set: DesiredSet) {
+        for (key, r) in &mut self.replicas {
+            if let Some(d) = set.apps.get(&key.app)
+                && r.workload_generation == d.workload_generation
+            {
+                r.generation = d.generation;
+            }
+        }
+        self.desired = Some(set);
+    }
+
     /// Applies one input; returns whether replica state may have changed.
     fn handle(&mut self, input: Input) -> bool {
         match input {
             Input::Assign(set, raw) => {
-                if self
-                    .desired
-                    .as_ref()
-                    .is_some_and(|d| set.revision < d.revision)
-                {
+                let newest = self.pending.as_ref().or(self.desired.as_ref());
+                if newest.is_some_and(|d| set.revision < d.revision) {
                     tracing::warn!(
                         revision = set.revision,
                         "ignoring an assignment older than the current one"
@@ -677,25 +961,39 @@ impl<D: Driver> Supervisor<D> {
                     apps = set.apps.len(),
                     "assignment received"
                 );
-                for (key, r) in &mut self.replicas {
-                    if let Some(d) = set.apps.get(&key.app)
-                        && r.workload_generation == d.workload_generation
-                    {
-                        r.generation = d.generation;
+                if self.configuring {
+                    // Taken once the driver has answered for the settings before.
+                    self.pending = Some(set);
+                    return false;
+                }
+                self.take_assignment(set)
+            }
+            Input::Configured { settings, result } => {
+                self.configuring = false;
+                let mut changed = self.settings_taken(settings.clone(), result);
+                if let Some(set) = self.pending.take() {
+                    if set.settings == settings {
+                        // Taken or refused just now: not asked for twice.
+                        self.accept(set);
+                        changed = true;
+                    } else {
+                        changed |= self.take_assignment(set);
                     }
                 }
-                self.desired = Some(set);
-                true
+                changed
             }
             Input::Started { key, op, result } => {
                 let backoff_max = self.config.backoff_max;
                 let Some(r) = self.replicas.get_mut(&key).filter(|r| r.op == op) else {
                     // The replica was removed meanwhile: stop what was started.
                     if let Ok(h) = result {
-                        let driver = self.driver.clone();
+                        let (driver, ops) = (self.driver.clone(), self.ops.clone());
                         tokio::spawn(async move {
-                            let _ = driver.stop(&h, Duration::from_secs(5)).await;
-                            let _ = driver.destroy(&h).await;
+                            let grace = Duration::from_secs(5);
+                            let _ = call_driver(&ops, THROTTLED_RETRIES, || driver.stop(&h, grace))
+                                .await;
+                            let _ =
+                                call_driver(&ops, THROTTLED_RETRIES, || driver.destroy(&h)).await;
                         });
                     }
                     return false;
@@ -711,22 +1009,36 @@ impl<D: Driver> Supervisor<D> {
                         self.dirty = true;
                         self.start_probe(&key);
                     }
-                    Err(e) if e.is_retryable() => {
-                        tracing::warn!(replica = %key, error = %e, "start failed; retrying");
-                        let backoff = backoff(&self.config, r.crashes_in_row.saturating_add(1));
-                        r.crashes_in_row = r.crashes_in_row.saturating_add(1);
-                        r.phase = Phase::Backoff {
-                            until: Instant::now() + backoff,
-                        };
-                        r.message = format!("start failed: {e}; retrying in {}", human(backoff));
-                    }
-                    Err(e) => {
-                        tracing::warn!(replica = %key, error = %e, "replica cannot start");
-                        r.phase = Phase::Failed {
-                            until: Instant::now() + backoff_max,
-                        };
-                        r.message = e.to_string();
-                    }
+                    Err(e) => match e.retry_after() {
+                        // The runtime's rate, not the replica: its delay, and
+                        // no crash.
+                        Some(delay) => {
+                            let wait = throttle_delay(delay);
+                            tracing::info!(replica = %key, error = %e, retry_in = ?wait, "start throttled");
+                            r.phase = Phase::Backoff {
+                                until: Instant::now() + wait,
+                            };
+                            r.message =
+                                format!("start throttled: {e}; retrying in {}", human(wait));
+                        }
+                        None if e.is_retryable() => {
+                            tracing::warn!(replica = %key, error = %e, "start failed; retrying");
+                            let backoff = backoff(&self.config, r.crashes_in_row.saturating_add(1));
+                            r.crashes_in_row = r.crashes_in_row.saturating_add(1);
+                            r.phase = Phase::Backoff {
+                                until: Instant::now() + backoff,
+                            };
+                            r.message =
+                                format!("start failed: {e}; retrying in {}", human(backoff));
+                        }
+                        None => {
+                            tracing::warn!(replica = %key, error = %e, "replica cannot start");
+                            r.phase = Phase::Failed {
+                                until: Instant::now() + backoff_max,
+                            };
+                            r.message = e.to_string();
+                        }
+                    },
                 }
                 true
             }
@@ -748,6 +1060,12 @@ impl<D: Driver> Supervisor<D> {
                 true
             }
             Input::Inspected(seen) => self.inspected(seen),
+            Input::InspectionThrottled { retry_after } => {
+                let wait = throttle_delay(retry_after);
+                tracing::info!(retry_in = ?wait, "the runtime throttled inspection; the next pass waits");
+                self.inspect_not_before = Some(Instant::now() + wait);
+                false
+            }
             Input::Probe { key, op, result } => {
                 let Some(r) = self
                     .replicas
@@ -825,19 +1143,27 @@ impl<D: Driver> Supervisor<D> {
             let handles: Vec<Handle> = targets.iter().map(|(_, _, h)| h.clone()).collect();
             let results = driver.inspect_all(&handles).await;
             let mut seen = Vec::with_capacity(targets.len());
+            let mut throttled: Option<Duration> = None;
             for ((key, op, _), result) in targets.into_iter().zip(results) {
                 match result {
                     Ok(inspection) => seen.push((key, op, inspection)),
-                    Err(e) => tracing::warn!(replica = %key, error = %e, "inspect failed"),
+                    Err(e) => match e.retry_after() {
+                        Some(delay) => throttled = throttled.max(Some(delay)),
+                        None => tracing::warn!(replica = %key, error = %e, "inspect failed"),
+                    },
                 }
+            }
+            if let Some(retry_after) = throttled {
+                let _ = tx.send(Input::InspectionThrottled { retry_after }).await;
             }
             let _ = tx.send(Input::Inspected(seen)).await;
         }));
     }
 
     /// Takes in an inspection pass; an exit is a crash (stops we asked for are
-    /// in `Stopping` and not inspected). Results for an instance that was
-    /// replaced or stopped meanwhile (another `op`) are stale and ignored.
+    /// in `Stopping` and not inspected), and a restart by the runtime is
+    /// reported, never acted on. Results for an instance that was replaced or
+    /// stopped meanwhile (another `op`) are stale and ignored.
     fn inspected(&mut self, seen: Vec<(ReplicaKey, u64, Inspection)>) -> bool {
         let now = Instant::now();
         let mut changed = false;
@@ -851,14 +1177,68 @@ impl<D: Driver> Supervisor<D> {
             else {
                 continue;
             };
-            match inspection {
+            match normalize(inspection, self.capabilities.runtime_restarts) {
                 Inspection::Running { health } => {
+                    if r.runtime_down {
+                        r.runtime_down = false;
+                        changed = true;
+                    }
                     if health != r.runtime_health {
                         tracing::info!(replica = %key, health = ?health, "the runtime's own health check changed");
                         r.runtime_health = health;
                         changed = true;
                     }
                     if r.crashes_in_row > 0
+                        && r.started_at
+                            .is_some_and(|s| now.duration_since(s) >= min_run)
+                    {
+                        r.crashes_in_row = 0;
+                        changed = true;
+                    }
+                }
+                Inspection::Restarted {
+                    restarts,
+                    running,
+                    health,
+                } => {
+                    if restarts > r.runtime_restarts {
+                        // Counted like the supervisor's own restarts: runs
+                        // shorter than `min_run` in a row are a crash loop.
+                        let new = restarts - r.runtime_restarts;
+                        let ran = r
+                            .started_at
+                            .map_or(Duration::ZERO, |s| now.duration_since(s));
+                        r.crashes_in_row = if ran < min_run {
+                            r.crashes_in_row.saturating_add(new)
+                        } else {
+                            new
+                        };
+                        r.runtime_restarts = restarts;
+                        r.started_at = Some(now);
+                        r.message = format!(
+                            "the runtime restarted it ({restarts} restart{} so far)",
+                            if restarts == 1 { "" } else { "s" }
+                        );
+                        if r.crashes_in_row >= loop_after {
+                            r.message.push_str(&format!(
+                                " (crash-looping: {} short runs in a row)",
+                                r.crashes_in_row
+                            ));
+                        }
+                        tracing::warn!(replica = %key, message = %r.message, "the runtime restarted the replica");
+                        changed = true;
+                    }
+                    if r.runtime_down == running {
+                        r.runtime_down = !running;
+                        changed = true;
+                    }
+                    let health = health.filter(|_| running);
+                    if health != r.runtime_health {
+                        r.runtime_health = health;
+                        changed = true;
+                    }
+                    if running
+                        && r.crashes_in_row > 0
                         && r.started_at
                             .is_some_and(|s| now.duration_since(s) >= min_run)
                     {
@@ -985,20 +1365,28 @@ impl<D: Driver> Supervisor<D> {
         r.workload_generation = d.workload_generation;
         r.health = None;
         r.runtime_health = None;
+        // The runtime's restarts belonged to the last instance: they join
+        // the replica's own count, and the new instance starts from none.
+        r.restarts = r.restarts.saturating_add(r.runtime_restarts);
+        r.runtime_restarts = 0;
+        r.runtime_down = false;
         let spec = ReplicaSpec {
             key: key.clone(),
             provider: self.provider.clone(),
             workload: d.workload.clone(),
             workload_generation: d.workload_generation,
         };
-        let (driver, tx, op, key) = (
+        let (driver, ops, tx, op, key) = (
             self.driver.clone(),
+            self.ops.clone(),
             self.inbox_tx.clone(),
             r.op,
             key.clone(),
         );
         tokio::spawn(async move {
-            let result = driver.start(&spec).await;
+            // A throttled start comes back as it is: the supervisor schedules
+            // the retry, so the replica says what it waits for.
+            let result = call_driver(&ops, 0, || driver.start(&spec)).await;
             let _ = tx.send(Input::Started { key, op, result }).await;
         });
     }
@@ -1024,22 +1412,29 @@ impl<D: Driver> Supervisor<D> {
             r.output.take()
         };
         self.dirty = true;
-        let (driver, tx, op, key) = (
+        let (driver, ops, tx, op, key) = (
             self.driver.clone(),
+            self.ops.clone(),
             self.inbox_tx.clone(),
             r.op,
             key.clone(),
         );
         tokio::spawn(async move {
+            let destroy = |h: Handle| {
+                let (driver, ops) = (driver.clone(), ops.clone());
+                async move { call_driver(&ops, THROTTLED_RETRIES, || driver.destroy(&h)).await }
+            };
             if let Some(h) = handle {
-                if let Err(e) = driver.stop(&h, grace).await {
+                if let Err(e) =
+                    call_driver(&ops, THROTTLED_RETRIES, || driver.stop(&h, grace)).await
+                {
                     tracing::warn!(replica = %key, error = %e, "stop failed");
                 }
-                if !replace && let Err(e) = driver.destroy(&h).await {
+                if !replace && let Err(e) = destroy(h).await {
                     tracing::warn!(replica = %key, error = %e, "destroy failed");
                 }
             } else if let Some(h) = leftover
-                && let Err(e) = driver.destroy(&h).await
+                && let Err(e) = destroy(h).await
             {
                 tracing::warn!(replica = %key, error = %e, "destroy failed");
             }
@@ -1143,9 +1538,13 @@ impl<D: Driver> Supervisor<D> {
                 })
                 .unwrap_or_default(),
             instance_id: h.map(|h| h.instance_id.clone()).unwrap_or_default(),
-            restarts: r.restarts,
+            restarts: r.restarts.saturating_add(r.runtime_restarts),
             crash_looping: r.crashes_in_row >= self.config.crash_loop_after,
-            message: r.status_message(),
+            message: match (r.status_message(), &self.settings_error) {
+                (own, None) => own,
+                (own, Some(problem)) if own.is_empty() => problem.clone(),
+                (own, Some(problem)) => format!("{own}; {problem}"),
+            },
             started_at_ms: h.map_or(0, |h| h.started_at_ms),
             state_since_ms: r.state_since_ms,
             provider: self.provider.clone(),
@@ -1514,5 +1913,602 @@ mod tests {
         let d = board.drain();
         assert_eq!(d.removed, vec!["web/0".to_string()]);
         assert_eq!(d.revision, 2);
+    }
+
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::driver::settings::DockerSettings;
+
+    /// A driver for the supervisor's own tests. Every call is recorded with
+    /// its time (on the paused clock) and announced on `changes`; operations
+    /// can be held at a gate; starts and inspections can be throttled by
+    /// script; inspections answer what the test sets per instance.
+    #[derive(Debug)]
+    struct Fake {
+        kind: &'static str,
+        caps: Capabilities,
+        /// When set, every start, stop and destroy takes a permit of it first
+        /// (and keeps it), so the test decides when they finish.
+        gate: Option<Semaphore>,
+        /// How many of the next starts the runtime throttles, and for how long.
+        throttled_starts: Mutex<VecDeque<Duration>>,
+        /// The next inspection is throttled for this long.
+        throttled_inspection: Mutex<Option<Duration>>,
+        /// Refuses every settings but `Unset` with this reason.
+        refuse_settings: Option<&'static str>,
+        /// Operations (start, stop, destroy) in flight, and the most ever.
+        in_flight: AtomicUsize,
+        most_in_flight: AtomicUsize,
+        /// Every call: what, and when.
+        calls: Mutex<Vec<(&'static str, Instant)>>,
+        /// The settings `configure` was given, in order.
+        configured: Mutex<Vec<DriverSettings>>,
+        /// What `inspect` answers per instance id; running when unset.
+        inspections: Mutex<HashMap<String, Inspection>>,
+        next_id: AtomicUsize,
+        changes: watch::Sender<u64>,
+    }
+
+    impl Fake {
+        fn new(caps: Capabilities) -> Self {
+            Fake {
+                kind: "fake",
+                caps,
+                gate: None,
+                throttled_starts: Mutex::default(),
+                throttled_inspection: Mutex::default(),
+                refuse_settings: None,
+                in_flight: AtomicUsize::new(0),
+                most_in_flight: AtomicUsize::new(0),
+                calls: Mutex::default(),
+                configured: Mutex::default(),
+                inspections: Mutex::default(),
+                next_id: AtomicUsize::new(1),
+                changes: watch::Sender::new(0),
+            }
+        }
+
+        /// A local runtime: many operations, inspected every 250 ms.
+        fn caps() -> Capabilities {
+            Capabilities {
+                recover: true,
+                exec: true,
+                logs: false,
+                max_concurrent_operations: 64,
+                inspect_interval: Duration::from_millis(250),
+                stop_overhead: Duration::from_secs(1),
+                runtime_restarts: false,
+            }
+        }
+
+        fn record(&self, call: &'static str) {
+            self.calls
+                .lock()
+                .expect("calls")
+                .push((call, Instant::now()));
+            self.changes.send_modify(|n| *n += 1);
+        }
+
+        /// When each call of this kind was made.
+        fn times(&self, call: &str) -> Vec<Instant> {
+            self.calls
+                .lock()
+                .expect("calls")
+                .iter()
+                .filter(|(c, _)| *c == call)
+                .map(|(_, at)| *at)
+                .collect()
+        }
+
+        fn count(&self, call: &str) -> usize {
+            self.times(call).len()
+        }
+
+        fn in_flight(&self) -> usize {
+            self.in_flight.load(Ordering::SeqCst)
+        }
+
+        fn set_inspection(&self, instance: &str, inspection: Inspection) {
+            self.inspections
+                .lock()
+                .expect("inspections")
+                .insert(instance.to_string(), inspection);
+        }
+
+        /// One operation: counted in flight while it waits at the gate.
+        async fn operation(&self, call: &'static str) {
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            self.record(call);
+            if let Some(gate) = &self.gate {
+                gate.acquire().await.expect("gate").forget();
+            }
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    impl Driver for Fake {
+        fn kind(&self) -> &'static str {
+            self.kind
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.caps
+        }
+        async fn configure(&self, settings: &DriverSettings) -> Result<(), DriverError> {
+            self.configured
+                .lock()
+                .expect("configured")
+                .push(settings.clone());
+            self.record("configure");
+            match self.refuse_settings {
+                Some(reason) if *settings != DriverSettings::Unset => {
+                    Err(DriverError::InvalidSettings(reason.into()))
+                }
+                _ => Ok(()),
+            }
+        }
+        async fn start(&self, spec: &ReplicaSpec) -> Result<Handle, DriverError> {
+            self.operation("start").await;
+            let throttled = self.throttled_starts.lock().expect("script").pop_front();
+            if let Some(retry_after) = throttled {
+                return Err(DriverError::Throttled {
+                    message: "RequestLimitExceeded".into(),
+                    retry_after,
+                });
+            }
+            let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+            Ok(Handle {
+                driver: self.kind.into(),
+                instance_id: format!("{}-{id}", spec.key),
+                address: None,
+                ports: BTreeMap::new(),
+                started_at_ms: 0,
+                data: serde_json::Value::Null,
+            })
+        }
+        async fn recover(&self, _: &Handle) -> Result<Inspection, DriverError> {
+            Ok(Inspection::RUNNING)
+        }
+        async fn inspect(&self, handle: &Handle) -> Result<Inspection, DriverError> {
+            self.record("inspect");
+            if let Some(retry_after) = self.throttled_inspection.lock().expect("script").take() {
+                return Err(DriverError::Throttled {
+                    message: "RequestLimitExceeded".into(),
+                    retry_after,
+                });
+            }
+            let set = self.inspections.lock().expect("inspections");
+            Ok(set
+                .get(&handle.instance_id)
+                .copied()
+                .unwrap_or(Inspection::RUNNING))
+        }
+        async fn stop(&self, _: &Handle, _: Duration) -> Result<(), DriverError> {
+            self.operation("stop").await;
+            Ok(())
+        }
+        async fn destroy(&self, _: &Handle) -> Result<(), DriverError> {
+            self.operation("destroy").await;
+            Ok(())
+        }
+        async fn exec(
+            &self,
+            _: &Handle,
+            _: &[String],
+            _: Duration,
+        ) -> Result<Option<i32>, DriverError> {
+            Ok(Some(0))
+        }
+    }
+
+    /// A supervisor of `fake` running on its own task (stopped with the
+    /// token), and the state directory it keeps.
+    async fn supervise(
+        fake: &Arc<Fake>,
+    ) -> (
+        SupervisorHandle,
+        tokio_util::sync::DropGuard,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::open(dir.path()).expect("state");
+        let (sup, handle) =
+            Supervisor::restore(fake.clone(), "p".into(), state, SupervisorConfig::default())
+                .await
+                .expect("supervisor");
+        let stop = CancellationToken::new();
+        tokio::spawn(sup.run(stop.clone(), false));
+        (handle, stop.drop_guard(), dir)
+    }
+
+    /// Sends the supervisor an assignment of `apps` with `settings`.
+    async fn assign(
+        handle: &SupervisorHandle,
+        revision: u64,
+        apps: Vec<(String, DesiredApp)>,
+        settings: DriverSettings,
+    ) {
+        let set = DesiredSet {
+            revision,
+            apps: apps.into_iter().collect(),
+            settings,
+        };
+        let raw = pb::Assignment {
+            revision,
+            ..Default::default()
+        };
+        handle.assign(set, raw).await;
+    }
+
+    /// Waits until `done` holds of the fake, within a minute of the paused clock.
+    async fn until_fake(fake: &Fake, what: &str, done: impl Fn(&Fake) -> bool) {
+        let mut changes = fake.changes.subscribe();
+        let wait = async {
+            while !done(fake) {
+                changes.changed().await.expect("the fake lives");
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(60), wait)
+            .await
+            .is_err()
+        {
+            panic!("timed out waiting for {what}");
+        }
+    }
+
+    /// Waits until `done` holds of the published statuses, within a minute
+    /// of the paused clock; returns them.
+    async fn until_board(
+        board: &StatusBoard,
+        what: &str,
+        done: impl Fn(&[pb::ReplicaStatus]) -> bool,
+    ) -> Vec<pb::ReplicaStatus> {
+        let mut changes = board.subscribe();
+        let wait = async {
+            loop {
+                let (all, _) = board.snapshot();
+                if done(&all) {
+                    return all;
+                }
+                changes.changed().await.expect("the board lives");
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(60), wait).await {
+            Ok(all) => all,
+            Err(_) => panic!("timed out waiting for {what}: {:?}", board.snapshot().0),
+        }
+    }
+
+    fn all_in(state: pb::ReplicaState, n: usize) -> impl Fn(&[pb::ReplicaStatus]) -> bool {
+        move |all| all.len() == n && all.iter().all(|r| r.state() == state)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn driver_operations_in_flight_never_exceed_the_drivers_bound() {
+        let mut fake = Fake::new(Capabilities {
+            max_concurrent_operations: 3,
+            ..Fake::caps()
+        });
+        fake.gate = Some(Semaphore::new(0));
+        let fake = Arc::new(fake);
+        let (handle, _stop, _dir) = supervise(&fake).await;
+        let gate = |n| fake.gate.as_ref().expect("gate").add_permits(n);
+
+        // A burst of twelve starts: three go to the runtime, the rest wait.
+        assign(&handle, 1, vec![app("web", 12, 1)], DriverSettings::Unset).await;
+        until_fake(&fake, "three starts in flight", |f| f.in_flight() == 3).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!((fake.count("start"), fake.in_flight()), (3, 3));
+        gate(12);
+        until_board(
+            &handle.board,
+            "twelve running replicas",
+            all_in(pb::ReplicaState::Running, 12),
+        )
+        .await;
+        assert_eq!(fake.count("start"), 12);
+
+        // A burst of removals: stops and destroys share the same bound.
+        assign(&handle, 2, vec![], DriverSettings::Unset).await;
+        until_fake(&fake, "three stops in flight", |f| f.in_flight() == 3).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!((fake.count("stop"), fake.in_flight()), (3, 3));
+        gate(24);
+        until_board(&handle.board, "every replica gone", |all| all.is_empty()).await;
+        assert_eq!((fake.count("stop"), fake.count("destroy")), (12, 12));
+        assert_eq!(fake.most_in_flight.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_start_waits_out_the_runtimes_delay_and_is_no_crash() {
+        const DELAY: Duration = Duration::from_secs(4);
+        let fake = Fake::new(Fake::caps());
+        // More throttles in a row than make a crash loop, each shorter than
+        // the supervisor's own backoff would wait.
+        fake.throttled_starts
+            .lock()
+            .expect("script")
+            .extend([DELAY; 4]);
+        let fake = Arc::new(fake);
+        let (handle, _stop, _dir) = supervise(&fake).await;
+        assign(&handle, 1, vec![app("web", 1, 1)], DriverSettings::Unset).await;
+
+        let waiting = until_board(&handle.board, "the replica waiting on the runtime", |all| {
+            all.iter()
+                .any(|r| r.state() == pb::ReplicaState::Backoff && r.message.contains("throttled"))
+        })
+        .await;
+        assert!(
+            waiting[0].message.contains("RequestLimitExceeded"),
+            "{}",
+            waiting[0].message
+        );
+        let all = until_board(
+            &handle.board,
+            "the replica running",
+            all_in(pb::ReplicaState::Running, 1),
+        )
+        .await;
+
+        let starts = fake.times("start");
+        assert_eq!(starts.len(), 5, "four throttled starts, then one that ran");
+        // The delay plus at most half of it as jitter, noticed on the next tick.
+        let latest = DELAY + DELAY / 2 + SupervisorConfig::default().tick;
+        for pair in starts.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= DELAY,
+                "retried after {gap:?}, before the runtime's {DELAY:?}"
+            );
+            assert!(gap <= latest, "retried only after {gap:?}");
+        }
+        assert!(!all[0].crash_looping, "throttling counted as crashes");
+        assert_eq!(all[0].restarts, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn inspections_follow_the_drivers_period_and_wait_out_throttling() {
+        const PERIOD: Duration = Duration::from_secs(2);
+        const DELAY: Duration = Duration::from_secs(30);
+        let fake = Arc::new(Fake::new(Capabilities {
+            inspect_interval: PERIOD,
+            ..Fake::caps()
+        }));
+        let (handle, _stop, _dir) = supervise(&fake).await;
+        assign(&handle, 1, vec![app("web", 1, 1)], DriverSettings::Unset).await;
+        until_board(
+            &handle.board,
+            "the replica running",
+            all_in(pb::ReplicaState::Running, 1),
+        )
+        .await;
+        until_fake(&fake, "three inspections", |f| f.count("inspect") >= 3).await;
+        *fake.throttled_inspection.lock().expect("script") = Some(DELAY);
+        let throttled_at = fake.count("inspect") + 1;
+        until_fake(&fake, "two more inspections", |f| {
+            f.count("inspect") > throttled_at
+        })
+        .await;
+
+        let times = fake.times("inspect");
+        for (i, pair) in times[..throttled_at].windows(2).enumerate() {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= PERIOD && gap < PERIOD + Duration::from_millis(300),
+                "inspection {i} after {gap:?}, not on the driver's period"
+            );
+        }
+        let gap = times[throttled_at] - times[throttled_at - 1];
+        assert!(
+            gap >= DELAY && gap <= DELAY + DELAY / 2 + PERIOD,
+            "the inspection after a throttled one came after {gap:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_runtime_that_restarts_instances_itself_is_reported_not_overruled() {
+        let fake = Arc::new(Fake::new(Capabilities {
+            runtime_restarts: true,
+            ..Fake::caps()
+        }));
+        let (handle, _stop, _dir) = supervise(&fake).await;
+        assign(&handle, 1, vec![app("web", 1, 1)], DriverSettings::Unset).await;
+        let all = until_board(
+            &handle.board,
+            "the replica running",
+            all_in(pb::ReplicaState::Running, 1),
+        )
+        .await;
+        let instance = all[0].instance_id.clone();
+
+        // The runtime holds the crashed instance in its back-off ...
+        fake.set_inspection(
+            &instance,
+            Inspection::Restarted {
+                restarts: 1,
+                running: false,
+                health: None,
+            },
+        );
+        let all = until_board(&handle.board, "the runtime's restart reported", |all| {
+            all.iter()
+                .any(|r| r.state() == pb::ReplicaState::Backoff && r.restarts == 1)
+        })
+        .await;
+        assert!(
+            all[0].message.contains("the runtime restarted it"),
+            "{}",
+            all[0].message
+        );
+        // ... and brings it back, twice more in quick succession.
+        fake.set_inspection(
+            &instance,
+            Inspection::Restarted {
+                restarts: 3,
+                running: true,
+                health: None,
+            },
+        );
+        let all = until_board(&handle.board, "the replica running again", |all| {
+            all.iter()
+                .any(|r| r.state() == pb::ReplicaState::Running && r.restarts == 3)
+        })
+        .await;
+        assert!(
+            all[0].crash_looping,
+            "three short runs in a row are a crash loop"
+        );
+        assert_eq!(all[0].instance_id, instance, "the same instance throughout");
+        assert_eq!(
+            (fake.count("start"), fake.count("stop")),
+            (1, 0),
+            "the supervisor restarted a replica its runtime restarts"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_runtime_restarts_a_restarted_instance_is_the_supervisors_to_restart() {
+        let fake = Arc::new(Fake::new(Fake::caps()));
+        let (handle, _stop, _dir) = supervise(&fake).await;
+        assign(&handle, 1, vec![app("web", 1, 1)], DriverSettings::Unset).await;
+        let all = until_board(
+            &handle.board,
+            "the replica running",
+            all_in(pb::ReplicaState::Running, 1),
+        )
+        .await;
+        fake.set_inspection(
+            &all[0].instance_id,
+            Inspection::Restarted {
+                restarts: 1,
+                running: false,
+                health: None,
+            },
+        );
+        until_fake(&fake, "a second start", |f| f.count("start") == 2).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settings_reach_the_driver_before_its_assignment_and_other_drivers_settings_do_not() {
+        let mut fake = Fake::new(Fake::caps());
+        fake.kind = "docker";
+        let fake = Arc::new(fake);
+        let (handle, _stop, _dir) = supervise(&fake).await;
+        let docker = DriverSettings::Docker(DockerSettings {
+            network: Some("private".into()),
+            bind_host: None,
+        });
+        assign(&handle, 1, vec![app("web", 1, 1)], docker.clone()).await;
+        until_board(
+            &handle.board,
+            "the replica running",
+            all_in(pb::ReplicaState::Running, 1),
+        )
+        .await;
+        let (configured, started) = (fake.times("configure"), fake.times("start"));
+        assert_eq!(
+            *fake.configured.lock().expect("configured"),
+            vec![docker.clone()]
+        );
+        assert!(
+            configured[0] <= started[0],
+            "started before the driver had its settings"
+        );
+
+        // The same settings again are not handed over again.
+        assign(&handle, 2, vec![app("web", 2, 1)], docker).await;
+        until_board(
+            &handle.board,
+            "two replicas running",
+            all_in(pb::ReplicaState::Running, 2),
+        )
+        .await;
+        assert_eq!(fake.count("configure"), 1);
+
+        // Settings of another driver are refused without asking the driver,
+        // and every replica says so; the replicas run on.
+        let ec2 = DriverSettings::Ec2(Box::default());
+        assign(&handle, 3, vec![app("web", 3, 1)], ec2).await;
+        let all = until_board(&handle.board, "the refusal on every replica", |all| {
+            all.len() == 3
+                && all
+                    .iter()
+                    .all(|r| r.message.contains("settings are for the ec2 driver"))
+        })
+        .await;
+        assert!(all.iter().all(|r| r.state() == pb::ReplicaState::Running));
+        assert_eq!(fake.count("configure"), 1);
+
+        // No settings: the driver goes back to its flags, and the refusal is gone.
+        assign(&handle, 4, vec![app("web", 3, 1)], DriverSettings::Unset).await;
+        until_board(&handle.board, "the refusal gone", |all| {
+            all.iter().all(|r| !r.message.contains("settings"))
+        })
+        .await;
+        assert_eq!(
+            fake.configured.lock().expect("configured").last(),
+            Some(&DriverSettings::Unset)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settings_the_driver_refuses_are_reported_and_change_nothing_else() {
+        let mut fake = Fake::new(Fake::caps());
+        fake.kind = "docker";
+        fake.refuse_settings = Some("Docker network private does not exist");
+        let fake = Arc::new(fake);
+        let (handle, _stop, _dir) = supervise(&fake).await;
+        let docker = DriverSettings::Docker(DockerSettings {
+            network: Some("private".into()),
+            bind_host: None,
+        });
+        assign(&handle, 1, vec![app("web", 2, 1)], docker).await;
+        let all = until_board(
+            &handle.board,
+            "the refusal on every running replica",
+            |all| {
+                all.len() == 2 && all.iter().all(|r| {
+                    r.state() == pb::ReplicaState::Running
+                        && r.message
+                            == "provider settings not in use: Docker network private does not exist"
+                })
+            },
+        )
+        .await;
+        assert_eq!(all.len(), 2);
+        assert_eq!(fake.count("configure"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_agent_hands_the_persisted_settings_to_its_driver() {
+        let mut fake = Fake::new(Fake::caps());
+        fake.kind = "docker";
+        let fake = Arc::new(fake);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::open(dir.path()).expect("state");
+        // As the daemon sent it, and the agent kept it.
+        let raw = pb::Assignment {
+            revision: 9,
+            settings: Some(pb::ProviderSettings {
+                driver: Some(pb::provider_settings::Driver::Docker(pb::DockerSettings {
+                    network: "private".into(),
+                    bind_host: String::new(),
+                })),
+            }),
+            ..Default::default()
+        };
+        state.save_assignment(&raw).expect("save");
+        Supervisor::restore(fake.clone(), "p".into(), state, SupervisorConfig::default())
+            .await
+            .expect("supervisor");
+        assert_eq!(
+            *fake.configured.lock().expect("configured"),
+            vec![DriverSettings::Docker(DockerSettings {
+                network: Some("private".into()),
+                bind_host: None,
+            })]
+        );
     }
 }

@@ -35,38 +35,17 @@ pub mod store;
 pub mod summary;
 
 /// The operating system could not give random bytes.
-#[derive(Debug, thiserror::Error)]
-#[error("the operating system gave no random bytes: {0}")]
-pub struct RandomnessError(String);
+pub use skymirror_agent::random::NoRandomness as RandomnessError;
 
-fn random_bytes<const N: usize>() -> Result<[u8; N], RandomnessError> {
-    let mut buf = [0u8; N];
-    getrandom::fill(&mut buf).map_err(|e| RandomnessError(e.to_string()))?;
-    Ok(buf)
-}
-
-/// A secret from the OS CSPRNG (128 bits, hex), for join tokens.
+/// A secret from the OS CSPRNG (a random UUID, 122 random bits), for join
+/// tokens.
 pub fn random_token() -> Result<String, RandomnessError> {
-    Ok(random_bytes::<16>()?
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    skymirror_agent::random::uuid_v4()
 }
 
-/// A random version-4 UUID from the OS CSPRNG, for instance ids.
+/// A random UUID from the OS CSPRNG, for instance and store ids.
 pub fn random_id() -> Result<String, RandomnessError> {
-    let mut b = random_bytes::<16>()?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    ))
+    skymirror_agent::random::uuid_v4()
 }
 
 pub use skymirror_agent::shutdown_signal;

@@ -27,6 +27,12 @@
 //! networks) is run: the agent, the front door and the daemon's outside probes
 //! reach the replicas over that network.
 //!
+//! The provider's `spec.docker` settings ([`Driver::configure`]) override both
+//! flags: `network` (empty: publish ports) and `bindHost`. A change applies to
+//! containers started afterwards; running ones keep the address they have
+//! until they are replaced for another reason, so new settings never restart
+//! anything by themselves.
+//!
 //! The handle's instance id is the container id, so an agent restart adopts the
 //! same containers ([`Driver::recover`]); [`Driver::list_instances`] finds the
 //! provider's containers by label, so the agent removes those it does not hold.
@@ -42,6 +48,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::Docker;
@@ -61,8 +68,8 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
 use super::{
-    Capabilities, Driver, DriverError, Handle, Inspection, LogOptions, MAX_LOG_CHUNK, ReplicaKey,
-    ReplicaSpec, RuntimeHealth,
+    Capabilities, Driver, DriverError, DriverSettings, Handle, Inspection, LogOptions,
+    MAX_LOG_CHUNK, ReplicaKey, ReplicaSpec, RuntimeHealth,
 };
 
 /// Driver kind stored in every handle this driver makes.
@@ -86,6 +93,15 @@ const LABEL_APP: &str = "skymirror.app";
 const LABEL_INDEX: &str = "skymirror.index";
 /// Label with the workload generation the container runs.
 const LABEL_GENERATION: &str = "skymirror.workload-generation";
+/// Operations at once: the engine serialises much of its work, so more
+/// concurrent creates and removals only queue inside it.
+const MAX_OPERATIONS: u32 = 32;
+/// Inspection period: one list of the engine's containers per pass.
+const INSPECT_INTERVAL: Duration = Duration::from_millis(250);
+/// Beyond the grace, a stop takes up to a second of rounding (the engine
+/// takes whole seconds) and the engine's SIGKILL and its wait for the exit.
+/// (`STOP_SLACK` bounds the request, not the container's life.)
+const STOP_OVERHEAD: Duration = Duration::from_secs(3);
 
 /// Settings of a [`DockerDriver`].
 #[derive(Debug, Clone)]
@@ -118,6 +134,17 @@ pub struct DockerDriver {
     docker: Docker,
     /// The engine address, for messages that must say which engine failed.
     host: String,
+    /// Where containers are reached by the agent's flags, which apply while
+    /// the provider has no settings.
+    flags: Addressing,
+    /// Where new containers are reached now: the flags, or the provider's
+    /// settings. Each start reads it once, so a change never splits one.
+    addressing: Mutex<Addressing>,
+}
+
+/// Where a container is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Addressing {
     /// Host address ports are published on.
     bind_host: IpAddr,
     /// Network the containers join instead of publishing ports.
@@ -162,29 +189,29 @@ impl DockerDriver {
         };
         tracing::info!(host = %host, api = %docker.client_version(), "connected to the Docker engine");
         if let Some(network) = &config.network {
-            match docker.inspect_network(network, None).await {
-                // Replicas need an address of their own on it.
-                Ok(n) if matches!(n.driver.as_deref(), Some("host" | "null")) => {
-                    return Err(DriverError::Runtime(format!(
-                        "Docker network {network} gives containers no address of their own; \
-                         name a bridge or overlay network"
-                    )));
-                }
-                Ok(_) => {}
-                Err(e) if status(&e) == Some(404) => {
-                    return Err(DriverError::Runtime(format!(
-                        "Docker network {network} does not exist (docker network create {network})"
-                    )));
-                }
-                Err(e) => return Err(unreachable(e.to_string())),
-            }
+            check_network(&docker, network).await.map_err(|e| match e {
+                NetworkProblem::Unusable(reason) => DriverError::Runtime(reason),
+                NetworkProblem::Engine(e) => unreachable(e.to_string()),
+            })?;
         }
+        let flags = Addressing {
+            bind_host: config.bind_host,
+            network: config.network,
+        };
         Ok(DockerDriver {
             docker,
             host,
-            bind_host: config.bind_host,
-            network: config.network,
+            addressing: Mutex::new(flags.clone()),
+            flags,
         })
+    }
+
+    /// Where new containers are reached now.
+    fn addressing(&self) -> Addressing {
+        self.addressing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// An engine failure as a retryable driver error. Transport failures name
@@ -335,7 +362,51 @@ impl Driver for DockerDriver {
             recover: true,
             exec: true,
             logs: true,
+            max_concurrent_operations: MAX_OPERATIONS,
+            inspect_interval: INSPECT_INTERVAL,
+            stop_overhead: STOP_OVERHEAD,
+            runtime_restarts: false,
         }
+    }
+
+    /// `spec.docker` overrides the flags; a network must exist and give
+    /// containers an address of their own, as for `--docker-network`.
+    async fn configure(&self, settings: &DriverSettings) -> Result<(), DriverError> {
+        let next = match settings {
+            DriverSettings::Unset => self.flags.clone(),
+            DriverSettings::Docker(d) => Addressing {
+                bind_host: d.bind_host.unwrap_or(self.flags.bind_host),
+                network: d.network.clone(),
+            },
+            other => {
+                return Err(DriverError::InvalidSettings(format!(
+                    "settings of the {} driver given to the {KIND} driver",
+                    other.kind().unwrap_or("unknown")
+                )));
+            }
+        };
+        if let Some(network) = &next.network {
+            check_network(&self.docker, network)
+                .await
+                .map_err(|e| match e {
+                    NetworkProblem::Unusable(reason) => {
+                        DriverError::InvalidSettings(format!("spec.docker.network: {reason}"))
+                    }
+                    NetworkProblem::Engine(e) => {
+                        self.engine_error(&format!("inspect Docker network {network}"), &e)
+                    }
+                })?;
+        }
+        let mut current = self
+            .addressing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *current != next {
+            tracing::info!(bind_host = %next.bind_host, network = ?next.network,
+                "containers started from now on use the provider's new settings");
+            *current = next;
+        }
+        Ok(())
     }
 
     async fn start(&self, spec: &ReplicaSpec) -> Result<Handle, DriverError> {
@@ -352,8 +423,9 @@ impl Driver for DockerDriver {
                 ))
             })?;
         let name = container_name(&spec.provider, key)?;
+        let Addressing { bind_host, network } = self.addressing();
 
-        let ports = pick_ports(self.bind_host, workload)?;
+        let ports = pick_ports(bind_host, workload)?;
         let mut exposed = Vec::with_capacity(ports.len());
         let mut bindings = HashMap::with_capacity(ports.len());
         for p in &ports {
@@ -361,10 +433,10 @@ impl Driver for DockerDriver {
             // On a network, replicas are reached at their own address: nothing
             // is published on the host.
             let binding = PortBinding {
-                host_ip: Some(self.bind_host.to_string()),
+                host_ip: Some(bind_host.to_string()),
                 host_port: Some(p.host.to_string()),
             };
-            let binding = Some(binding).filter(|_| self.network.is_none());
+            let binding = Some(binding).filter(|_| network.is_none());
             if bindings
                 .insert(inside.clone(), binding.map(|b| vec![b]))
                 .is_some()
@@ -395,8 +467,8 @@ impl Driver for DockerDriver {
             ),
         ]);
         let host_config = HostConfig {
-            port_bindings: Some(bindings).filter(|_| self.network.is_none()),
-            network_mode: self.network.clone(),
+            port_bindings: Some(bindings).filter(|_| network.is_none()),
+            network_mode: network.clone(),
             nano_cpus: workload
                 .cpu_millis
                 .map(|m| i64::from(m).saturating_mul(1_000_000)),
@@ -497,9 +569,9 @@ impl Driver for DockerDriver {
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         // Where the replica is reached: its published host ports, or its own
         // address on the network and the container ports.
-        let (ip, ports): (IpAddr, BTreeMap<String, u16>) = match &self.network {
+        let (ip, ports): (IpAddr, BTreeMap<String, u16>) = match &network {
             None => (
-                self.bind_host,
+                bind_host,
                 ports.into_iter().map(|p| (p.name, p.host)).collect(),
             ),
             Some(network) => match self.network_ip(&id, &name, network).await {
@@ -755,6 +827,37 @@ impl Driver for DockerDriver {
                 }
             }
         }
+    }
+}
+
+/// Why a network cannot take replicas.
+#[derive(Debug)]
+enum NetworkProblem {
+    /// It does not exist, or gives containers no address of their own.
+    Unusable(String),
+    /// The engine failed to answer.
+    Engine(EngineError),
+}
+
+/// Checks that replicas can join `network`: it exists and gives each
+/// container an address of its own (`host` and `none` do not).
+async fn check_network(docker: &Docker, network: &str) -> Result<(), NetworkProblem> {
+    let unaddressed = || {
+        NetworkProblem::Unusable(format!(
+            "Docker network {network} gives containers no address of their own; \
+             name a bridge or overlay network"
+        ))
+    };
+    if matches!(network, "host" | "none") {
+        return Err(unaddressed());
+    }
+    match docker.inspect_network(network, None).await {
+        Ok(n) if matches!(n.driver.as_deref(), Some("host" | "null")) => Err(unaddressed()),
+        Ok(_) => Ok(()),
+        Err(e) if status(&e) == Some(404) => Err(NetworkProblem::Unusable(format!(
+            "Docker network {network} does not exist (docker network create {network})"
+        ))),
+        Err(e) => Err(NetworkProblem::Engine(e)),
     }
 }
 
@@ -1385,6 +1488,109 @@ mod tests {
                 .expect_err("no address of their own");
             assert!(err.to_string().contains("no address of their own"), "{err}");
         }
+    }
+
+    #[tokio::test]
+    async fn provider_settings_place_the_containers_started_after_them() {
+        use crate::driver::settings::DockerSettings;
+        let Some((driver, provider, _cleanup)) = setup("settings").await else {
+            return;
+        };
+        let network = format!("skymirror-unit-settings-{}", std::process::id());
+        driver
+            .docker
+            .create_network(bollard::models::NetworkCreateRequest {
+                name: network.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("create network");
+        let docker = |network: Option<&str>, bind_host: Option<IpAddr>| {
+            DriverSettings::Docker(DockerSettings {
+                network: network.map(str::to_string),
+                bind_host,
+            })
+        };
+        let w = workload(IMAGE, Some(8080), &[]);
+        let mut started = Vec::new();
+        let mut start = async |app: &str| {
+            let result = driver.start(&spec(&provider, app, w.clone())).await;
+            if let Ok(h) = &result {
+                started.push(h.clone());
+            }
+            result.map(|h| h.address.unwrap_or_default())
+        };
+
+        // On the flags: published on a loopback host port.
+        let before = start("before").await;
+        // The provider's network, for the containers started from now on.
+        let taken = driver.configure(&docker(Some(&network), None)).await;
+        let after = start("after").await;
+        // Refused settings change nothing.
+        let missing = driver
+            .configure(&docker(Some(&format!("{network}-missing")), None))
+            .await;
+        let host = driver.configure(&docker(Some("host"), None)).await;
+        let other = driver.configure(&DriverSettings::Ec2(Box::default())).await;
+        let still = start("still").await;
+        // No network and another bind host: published there.
+        let moved = driver
+            .configure(&docker(None, Some([127, 0, 0, 2].into())))
+            .await;
+        let published = start("moved").await;
+        // No settings: the flags again.
+        let back = driver.configure(&DriverSettings::Unset).await;
+        let flags = start("flags").await;
+        let first_runs = match started.first() {
+            Some(h) => driver.inspect(h).await.ok(),
+            None => None,
+        };
+        for h in &started {
+            let _ = driver.destroy(h).await;
+        }
+        let _ = driver.docker.remove_network(&network).await;
+
+        let on_host = |address: &str, host: &str| {
+            address
+                .parse::<SocketAddr>()
+                .is_ok_and(|a| a.ip().to_string() == host && a.port() != 8080)
+        };
+        let before = before.expect("start on the flags");
+        assert!(on_host(&before, "127.0.0.1"), "{before}");
+        taken.expect("an existing network is taken");
+        let after = after.expect("start on the network");
+        assert!(
+            after.ends_with(":8080") && !after.starts_with("127."),
+            "{after}"
+        );
+        for (refused, why) in [
+            (missing, "does not exist"),
+            (host, "no address of their own"),
+            (other, "ec2 driver"),
+        ] {
+            match refused {
+                Err(DriverError::InvalidSettings(message)) => {
+                    assert!(message.contains(why), "{message}")
+                }
+                other => panic!("not refused as invalid settings: {other:?}"),
+            }
+        }
+        let still = still.expect("start after refusals");
+        assert!(
+            still.ends_with(":8080") && !still.starts_with("127."),
+            "{still}"
+        );
+        moved.expect("a bind host is taken");
+        let published = published.expect("start on the new bind host");
+        assert!(on_host(&published, "127.0.0.2"), "{published}");
+        back.expect("no settings are taken");
+        let flags = flags.expect("start on the flags again");
+        assert!(on_host(&flags, "127.0.0.1"), "{flags}");
+        assert_eq!(
+            first_runs,
+            Some(Inspection::RUNNING),
+            "new settings touched a running container"
+        );
     }
 
     #[test]

@@ -1,18 +1,35 @@
 //! The `Driver` extension point: one implementation per runtime.
 //!
 //! A driver starts, re-attaches to, inspects, stops and destroys *one replica* at
-//! a time, and reads its output. It knows nothing of assignments, generations, restarts or health
-//! thresholds: the supervisor decides, the driver acts. Every running replica is
+//! a time, and reads its output; beyond replicas it knows only its provider's
+//! settings. It knows nothing of assignments, generations, restarts, retries or
+//! health thresholds: the supervisor decides, the driver acts. Every running replica is
 //! described by a [`Handle`], which the agent persists so that after an agent
 //! restart [`Driver::recover`] re-attaches to what is already running instead of
 //! starting it again.
 //!
-//! Invariant: a driver never restarts a replica on its own; the supervisor is the
-//! single source of truth for what should run.
+//! How a driver must be driven is its [`Capabilities`] (Nomad's
+//! `Capabilities`): besides the optional features, how many operations the
+//! runtime takes at once, how often its instances are inspected, how long a
+//! stop can take, and whether the runtime restarts crashed instances itself.
+//! One supervisor thereby drives a local process and a cloud API alike. A
+//! runtime that rate-limits its API says so per call ([`DriverError::Throttled`]),
+//! with the delay it asks for. The provider's settings (its Provider
+//! document's `spec.docker`, `spec.ec2`, `spec.kubernetes`) reach the driver
+//! through [`Driver::configure`], before the supervisor acts on the assignment
+//! that carries them.
+//!
+//! Invariant: a driver never restarts a replica on its own — the supervisor is
+//! the single source of truth for what should run — unless it declares
+//! [`Capabilities::runtime_restarts`]: then its runtime restarts crashed
+//! instances (a Kubernetes controller does), the driver reports those restarts
+//! ([`Inspection::Restarted`]), and the supervisor starts a new instance only
+//! when the runtime has lost one.
 
 #[cfg(feature = "docker")]
 pub mod docker;
 pub mod process;
+pub mod settings;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -22,6 +39,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+
+pub use settings::DriverSettings;
 
 /// Stable identity of a replica on one provider: `app/index`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -115,12 +134,27 @@ pub enum Inspection {
         health: Option<RuntimeHealth>,
     },
     /// The instance exited; the status is known only for instances the driver
-    /// itself saw exit.
+    /// itself saw exit. From a driver with [`Capabilities::runtime_restarts`]:
+    /// the runtime lost the instance and will not bring it back.
     Exited {
         /// Exit code, if it exited normally and the status is known.
         code: Option<i32>,
         /// Signal that ended it, if known.
         signal: Option<i32>,
+    },
+    /// The runtime restarts the instance itself (drivers with
+    /// [`Capabilities::runtime_restarts`] only) and has restarted it
+    /// `restarts` times since it was started. The supervisor reports those
+    /// restarts and never restarts the instance itself.
+    Restarted {
+        /// The runtime's restarts of this instance so far (Kubernetes'
+        /// `restartCount`); it only grows.
+        restarts: u32,
+        /// It runs now; `false` while the runtime waits to restart it again
+        /// (a crash loop's back-off).
+        running: bool,
+        /// The runtime's own verdict on its health, as for `Running`.
+        health: Option<RuntimeHealth>,
     },
 }
 
@@ -142,8 +176,12 @@ pub enum RuntimeHealth {
     Unhealthy,
 }
 
-/// Optional features of a driver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What a driver can do and how it must be driven.
+///
+/// The optional features (`recover`, `exec`, `logs`) say which operations it
+/// has; the rest is how the supervisor drives it: how many operations at
+/// once, how often to inspect, and what to expect of stops and crashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
     /// Can re-attach to instances after an agent restart.
     pub recover: bool,
@@ -151,6 +189,53 @@ pub struct Capabilities {
     pub exec: bool,
     /// Keeps the replica's output where `logs` can read it.
     pub logs: bool,
+    /// Most operations (start, stop, destroy) the runtime is given at once;
+    /// the supervisor queues the rest, in order. A cloud API's rate limits
+    /// call for a few; local processes take hundreds. 0 counts as 1.
+    pub max_concurrent_operations: u32,
+    /// How often the supervisor inspects the running instances (one
+    /// [`Driver::inspect_all`] per pass): often for a local runtime, less
+    /// for an API that counts requests.
+    pub inspect_interval: Duration,
+    /// The longest a stop takes beyond the grace it is given, until the
+    /// instance no longer runs: the forced kill, rounding of the grace, the
+    /// runtime's own delay. [`Capabilities::max_stop`] adds the grace.
+    pub stop_overhead: Duration,
+    /// The runtime restarts crashed instances itself (a Kubernetes
+    /// controller): the supervisor then never restarts them, and reports the
+    /// runtime's restarts ([`Inspection::Restarted`]).
+    pub runtime_restarts: bool,
+}
+
+impl Capabilities {
+    /// The longest a stop with `grace` takes, until the instance no longer
+    /// runs. The bound depends on the workload (its grace), so a driver
+    /// declares only its own part ([`Capabilities::stop_overhead`]).
+    pub fn max_stop(&self, grace: Duration) -> Duration {
+        grace.saturating_add(self.stop_overhead)
+    }
+
+    /// Operations in flight at once, at least 1.
+    pub fn operations(&self) -> usize {
+        usize::try_from(self.max_concurrent_operations.max(1)).unwrap_or(usize::MAX)
+    }
+}
+
+impl Default for Capabilities {
+    /// What a driver that declares nothing gets, on the safe side: no
+    /// optional feature, one operation at a time, an inspection a second, up
+    /// to 10 s beyond a stop's grace, and restarts left to the supervisor.
+    fn default() -> Self {
+        Capabilities {
+            recover: false,
+            exec: false,
+            logs: false,
+            max_concurrent_operations: 1,
+            inspect_interval: Duration::from_secs(1),
+            stop_overhead: Duration::from_secs(10),
+            runtime_restarts: false,
+        }
+    }
 }
 
 /// Most lines of output [`Driver::logs`] sends before following: a bound on
@@ -183,12 +268,27 @@ impl LogOptions {
 }
 
 /// Why a driver operation failed.
+///
+/// Retryability ([`DriverError::is_retryable`]): `Io`, `Runtime` and
+/// `Throttled` may succeed later; `InvalidWorkload`, `InvalidSettings` and
+/// `Unsupported` give the same answer until the spec, the settings or the
+/// driver change. A retryable start failure is retried with the supervisor's
+/// backoff and counts towards crash-looping, except `Throttled`: the runtime
+/// refused the call for its rate, not for the replica, so the call is retried
+/// after the delay it asked for ([`DriverError::retry_after`]), with jitter,
+/// and counts as no crash.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
     /// The workload cannot run as specified (missing command or image, bad
     /// spec). Not retryable: retrying gives the same answer until the spec changes.
     #[error("{0}")]
     InvalidWorkload(String),
+    /// The provider's driver settings cannot be used (settings of another
+    /// driver, a Docker network that does not exist). Not retryable: the
+    /// driver keeps its previous settings until the next assignment brings
+    /// settings again.
+    #[error("{0}")]
+    InvalidSettings(String),
     /// The runtime failed; retrying later may succeed.
     #[error("{context}: {source}")]
     Io {
@@ -201,6 +301,17 @@ pub enum DriverError {
     /// The runtime refused or failed the operation; retrying later may succeed.
     #[error("{0}")]
     Runtime(String),
+    /// The runtime's API refused the call for its rate (EC2's
+    /// `RequestLimitExceeded`, a Kubernetes 429): retryable after
+    /// `retry_after`, and no fault of the replica.
+    #[error("{message} (throttled by the runtime; retry in {retry_after:?})")]
+    Throttled {
+        /// What the runtime said.
+        message: String,
+        /// How long to wait before the next call: the runtime's own
+        /// `Retry-After` when it gives one, else the driver's estimate.
+        retry_after: Duration,
+    },
     /// The driver does not support the operation (see [`Capabilities`]).
     #[error("the {driver} driver does not support {operation}")]
     Unsupported {
@@ -214,7 +325,20 @@ pub enum DriverError {
 impl DriverError {
     /// Whether retrying the same operation later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, DriverError::Io { .. } | DriverError::Runtime(_))
+        matches!(
+            self,
+            DriverError::Io { .. } | DriverError::Runtime(_) | DriverError::Throttled { .. }
+        )
+    }
+
+    /// How long the runtime asked to wait before the next call, for a
+    /// throttled one; `None` for every other error (the supervisor's backoff
+    /// decides).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            DriverError::Throttled { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
     }
 
     /// Wraps an I/O error with what was being done.
@@ -292,8 +416,27 @@ pub trait Driver: Send + Sync + 'static {
     /// Driver kind, e.g. `process`; stored in every handle it makes.
     fn kind(&self) -> &'static str;
 
-    /// Optional features this driver has.
+    /// What this driver can do and how it must be driven. Constant for the
+    /// driver's life: the agent reads it once, and tells the daemon in its
+    /// hello.
     fn capabilities(&self) -> Capabilities;
+
+    /// Takes the provider's driver settings (its Provider document's block
+    /// for this driver, or [`DriverSettings::Unset`]: the agent's own flags),
+    /// before the supervisor converges to the assignment that carries them.
+    /// Called when they differ from the last ones it took, never with settings
+    /// of another driver (the supervisor refuses those itself). New settings
+    /// apply to the instances started afterwards; running ones are left as
+    /// they are. An error changes nothing: the driver keeps its previous
+    /// settings. Drivers without settings of their own keep the default, which
+    /// takes anything.
+    fn configure(
+        &self,
+        settings: &DriverSettings,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send {
+        let _ = settings;
+        async { Ok(()) }
+    }
 
     /// Starts one instance of the replica and returns its handle once the
     /// runtime has accepted it (not once it is healthy).

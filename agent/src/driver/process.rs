@@ -58,6 +58,15 @@ const LOG_FILES: [&str; 2] = ["stdout.log", "stderr.log"];
 const MAX_TAIL_BYTES: u64 = 4 * 1024 * 1024;
 /// How often a followed replica's logs are looked at for new output.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
+/// Operations at once: spawning and signalling local processes is cheap, and
+/// a stop mostly waits out its grace, so only a bound against a runaway burst.
+const MAX_OPERATIONS: u32 = 256;
+/// Inspection period: reading `/proc` and the reaper's table costs next to
+/// nothing, so crashes are seen within a quarter second.
+const INSPECT_INTERVAL: Duration = Duration::from_millis(250);
+/// Beyond the grace, a stop polls for the exit (`POLL`), sends SIGKILL and
+/// waits up to `KILL_WAIT` for the kernel to finish the process.
+const STOP_OVERHEAD: Duration = KILL_WAIT.saturating_add(POLL.saturating_mul(2));
 
 /// Settings of a [`ProcessDriver`].
 #[derive(Debug, Clone)]
@@ -290,6 +299,10 @@ impl Driver for ProcessDriver {
             recover: true,
             exec: true,
             logs: true,
+            max_concurrent_operations: MAX_OPERATIONS,
+            inspect_interval: INSPECT_INTERVAL,
+            stop_overhead: STOP_OVERHEAD,
+            runtime_restarts: false,
         }
     }
 

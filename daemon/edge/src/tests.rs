@@ -862,6 +862,7 @@ impl pb::control_service_server::ControlService for FakeDaemon {
     type WatchEventsStream = StreamOf<pb::Event>;
     type WatchRoutesStream = StreamOf<pb::RoutingTable>;
     type LogsStream = StreamOf<pb::LogChunk>;
+    type BackupStream = StreamOf<pb::BackupChunk>;
 
     async fn watch_routes(
         &self,
@@ -962,6 +963,13 @@ impl pb::control_service_server::ControlService for FakeDaemon {
         &self,
         _: tonic::Request<pb::LogsRequest>,
     ) -> Result<tonic::Response<Self::LogsStream>, tonic::Status> {
+        not_here()
+    }
+
+    async fn backup(
+        &self,
+        _: tonic::Request<pb::BackupRequest>,
+    ) -> Result<tonic::Response<Self::BackupStream>, tonic::Status> {
         not_here()
     }
 }
