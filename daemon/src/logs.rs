@@ -233,7 +233,7 @@ pub(crate) fn open(
     providers.extend(daemon.registry.with(|entries| {
         entries
             .iter()
-            .filter(|(_, e)| e.replicas.keys().any(|(a, _)| a == app))
+            .filter(|(_, e)| e.view.replicas.keys().any(|(a, _)| a == app))
             .map(|(provider, _)| provider.clone())
             .collect::<Vec<_>>()
     }));

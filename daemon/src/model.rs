@@ -518,3 +518,34 @@ pub enum ProviderControl {
     /// Its replicas move to the other providers.
     Drain,
 }
+
+/// Fixtures for the daemon's tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{DeclaredApp, DeclaredProvider};
+    use crate::spec::{self, Document};
+
+    /// The apps and providers of a YAML file, as declared at generation 1.
+    pub(crate) fn declared(yaml: &str) -> (Vec<DeclaredApp>, Vec<DeclaredProvider>) {
+        let docs = spec::parse_documents("test.yaml", yaml).expect("valid fixture");
+        let (mut apps, mut providers) = (Vec::new(), Vec::new());
+        for d in docs {
+            match d.document {
+                Document::App(app) => apps.push(DeclaredApp {
+                    app,
+                    generation: 1,
+                    workload_generation: 1,
+                    created_at_ms: 0,
+                    updated_at_ms: 0,
+                }),
+                Document::Provider(provider) => providers.push(DeclaredProvider {
+                    provider,
+                    generation: 1,
+                    created_at_ms: 0,
+                    updated_at_ms: 0,
+                }),
+            }
+        }
+        (apps, providers)
+    }
+}

@@ -57,33 +57,34 @@ impl Daemon {
         let transitions: Vec<(String, Transition)> = self.registry.with(|entries| {
             for (name, entry) in entries.iter_mut() {
                 if !providers.iter().any(|p| &p.provider.metadata.name == name) {
-                    entry.liveness = None;
+                    entry.view.liveness = None;
                 }
             }
             let mut out = Vec::new();
             for p in &providers {
                 let name = &p.provider.metadata.name;
                 let entry = entries.entry(name.clone()).or_default();
-                entry.probe = probed
+                entry.view.probe = probed
                     .iter()
                     .find(|(n, _)| n == name)
                     .and_then(|(_, answer)| *answer);
                 let obs = Observation {
-                    last_heartbeat: entry.seen.as_ref().map(|s| s.last_seen),
+                    last_heartbeat: entry.view.seen.as_ref().map(|s| s.last_seen),
                     connected: entry.session.is_some(),
-                    replicas_answer: entry.probe,
+                    replicas_answer: entry.view.probe,
                     daemon_started: started,
                 };
                 let state = entry
+                    .view
                     .liveness
                     .get_or_insert_with(|| ProviderLiveness::new(started));
                 let Some(t) = liveness::step(state, &obs, now, &cfg.liveness, recovery) else {
                     continue;
                 };
                 let wall = now_ms();
-                entry.liveness_since_ms = Some(wall);
+                entry.view.liveness_since_ms = Some(wall);
                 if t.held_out {
-                    entry.held_out_until_ms =
+                    entry.view.held_out_until_ms =
                         wall + i64::try_from(cfg.liveness.hold_out.as_millis()).unwrap_or(0);
                 }
                 out.push((name.clone(), t));
@@ -143,9 +144,12 @@ impl Daemon {
             }
             self.watch_store();
             let unsettled = self.registry.with(|entries| {
-                entries
-                    .values()
-                    .any(|e| e.liveness.as_ref().is_some_and(|l| l.state != Liveness::Up))
+                entries.values().any(|e| {
+                    e.view
+                        .liveness
+                        .as_ref()
+                        .is_some_and(|l| l.state != Liveness::Up)
+                })
             });
             if unsettled {
                 self.wake();

@@ -352,9 +352,9 @@ fn diff_assignment(old: &[AssignedApp], new: &[AssignedApp]) -> Vec<(String, Str
 mod tests {
     use super::*;
     use crate::liveness::ProviderLiveness;
+    use crate::model::testing::declared;
     use crate::model::{ReplicaState, ReportedReplica};
     use crate::registry::{AgentCapabilities, AgentSeen, ProviderView};
-    use crate::spec::{self, Document};
 
     const PROVIDERS: &str = "
 apiVersion: skymirror.dev/v1
@@ -392,29 +392,6 @@ spec:
         )
     }
 
-    fn declared(yaml: &str) -> (Vec<DeclaredApp>, Vec<DeclaredProvider>) {
-        let docs = spec::parse_documents("test.yaml", yaml).expect("valid fixture");
-        let (mut apps, mut providers) = (Vec::new(), Vec::new());
-        for d in docs {
-            match d.document {
-                Document::App(app) => apps.push(DeclaredApp {
-                    app,
-                    generation: 1,
-                    workload_generation: 1,
-                    created_at_ms: 0,
-                    updated_at_ms: 0,
-                }),
-                Document::Provider(provider) => providers.push(DeclaredProvider {
-                    provider,
-                    generation: 1,
-                    created_at_ms: 0,
-                    updated_at_ms: 0,
-                }),
-            }
-        }
-        (apps, providers)
-    }
-
     fn timing(started: Instant) -> LeaseTiming {
         LeaseTiming {
             started,
@@ -422,6 +399,33 @@ spec:
             lease: Duration::from_secs(2),
             lease_margin: Duration::from_secs(1),
         }
+    }
+
+    /// Plans a pass over `apps` and `providers` with `rest`'s other parts.
+    fn plan_pass(apps: &[DeclaredApp], providers: &[DeclaredProvider], rest: Rest<'_>) -> PassPlan {
+        let now = rest.now.unwrap_or_else(Instant::now);
+        plan(&PassInput {
+            apps,
+            providers,
+            assignments: rest.assignments,
+            controls: rest.controls.unwrap_or(&Controls::default()),
+            snapshot: rest.snapshot.unwrap_or(&Snapshot::default()),
+            now,
+            timing: timing(rest.started.unwrap_or(now)),
+            reported_shortfalls: rest.reported.unwrap_or(&BTreeMap::new()),
+        })
+    }
+
+    /// Everything of a [`PassInput`] besides the specs; defaults: nothing
+    /// assigned, no controls, no agents, now, started now, nothing reported.
+    #[derive(Default)]
+    struct Rest<'a> {
+        assignments: &'a [Assignment],
+        controls: Option<&'a Controls>,
+        snapshot: Option<&'a Snapshot>,
+        now: Option<Instant>,
+        started: Option<Instant>,
+        reported: Option<&'a BTreeMap<String, (u32, u32)>>,
     }
 
     /// A provider in `state`, connected (unless down) and heard from at `seen`.
@@ -533,16 +537,16 @@ spec:
                     .map(|(p, s)| (p.to_string(), view(s, now, None)))
                     .collect(),
             };
-            let plan = plan(&PassInput {
-                apps: &apps,
-                providers: &providers,
-                assignments: &[],
-                controls,
-                snapshot: &snapshot,
-                now,
-                timing: timing(now),
-                reported_shortfalls: &BTreeMap::new(),
-            });
+            let plan = plan_pass(
+                &apps,
+                &providers,
+                Rest {
+                    controls: Some(controls),
+                    snapshot: Some(&snapshot),
+                    now: Some(now),
+                    ..Rest::default()
+                },
+            );
             assert_eq!(
                 shares(&plan),
                 shares_of(expected),
@@ -591,16 +595,16 @@ spec:
                 .collect(),
         };
         let run = |assignments: &[Assignment], snapshot: &Snapshot| {
-            plan(&PassInput {
-                apps: &apps,
-                providers: &providers,
-                assignments,
-                controls: &Controls::default(),
-                snapshot,
-                now,
-                timing: timing(now),
-                reported_shortfalls: &BTreeMap::new(),
-            })
+            plan_pass(
+                &apps,
+                &providers,
+                Rest {
+                    assignments,
+                    snapshot: Some(snapshot),
+                    now: Some(now),
+                    ..Rest::default()
+                },
+            )
         };
         let first = run(&[], &snapshot);
         let stored: Vec<Assignment> = first.assignments.values().cloned().collect();
@@ -646,16 +650,15 @@ spec:
             }
             snapshot.providers.insert(p.into(), v);
         }
-        let plan = plan(&PassInput {
-            apps: &apps,
-            providers: &providers,
-            assignments: &[],
-            controls: &Controls::default(),
-            snapshot: &snapshot,
-            now,
-            timing: timing(now),
-            reported_shortfalls: &BTreeMap::new(),
-        });
+        let plan = plan_pass(
+            &apps,
+            &providers,
+            Rest {
+                snapshot: Some(&snapshot),
+                now: Some(now),
+                ..Rest::default()
+            },
+        );
         let [route] = plan.routes.as_slice() else {
             panic!("one route: {:?}", plan.routes);
         };
@@ -710,16 +713,17 @@ spec:
                     .providers
                     .insert(p.into(), view(Liveness::Up, now, None));
             }
-            let plan = plan(&PassInput {
-                apps: &apps,
-                providers: &providers,
-                assignments: &running,
-                controls: &Controls::default(),
-                snapshot: &snapshot,
-                now,
-                timing: timing(last_heard),
-                reported_shortfalls: &BTreeMap::new(),
-            });
+            let plan = plan_pass(
+                &apps,
+                &providers,
+                Rest {
+                    assignments: &running,
+                    snapshot: Some(&snapshot),
+                    now: Some(now),
+                    started: Some(last_heard),
+                    ..Rest::default()
+                },
+            );
             shares(&plan)
         };
         // A local runtime: lease (2 s) + margin (1 s).
@@ -746,16 +750,16 @@ spec:
                 .collect(),
         };
         let run = |reported: &BTreeMap<String, (u32, u32)>| {
-            plan(&PassInput {
-                apps: &apps,
-                providers: &providers,
-                assignments: &[],
-                controls: &Controls::default(),
-                snapshot: &snapshot,
-                now,
-                timing: timing(now),
-                reported_shortfalls: reported,
-            })
+            plan_pass(
+                &apps,
+                &providers,
+                Rest {
+                    snapshot: Some(&snapshot),
+                    now: Some(now),
+                    reported: Some(reported),
+                    ..Rest::default()
+                },
+            )
         };
         let first = run(&BTreeMap::new());
         let warnings: Vec<&NewEvent> = first

@@ -128,11 +128,22 @@ pub struct AgentSeen {
     pub capabilities: AgentCapabilities,
 }
 
-/// Everything known of one provider's agent and replicas.
+/// Everything known of one provider's agent and replicas: the live session
+/// and what a snapshot copies.
 #[derive(Debug, Default)]
 pub struct ProviderEntry {
     /// The live session, if the agent is connected.
     pub session: Option<Session>,
+    /// What a pass may read; `view.connected` follows `session`.
+    pub view: ProviderView,
+}
+
+/// What is known of one provider besides its session's sender: what a
+/// [`Snapshot`] holds.
+#[derive(Debug, Clone, Default)]
+pub struct ProviderView {
+    /// Whether its agent holds a session now.
+    pub connected: bool,
     /// What was last heard from its agent since this daemon started.
     pub seen: Option<AgentSeen>,
     /// Liveness state machine; `None` until the first liveness pass.
@@ -145,34 +156,6 @@ pub struct ProviderEntry {
     /// (`None`: not probed, or nothing to probe).
     pub probe: Option<bool>,
     /// Replicas as last reported, by app and index.
-    pub replicas: BTreeMap<(String, u32), ReportedReplica>,
-}
-
-impl ProviderEntry {
-    /// Whether the provider is declared down.
-    pub fn is_down(&self) -> bool {
-        self.liveness
-            .as_ref()
-            .is_some_and(|l| l.state == Liveness::Down)
-    }
-}
-
-/// One provider in a [`Snapshot`].
-#[derive(Debug, Clone, Default)]
-pub struct ProviderView {
-    /// Whether its agent holds a session now.
-    pub connected: bool,
-    /// What was last heard from its agent.
-    pub seen: Option<AgentSeen>,
-    /// Liveness state machine.
-    pub liveness: Option<ProviderLiveness>,
-    /// Wall-clock ms of the last liveness transition.
-    pub liveness_since_ms: Option<i64>,
-    /// Wall-clock ms until which it is held out.
-    pub held_out_until_ms: i64,
-    /// Outcome of the last outside probe.
-    pub probe: Option<bool>,
-    /// Reported replicas.
     pub replicas: BTreeMap<(String, u32), ReportedReplica>,
 }
 
@@ -236,6 +219,7 @@ impl AgentRegistry {
             providers
                 .entry(r.provider.clone())
                 .or_default()
+                .view
                 .replicas
                 .insert((r.app.clone(), r.index), r);
         }
@@ -252,24 +236,10 @@ impl AgentRegistry {
 
     /// A consistent copy of everything.
     pub fn snapshot(&self) -> Snapshot {
-        let providers = lock(&self.providers);
         Snapshot {
-            providers: providers
+            providers: lock(&self.providers)
                 .iter()
-                .map(|(name, e)| {
-                    (
-                        name.clone(),
-                        ProviderView {
-                            connected: e.session.is_some(),
-                            seen: e.seen.clone(),
-                            liveness: e.liveness.clone(),
-                            liveness_since_ms: e.liveness_since_ms,
-                            held_out_until_ms: e.held_out_until_ms,
-                            probe: e.probe,
-                            replicas: e.replicas.clone(),
-                        },
-                    )
-                })
+                .map(|(name, e)| (name.clone(), e.view.clone()))
                 .collect(),
         }
     }
@@ -292,7 +262,8 @@ impl AgentRegistry {
             tx,
             sent_revision: 0,
         });
-        entry.seen = Some(seen);
+        entry.view.connected = true;
+        entry.view.seen = Some(seen);
         (conn_id, replaced.map(|s| s.conn_id))
     }
 
@@ -303,6 +274,7 @@ impl AgentRegistry {
         match providers.get_mut(provider) {
             Some(e) if e.session.as_ref().is_some_and(|s| s.conn_id == conn_id) => {
                 e.session = None;
+                e.view.connected = false;
                 true
             }
             _ => false,
@@ -332,7 +304,7 @@ impl AgentRegistry {
             // sooner, which is the safe direction.
             let _ = session.tx.try_send(ack);
         }
-        if let Some(seen) = &mut entry.seen {
+        if let Some(seen) = &mut entry.view.seen {
             seen.last_seen = Instant::now();
             seen.last_seen_ms = now_ms();
             if let Some(rev) = applied {
@@ -388,6 +360,7 @@ impl AgentRegistry {
     pub fn close_all(&self) {
         for entry in lock(&self.providers).values_mut() {
             entry.session = None;
+            entry.view.connected = false;
         }
     }
 }

@@ -183,7 +183,7 @@ impl Daemon {
         let provider = hello.provider.clone();
         let was_down = self
             .registry
-            .with(|entries| entries.get(&provider).is_some_and(|e| e.is_down()));
+            .with(|entries| entries.get(&provider).is_some_and(|e| e.view.is_down()));
         let (conn_id, replaced) = self.registry.connect(
             &provider,
             AgentSeen {
@@ -289,7 +289,7 @@ impl Daemon {
             let agent_id = self.registry.with(|entries| {
                 entries
                     .get(provider)
-                    .and_then(|e| e.seen.as_ref())
+                    .and_then(|e| e.view.seen.as_ref())
                     .map(|s| s.agent_id.clone())
                     .unwrap_or_default()
             });
@@ -324,7 +324,11 @@ impl Daemon {
         let mut events = Vec::new();
         let mut gone: Vec<ReportedReplica> = Vec::new();
         let readiness_changed = self.registry.with(|entries| {
-            let known = &mut entries.entry(provider.to_string()).or_default().replicas;
+            let known = &mut entries
+                .entry(provider.to_string())
+                .or_default()
+                .view
+                .replicas;
             if full {
                 let keep: BTreeSet<(String, u32)> =
                     updates.iter().map(|r| (r.app.clone(), r.index)).collect();

@@ -225,26 +225,13 @@ kind: App
 metadata: {name: web}
 spec: {command: server, replicas: 2}
 ";
-        let mut batch = Batch::default();
-        for d in crate::spec::parse_documents("t.yaml", text).expect("valid") {
-            match d.document {
-                crate::spec::Document::App(app) => batch.put_apps.push(DeclaredApp {
-                    app,
-                    generation: 2,
-                    workload_generation: 1,
-                    created_at_ms: 1,
-                    updated_at_ms: 2,
-                }),
-                crate::spec::Document::Provider(provider) => {
-                    batch.put_providers.push(DeclaredProvider {
-                        provider,
-                        generation: 1,
-                        created_at_ms: 1,
-                        updated_at_ms: 1,
-                    })
-                }
-            }
-        }
+        let (apps, providers) = crate::model::testing::declared(text);
+        let mut batch = Batch {
+            put_apps: apps,
+            put_providers: providers,
+            ..Batch::default()
+        };
+        batch.put_apps[0].generation = 2;
         batch.events.push(NewEvent::app(
             EventReason::AppCreated,
             "web",
