@@ -368,6 +368,27 @@ pub fn capabilities_to_wire(caps: &Capabilities, max_stop: Duration) -> pb::Driv
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_store_and_epoch_come_with_the_assignment() {
+        let a = pb::Assignment {
+            revision: 3,
+            store_id: "s1".into(),
+            epoch: 2,
+            ..Default::default()
+        };
+        let set = DesiredSet::try_from(a).expect("valid");
+        assert_eq!(
+            set.store,
+            StoreEpoch {
+                store_id: "s1".into(),
+                epoch: 2
+            }
+        );
+        assert_eq!(set.store.to_string(), "store s1 epoch 2");
+        let old = DesiredSet::try_from(pb::Assignment::default()).expect("valid");
+        assert_eq!(old.store.to_string(), "an unknown store");
+    }
+
     fn with_settings(driver: pb::provider_settings::Driver) -> pb::Assignment {
         pb::Assignment {
             revision: 4,
