@@ -37,11 +37,36 @@ pub struct DesiredApp {
     pub singleton: bool,
 }
 
+/// Which daemon store, and which epoch of it, an assignment comes from.
+/// Revisions are ordered only within one: a store restored from a backup or
+/// reset on purpose starts a new epoch and counts revisions from its own
+/// history (see [`crate::supervisor::arrival`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoreEpoch {
+    /// The store's id; empty when unknown: an assignment of a daemon from
+    /// before store identities, or one the agent kept from before them.
+    pub store_id: String,
+    /// The store's epoch; 0 when unknown.
+    pub epoch: u64,
+}
+
+impl std::fmt::Display for StoreEpoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.store_id.is_empty() {
+            write!(f, "an unknown store")
+        } else {
+            write!(f, "store {} epoch {}", self.store_id, self.epoch)
+        }
+    }
+}
+
 /// The complete desired set for the provider.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct DesiredSet {
-    /// Assignment revision.
+    /// Assignment revision, ordered within `store`.
     pub revision: u64,
+    /// The store and epoch the assignment comes from.
+    pub store: StoreEpoch,
     /// Apps by name.
     pub apps: std::collections::BTreeMap<String, DesiredApp>,
     /// The provider's driver settings, from its Provider document.
@@ -182,6 +207,10 @@ impl TryFrom<pb::Assignment> for DesiredSet {
         };
         Ok(DesiredSet {
             revision: a.revision,
+            store: StoreEpoch {
+                store_id: a.store_id,
+                epoch: a.epoch,
+            },
             apps,
             settings,
         })
@@ -338,6 +367,27 @@ pub fn capabilities_to_wire(caps: &Capabilities, max_stop: Duration) -> pb::Driv
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_and_epoch_come_with_the_assignment() {
+        let a = pb::Assignment {
+            revision: 3,
+            store_id: "s1".into(),
+            epoch: 2,
+            ..Default::default()
+        };
+        let set = DesiredSet::try_from(a).expect("valid");
+        assert_eq!(
+            set.store,
+            StoreEpoch {
+                store_id: "s1".into(),
+                epoch: 2
+            }
+        );
+        assert_eq!(set.store.to_string(), "store s1 epoch 2");
+        let old = DesiredSet::try_from(pb::Assignment::default()).expect("valid");
+        assert_eq!(old.store.to_string(), "an unknown store");
+    }
 
     fn with_settings(driver: pb::provider_settings::Driver) -> pb::Assignment {
         pb::Assignment {

@@ -5,7 +5,8 @@
 //! [`driver`] is the runtime extension point ([`driver::process`], and
 //! `driver::docker` with the default `docker` feature);
 //! [`health`] runs the app's checks; [`logs`] answers requests for replica
-//! output; [`state`] persists what must survive a restart; [`convert`] turns
+//! output; [`state`] persists what must survive a restart, in [`checked`]
+//! files (a version and a checksum, so damage is seen); [`convert`] turns
 //! wire assignments into the agent's own types (and the driver's capabilities
 //! into the hello's); [`random`] draws ids and jitter from the OS CSPRNG.
 //!
@@ -14,6 +15,7 @@
 //! request → session → supervisor (which replicas, which handles) → a reading
 //! task → session → daemon.
 
+pub mod checked;
 pub mod convert;
 pub mod driver;
 pub mod health;

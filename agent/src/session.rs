@@ -263,7 +263,9 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
                     let every = Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(50)));
                     heartbeat = tokio::time::interval(every);
                     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    tracing::info!(daemon_id = %w.daemon_id, heartbeat = ?every, "welcomed");
+                    // The store's identity is for people here: assignments
+                    // carry it too, and only they decide (see `supervisor::arrival`).
+                    tracing::info!(daemon_id = %w.daemon_id, store_id = %w.store_id, epoch = w.epoch, heartbeat = ?every, "welcomed");
                 }
                 Ok(Some(pb::DaemonMessage { message: Some(pb::daemon_message::Message::Assignment(a)) })) => {
                     match DesiredSet::try_from(a.clone()) {

@@ -25,6 +25,18 @@
 //! with each assignment, are handed to the driver ([`Driver::configure`]) in a
 //! task of their own before the supervisor converges to that assignment.
 //!
+//! Assignments are ordered by revision within one epoch of the daemon's
+//! store only ([`arrival`]): a restored or reset store takes over the fleet
+//! with revisions of its own history, and its assignment then decides what
+//! runs like any other — an epoch change alone restarts or stops nothing.
+//!
+//! At start-up ([`Supervisor::restore`]) the supervisor re-attaches to the
+//! instances of its persisted handles, then takes in what the driver finds
+//! running beyond them ([`Driver::list_instances`]): it adopts the best
+//! instance of each replica it holds none of, and stops the others, so that
+//! a lost or damaged handle file never leaves a duplicate running. Damaged
+//! state is never read as "nothing" (see [`crate::state`]).
+//!
 //! Invariants: at most one driver operation is in flight per replica (reading
 //! output is not one: it changes nothing), and at most
 //! `max_concurrent_operations` in all; a replica is never torn down
@@ -44,12 +56,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::convert::{DesiredApp, DesiredSet};
 use crate::driver::{
-    Capabilities, Driver, DriverError, DriverSettings, Handle, Inspection, ReplicaKey, ReplicaSpec,
-    RuntimeHealth,
+    Capabilities, Driver, DriverError, DriverSettings, Handle, Inspection, Listed, ReplicaKey,
+    ReplicaSpec, RuntimeHealth,
 };
 use crate::health::{Health, HealthSpec, HealthTracker, probe_once};
 use crate::logs::{LogsQuery, Target};
-use crate::state::{PersistedReplica, StateDir};
+use crate::state::{PersistedReplica, StateDir, StateError};
 
 /// Tunables of the supervisor.
 #[derive(Debug, Clone)]
@@ -438,6 +450,38 @@ pub struct Observed {
     pub ready: bool,
 }
 
+/// How an assignment stands to the newest one the agent holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// The first, or the same or a later revision of the same store epoch:
+    /// taken.
+    Next,
+    /// From another store or epoch than the one held (a store restored from a
+    /// backup or reset on purpose, which counts revisions from its own
+    /// history), or the first to name its store after one that did not: taken
+    /// whatever its revision.
+    NewEpoch,
+    /// An older revision of the same store epoch: ignored.
+    Stale,
+}
+
+/// Orders `incoming` against `held`, the newest assignment the agent holds
+/// (none: it holds none it can use). Revisions are ordered only within one
+/// store epoch ([`DesiredSet::store`]); an assignment that carries another is
+/// taken whatever its revision, and, like any assignment, decides alone what
+/// runs: replicas it still wants on the same workload generation keep
+/// running untouched. Held assignments that do not name their store (kept
+/// from before store identities) are of an unknown one: the first assignment
+/// that names its store is taken, and orders those after it.
+pub fn arrival(held: Option<&DesiredSet>, incoming: &DesiredSet) -> Arrival {
+    match held {
+        None => Arrival::Next,
+        Some(held) if held.store != incoming.store => Arrival::NewEpoch,
+        Some(held) if incoming.revision < held.revision => Arrival::Stale,
+        Some(_) => Arrival::Next,
+    }
+}
+
 /// The pure diff: what to start, replace and remove to reach `desired`.
 ///
 /// Outdated replicas are replaced one at a time per app (the next only once
@@ -474,14 +518,17 @@ pub fn plan(
         let mut rolling_busy = mine.iter().any(|(_, o)| {
             o.is_some_and(|o| {
                 (o.workload_generation == d.workload_generation && !o.ready)
-                    || (o.busy && o.workload_generation < d.workload_generation)
+                    || (o.busy && o.workload_generation != d.workload_generation)
             })
         });
         for (key, o) in mine {
             match o {
                 None => out.start.push(key),
                 Some(o) if o.busy => {}
-                Some(o) if o.workload_generation < d.workload_generation => {
+                // Another workload generation, older or newer: newer ones run
+                // after a store went back to a backup taken before a change,
+                // or an app was deleted and declared again.
+                Some(o) if o.workload_generation != d.workload_generation => {
                     if !o.running {
                         out.start.push(key);
                     } else if !any_ready || !rolling_busy {
@@ -660,7 +707,17 @@ fn normalize(inspection: Inspection, runtime_restarts: bool) -> Inspection {
 
 impl<D: Driver> Supervisor<D> {
     /// Restores persisted state, hands the persisted assignment's driver
-    /// settings to the driver, and re-attaches to running instances.
+    /// settings to the driver, re-attaches to running instances, and takes
+    /// in what the driver finds running beyond them
+    /// ([`Driver::list_instances`]).
+    ///
+    /// Damaged state is never read as "nothing" ([`StateError::Corrupt`],
+    /// logged naming the file): without a usable assignment every replica is
+    /// kept as it is and nothing is started until the daemon sends its
+    /// assignment (the hello then says revision 0, and the daemon sends its
+    /// current one on every new session); without usable handles the
+    /// replicas are found through the driver, and when the driver cannot list
+    /// them either, the agent does not start rather than start duplicates.
     pub async fn restore(
         driver: Arc<D>,
         provider: String,
@@ -670,24 +727,36 @@ impl<D: Driver> Supervisor<D> {
         let (inbox_tx, inbox) = mpsc::channel(INBOX);
         let board = Arc::new(StatusBoard::default());
         let lease = Arc::new(Lease::default());
-        if let Some(deadline_ms) = state.load_lease()? {
-            // Carry the lease over an agent restart, converted to this run's clock.
-            let left = deadline_ms - now_ms();
-            if left > 0 {
-                lease.renew(
-                    Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0)),
-                );
+        match state.load_lease() {
+            Ok(Some(deadline_ms)) => {
+                // Carry the lease over an agent restart, converted to this run's clock.
+                let left = deadline_ms - now_ms();
+                if left > 0 {
+                    lease.renew(
+                        Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0)),
+                    );
+                }
             }
+            Ok(None) => {}
+            Err(e @ StateError::Corrupt { .. }) => {
+                tracing::error!(error = %e, "the lease on singletons is unreadable: singletons wait for the daemon to renew it");
+            }
+            Err(e) => return Err(e.into()),
         }
-        let desired = match state.load_assignment()? {
-            Some(raw) => match DesiredSet::try_from(raw) {
+        let desired = match state.load_assignment(&provider) {
+            Ok(Some(raw)) => match DesiredSet::try_from(raw) {
                 Ok(set) => Some(set),
                 Err(e) => {
                     tracing::warn!(error = %e, "persisted assignment unusable; waiting for the daemon");
                     None
                 }
             },
-            None => None,
+            Ok(None) => None,
+            Err(e @ StateError::Corrupt { .. }) => {
+                tracing::error!(error = %e, "the persisted assignment is unusable: every replica is kept as it is, and none is started, until the daemon sends its assignment");
+                None
+            }
+            Err(e) => return Err(e.into()),
         };
         let capabilities = driver.capabilities();
         let mut sup = Supervisor {
@@ -727,70 +796,48 @@ impl<D: Driver> Supervisor<D> {
             }
             sup.desired = Some(set);
         }
-        for p in sup.state.load_replicas()? {
-            let mut r = Replica::new(p.generation, p.workload_generation);
-            r.restarts = p.restarts;
+        let persisted = match sup.state.load_replicas() {
+            Ok(persisted) => Some(persisted),
+            Err(e @ StateError::Corrupt { .. }) => {
+                tracing::error!(error = %e, "the replica handles are unreadable: the replicas that run are found through the driver instead");
+                // Rewritten from what is found, at the end of the restore.
+                sup.dirty = true;
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let handles_known = persisted.is_some();
+        for p in persisted.into_iter().flatten() {
             let driver = sup.driver.clone();
             let recovered = call_driver(&sup.ops, THROTTLED_RETRIES, || driver.recover(&p.handle))
                 .await
                 .map(|i| normalize(i, sup.capabilities.runtime_restarts));
-            let (health, runtime) = match recovered {
-                Ok(Inspection::Running { health }) => (health, None),
-                Ok(Inspection::Restarted {
-                    restarts,
-                    running,
-                    health,
-                }) => (health, Some((restarts, running))),
+            match recovered {
+                Ok(inspection @ (Inspection::Running { .. } | Inspection::Restarted { .. })) => {
+                    tracing::info!(replica = %p.key, instance = %p.handle.instance_id, "adopted running replica");
+                    let mut r = Replica::new(p.generation, p.workload_generation);
+                    r.restarts = p.restarts;
+                    sup.replicas.insert(p.key.clone(), r);
+                    sup.adopt(&p.key, p.handle, inspection);
+                }
                 Ok(Inspection::Exited { .. }) | Err(_) => {
                     tracing::info!(replica = %p.key, "replica exited while the agent was down; it will be restarted");
+                    let mut r = Replica::new(p.generation, p.workload_generation);
+                    r.restarts = p.restarts;
                     r.phase = Phase::Backoff {
                         until: Instant::now(),
                     };
                     r.message = "exited while the agent was not running".into();
                     sup.replicas.insert(p.key, r);
                     sup.dirty = true;
-                    continue;
-                }
-            };
-            tracing::info!(replica = %p.key, instance = %p.handle.instance_id, "adopted running replica");
-            r.phase = Phase::Running;
-            r.runtime_health = health;
-            if let Some((restarts, running)) = runtime {
-                r.runtime_restarts = restarts;
-                r.runtime_down = !running;
-            }
-            r.started_at = Some(Instant::now());
-            r.message = "adopted after agent restart".into();
-            r.output = Some(p.handle.clone());
-            r.handle = Some(p.handle);
-            sup.replicas.insert(p.key.clone(), r);
-            sup.start_probe(&p.key);
-        }
-        // Instances of this provider that no adopted replica holds are nobody's
-        // (see `Driver::list_instances`): remove them.
-        match sup.driver.list_instances(&sup.provider).await {
-            Ok(found) => {
-                for h in found {
-                    let held = sup.replicas.values().any(|r| {
-                        r.handle
-                            .as_ref()
-                            .is_some_and(|held| held.instance_id == h.instance_id)
-                    });
-                    if !held {
-                        tracing::info!(instance = %h.instance_id, "removing an instance no replica holds");
-                        let driver = sup.driver.clone();
-                        if let Err(e) =
-                            call_driver(&sup.ops, THROTTLED_RETRIES, || driver.destroy(&h)).await
-                        {
-                            tracing::warn!(instance = %h.instance_id, error = %e, "cannot remove it");
-                        }
-                    }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot list instances; any strays stay"),
         }
+        sup.take_in_listed(handles_known).await?;
+        sup.align_generations();
         sup.converge();
         sup.publish();
+        sup.persist();
         Ok((
             sup,
             SupervisorHandle {
@@ -799,6 +846,202 @@ impl<D: Driver> Supervisor<D> {
                 lease,
             },
         ))
+    }
+
+    /// Makes replica `key` (already in `replicas`) run `handle`, as
+    /// [`Driver::recover`] or an inspection found it.
+    fn adopt(&mut self, key: &ReplicaKey, handle: Handle, inspection: Inspection) {
+        let Some(r) = self.replicas.get_mut(key) else {
+            return;
+        };
+        let (health, runtime) = match inspection {
+            Inspection::Running { health } => (health, None),
+            Inspection::Restarted {
+                restarts,
+                running,
+                health,
+            } => (health, Some((restarts, running))),
+            Inspection::Exited { .. } => return,
+        };
+        r.phase = Phase::Running;
+        r.runtime_health = health;
+        if let Some((restarts, running)) = runtime {
+            r.runtime_restarts = restarts;
+            r.runtime_down = !running;
+        }
+        r.started_at = Some(Instant::now());
+        r.message = "adopted after agent restart".into();
+        r.output = Some(handle.clone());
+        r.handle = Some(handle);
+        self.start_probe(key);
+    }
+
+    /// Takes in what the driver lists for the provider beyond the recovered
+    /// replicas: for each replica that holds no running instance, the best
+    /// adoptable instance of it (running first, then on the assignment's
+    /// workload generation, then the latest) is adopted; every other
+    /// instance no replica holds is stopped, and destroyed unless its replica
+    /// is held (a duplicate shares its replica's files, the process driver's
+    /// directory). What is adopted then meets the assignment like any
+    /// replica: kept when wanted on its workload generation, replaced or
+    /// removed otherwise, and kept as it is while there is no assignment.
+    /// Fails only when the listing fails and the handles were unreadable:
+    /// starting replicas then could duplicate running ones.
+    async fn take_in_listed(&mut self, handles_known: bool) -> Result<(), crate::AgentError> {
+        let found = match self.driver.list_instances(&self.provider).await {
+            Ok(found) => found,
+            Err(e) if handles_known => {
+                tracing::warn!(error = %e, "cannot list instances; any strays stay");
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the replica handles are unreadable and the driver cannot list what runs: not starting, so as not to start duplicates");
+                return Err(e.into());
+            }
+        };
+        let held: BTreeSet<String> = self
+            .replicas
+            .values()
+            .filter_map(|r| r.handle.as_ref().map(|h| h.instance_id.clone()))
+            .collect();
+        let mut candidates: BTreeMap<ReplicaKey, Vec<(Listed, Inspection)>> = BTreeMap::new();
+        let mut strays = Vec::new();
+        for listed in found {
+            if held.contains(&listed.handle.instance_id) {
+                continue;
+            }
+            let key = match &listed.replica {
+                Some(r) if listed.adoptable => r.key.clone(),
+                _ => {
+                    strays.push(listed);
+                    continue;
+                }
+            };
+            if self.replicas.get(&key).is_some_and(|r| r.handle.is_some()) {
+                strays.push(listed);
+                continue;
+            }
+            let driver = self.driver.clone();
+            let inspection = call_driver(&self.ops, THROTTLED_RETRIES, || {
+                driver.recover(&listed.handle)
+            })
+            .await
+            .map(|i| normalize(i, self.capabilities.runtime_restarts));
+            match inspection {
+                Ok(inspection) => candidates
+                    .entry(key)
+                    .or_default()
+                    .push((listed, inspection)),
+                Err(e) => {
+                    tracing::warn!(instance = %listed.handle.instance_id, error = %e, "cannot inspect a listed instance");
+                    strays.push(listed);
+                }
+            }
+        }
+        for (key, mut found) in candidates {
+            let wanted = self
+                .desired
+                .as_ref()
+                .and_then(|d| d.apps.get(&key.app))
+                .map(|d| d.workload_generation);
+            found.sort_by_key(|(l, i)| {
+                std::cmp::Reverse((
+                    !matches!(i, Inspection::Exited { .. }),
+                    l.replica.as_ref().map(|r| r.workload_generation) == wanted,
+                    l.handle.started_at_ms,
+                ))
+            });
+            let mut found = found.into_iter();
+            let Some((best, inspection)) = found.next() else {
+                continue;
+            };
+            strays.extend(found.map(|(l, _)| l));
+            let wg = best.replica.as_ref().map_or(0, |r| r.workload_generation);
+            if matches!(inspection, Inspection::Exited { .. }) {
+                // Nothing runs: the replica is restarted like one that exited
+                // while the agent was down, its last instance kept for its
+                // output (or destroyed when it is not wanted).
+                if self.replicas.contains_key(&key) {
+                    strays.push(best);
+                    continue;
+                }
+                let mut r = Replica::new(wg, wg);
+                r.phase = Phase::Backoff {
+                    until: Instant::now(),
+                };
+                r.message = "exited while the agent was not running".into();
+                r.output = Some(best.handle);
+                self.replicas.insert(key, r);
+                continue;
+            }
+            tracing::info!(replica = %key, instance = %best.handle.instance_id, "adopted a running replica the driver found");
+            let restarts = self.replicas.get(&key).map_or(0, |r| r.restarts);
+            let mut r = Replica::new(wg, wg);
+            r.restarts = restarts;
+            self.replicas.insert(key.clone(), r);
+            self.adopt(&key, best.handle, inspection);
+            self.dirty = true;
+        }
+        for stray in strays {
+            self.remove_stray(stray);
+        }
+        Ok(())
+    }
+
+    /// Stops an instance no replica holds, in a task of its own, and
+    /// destroys it unless its replica is held.
+    fn remove_stray(&self, stray: Listed) {
+        let app = stray
+            .replica
+            .as_ref()
+            .and_then(|r| self.desired.as_ref()?.apps.get(&r.key.app));
+        let grace = app.map_or(Duration::from_secs(10), |d| d.workload.stop_grace);
+        let shared = stray
+            .replica
+            .as_ref()
+            .is_some_and(|r| self.replicas.contains_key(&r.key));
+        let what = stray
+            .replica
+            .as_ref()
+            .map_or_else(|| "unknown replica".to_string(), |r| r.key.to_string());
+        tracing::info!(instance = %stray.handle.instance_id, replica = %what, duplicate = shared, "stopping an instance no replica holds");
+        let (driver, ops, h) = (self.driver.clone(), self.ops.clone(), stray.handle);
+        tokio::spawn(async move {
+            if let Err(e) = call_driver(&ops, THROTTLED_RETRIES, || driver.stop(&h, grace)).await {
+                tracing::warn!(instance = %h.instance_id, error = %e, "cannot stop it");
+            }
+            if !shared
+                && let Err(e) = call_driver(&ops, THROTTLED_RETRIES, || driver.destroy(&h)).await
+            {
+                tracing::warn!(instance = %h.instance_id, error = %e, "cannot remove it");
+            }
+        });
+    }
+
+    /// Brings each replica's app generation up to the desired one when it
+    /// runs the desired workload (a change of anything but the workload
+    /// restarts nothing), and starts health probes the desired set asks for
+    /// on running replicas that have none (replicas adopted before the agent
+    /// had a usable assignment).
+    fn align_generations(&mut self) {
+        let Some(desired) = self.desired.as_ref() else {
+            return;
+        };
+        let mut unprobed = Vec::new();
+        for (key, r) in &mut self.replicas {
+            let Some(d) = desired.apps.get(&key.app) else {
+                continue;
+            };
+            if r.workload_generation == d.workload_generation {
+                r.generation = d.generation;
+            }
+            if d.health.is_some() && r.phase == Phase::Running && r.probe.is_none() {
+                unprobed.push(key.clone());
+            }
+        }
+        for key in unprobed {
+            self.start_probe(&key);
+        }
     }
 
     /// Runs until `shutdown`; with `stop_all`, stops every replica before returning.
@@ -931,14 +1174,8 @@ impl<D: Driver> Supervisor<D> {
 
     /// Makes `set` the desired set.
     fn accept(&mut self, set: DesiredSet) {
-        for (key, r) in &mut self.replicas {
-            if let Some(d) = set.apps.get(&key.app)
-                && r.workload_generation == d.workload_generation
-            {
-                r.generation = d.generation;
-            }
-        }
         self.desired = Some(set);
+        self.align_generations();
     }
 
     /// Applies one input; returns whether replica state may have changed.
@@ -946,12 +1183,26 @@ impl<D: Driver> Supervisor<D> {
         match input {
             Input::Assign(set, raw) => {
                 let newest = self.pending.as_ref().or(self.desired.as_ref());
-                if newest.is_some_and(|d| set.revision < d.revision) {
-                    tracing::warn!(
-                        revision = set.revision,
-                        "ignoring an assignment older than the current one"
-                    );
-                    return false;
+                match (arrival(newest, &set), newest) {
+                    (Arrival::Stale, Some(held)) => {
+                        tracing::warn!(
+                            revision = set.revision,
+                            current = held.revision,
+                            store = %set.store,
+                            "ignoring an assignment older than the current one of the same store epoch"
+                        );
+                        return false;
+                    }
+                    (Arrival::NewEpoch, Some(held)) => {
+                        tracing::info!(
+                            revision = set.revision,
+                            store = %set.store,
+                            previous = %held.store,
+                            previous_revision = held.revision,
+                            "assignment of another store epoch (a restored or reset store): taken whatever its revision; it decides what runs"
+                        );
+                    }
+                    _ => {}
                 }
                 if let Err(e) = self.state.save_assignment(&raw) {
                     tracing::error!(error = %e, "cannot persist the assignment");
@@ -1918,6 +2169,8 @@ mod tests {
     use std::collections::{HashMap, VecDeque};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use crate::convert::StoreEpoch;
+    use crate::driver::ListedReplica;
     use crate::driver::settings::DockerSettings;
 
     /// A driver for the supervisor's own tests. Every call is recorded with
@@ -1944,8 +2197,16 @@ mod tests {
         calls: Mutex<Vec<(&'static str, Instant)>>,
         /// The settings `configure` was given, in order.
         configured: Mutex<Vec<DriverSettings>>,
-        /// What `inspect` answers per instance id; running when unset.
+        /// What `inspect` and `recover` answer per instance id; running
+        /// when unset.
         inspections: Mutex<HashMap<String, Inspection>>,
+        /// What `list_instances` finds.
+        listed: Mutex<Vec<Listed>>,
+        /// `list_instances` fails.
+        list_fails: bool,
+        /// The instances stopped and destroyed, in order.
+        stopped: Mutex<Vec<String>>,
+        destroyed: Mutex<Vec<String>>,
         next_id: AtomicUsize,
         changes: watch::Sender<u64>,
     }
@@ -1964,6 +2225,10 @@ mod tests {
                 calls: Mutex::default(),
                 configured: Mutex::default(),
                 inspections: Mutex::default(),
+                listed: Mutex::default(),
+                list_fails: false,
+                stopped: Mutex::default(),
+                destroyed: Mutex::default(),
                 next_id: AtomicUsize::new(1),
                 changes: watch::Sender::new(0),
             }
@@ -2068,8 +2333,18 @@ mod tests {
                 data: serde_json::Value::Null,
             })
         }
-        async fn recover(&self, _: &Handle) -> Result<Inspection, DriverError> {
-            Ok(Inspection::RUNNING)
+        async fn recover(&self, handle: &Handle) -> Result<Inspection, DriverError> {
+            let set = self.inspections.lock().expect("inspections");
+            Ok(set
+                .get(&handle.instance_id)
+                .copied()
+                .unwrap_or(Inspection::RUNNING))
+        }
+        async fn list_instances(&self, _: &str) -> Result<Vec<Listed>, DriverError> {
+            if self.list_fails {
+                return Err(DriverError::Runtime("the runtime does not answer".into()));
+            }
+            Ok(self.listed.lock().expect("listed").clone())
         }
         async fn inspect(&self, handle: &Handle) -> Result<Inspection, DriverError> {
             self.record("inspect");
@@ -2085,11 +2360,19 @@ mod tests {
                 .copied()
                 .unwrap_or(Inspection::RUNNING))
         }
-        async fn stop(&self, _: &Handle, _: Duration) -> Result<(), DriverError> {
+        async fn stop(&self, handle: &Handle, _: Duration) -> Result<(), DriverError> {
+            self.stopped
+                .lock()
+                .expect("stopped")
+                .push(handle.instance_id.clone());
             self.operation("stop").await;
             Ok(())
         }
-        async fn destroy(&self, _: &Handle) -> Result<(), DriverError> {
+        async fn destroy(&self, handle: &Handle) -> Result<(), DriverError> {
+            self.destroyed
+                .lock()
+                .expect("destroyed")
+                .push(handle.instance_id.clone());
             self.operation("destroy").await;
             Ok(())
         }
@@ -2132,6 +2415,7 @@ mod tests {
     ) {
         let set = DesiredSet {
             revision,
+            store: StoreEpoch::default(),
             apps: apps.into_iter().collect(),
             settings,
         };
@@ -2510,5 +2794,453 @@ mod tests {
                 bind_host: None,
             })]
         );
+    }
+
+    #[test]
+    fn arrival_orders_revisions_only_within_one_store_epoch() {
+        let set = |store_id: &str, epoch: u64, revision: u64| DesiredSet {
+            revision,
+            store: StoreEpoch {
+                store_id: store_id.into(),
+                epoch,
+            },
+            ..Default::default()
+        };
+        let held = set("s1", 1, 9);
+        assert_eq!(arrival(None, &set("s1", 1, 1)), Arrival::Next);
+        assert_eq!(arrival(Some(&held), &set("s1", 1, 10)), Arrival::Next);
+        assert_eq!(arrival(Some(&held), &set("s1", 1, 9)), Arrival::Next);
+        assert_eq!(arrival(Some(&held), &set("s1", 1, 3)), Arrival::Stale);
+        // A restored or reset store: another epoch, or another store, counts
+        // revisions from its own history.
+        assert_eq!(arrival(Some(&held), &set("s1", 2, 1)), Arrival::NewEpoch);
+        assert_eq!(arrival(Some(&held), &set("s1", 0, 1)), Arrival::NewEpoch);
+        assert_eq!(arrival(Some(&held), &set("s2", 1, 1)), Arrival::NewEpoch);
+        // Kept from before store identities: unknown, and the first
+        // assignment that names its store is taken.
+        let unknown = set("", 0, 9);
+        assert_eq!(arrival(Some(&unknown), &set("s1", 1, 1)), Arrival::NewEpoch);
+        assert_eq!(arrival(Some(&unknown), &set("", 0, 3)), Arrival::Stale);
+        assert_eq!(arrival(Some(&unknown), &set("", 0, 10)), Arrival::Next);
+    }
+
+    #[test]
+    fn a_replica_on_another_workload_generation_is_replaced_newer_or_older() {
+        let desired = [app("web", 2, 3)].into_iter().collect();
+        let observed = [
+            (key("web", 0), running(5, true)),
+            (key("web", 1), running(3, true)),
+        ]
+        .into();
+        assert_eq!(
+            plan(&desired, &observed),
+            Plan {
+                replace: vec![key("web", 0)],
+                ..Default::default()
+            }
+        );
+    }
+
+    /// Sends the supervisor an assignment of `apps` from `store`.
+    async fn assign_from(
+        handle: &SupervisorHandle,
+        store: (&str, u64),
+        revision: u64,
+        apps: Vec<(String, DesiredApp)>,
+    ) {
+        let (store_id, epoch) = store;
+        let set = DesiredSet {
+            revision,
+            store: StoreEpoch {
+                store_id: store_id.into(),
+                epoch,
+            },
+            apps: apps.into_iter().collect(),
+            settings: DriverSettings::Unset,
+        };
+        let raw = pb::Assignment {
+            revision,
+            store_id: store_id.into(),
+            epoch,
+            ..Default::default()
+        };
+        handle.assign(set, raw).await;
+    }
+
+    /// `app/index → instance id` of the published statuses.
+    fn instances(all: &[pb::ReplicaStatus]) -> BTreeMap<String, String> {
+        all.iter()
+            .map(|r| (format!("{}/{}", r.app, r.index), r.instance_id.clone()))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_assignment_of_another_epoch_is_taken_whatever_its_revision_and_keeps_what_it_still_wants()
+     {
+        let fake = Arc::new(Fake::new(Fake::caps()));
+        let (handle, _stop, dir) = supervise(&fake).await;
+        let apps = vec![app("web", 2, 1), app("api", 1, 1)];
+        assign_from(&handle, ("s1", 1), 9, apps).await;
+        let before = instances(
+            &until_board(
+                &handle.board,
+                "three replicas running",
+                all_in(pb::ReplicaState::Running, 3),
+            )
+            .await,
+        );
+
+        // An older revision of the same epoch: ignored, whatever it says.
+        assign_from(&handle, ("s1", 1), 3, vec![]).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(instances(&handle.board.snapshot().0), before);
+        assert_eq!(handle.board.snapshot().1, 9);
+        assert_eq!(fake.count("stop"), 0);
+
+        // The store restored from a backup: epoch 2 counts from revision 1.
+        // Its assignment decides: api goes, web keeps its instances.
+        assign_from(&handle, ("s1", 2), 1, vec![app("web", 2, 1)]).await;
+        let after = until_board(&handle.board, "api removed", |all| {
+            all.len() == 2 && all.iter().all(|r| r.app == "web")
+        })
+        .await;
+        let kept: BTreeMap<String, String> = before
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("web/"))
+            .collect();
+        assert_eq!(instances(&after), kept, "web was restarted");
+        assert_eq!(handle.board.snapshot().1, 1);
+        assert_eq!((fake.count("start"), fake.count("stop")), (3, 1));
+        // The new identity is persisted with the assignment, and orders
+        // what follows: an older revision of epoch 2 is ignored.
+        let saved = StateDir::open(dir.path())
+            .expect("state")
+            .load_assignment("p")
+            .expect("load")
+            .expect("an assignment");
+        assert_eq!(
+            (saved.store_id.as_str(), saved.epoch, saved.revision),
+            ("s1", 2, 1)
+        );
+        assign_from(&handle, ("s1", 2), 2, vec![app("web", 2, 1)]).await;
+        assign_from(&handle, ("s1", 2), 1, vec![]).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(instances(&handle.board.snapshot().0), kept);
+        assert_eq!(handle.board.snapshot().1, 2);
+    }
+
+    /// An assignment of `apps` as the daemon sends it, for a state directory.
+    fn wire_assignment(revision: u64, apps: &[(&str, u32, u64)]) -> pb::Assignment {
+        pb::Assignment {
+            provider: "p".into(),
+            revision,
+            store_id: "s1".into(),
+            epoch: 1,
+            apps: apps
+                .iter()
+                .map(|(name, replicas, wg)| pb::AppAssignment {
+                    app: (*name).into(),
+                    generation: *wg,
+                    workload_generation: *wg,
+                    replicas: *replicas,
+                    workload: Some(pb::Workload {
+                        command: "x".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn listed(instance: &str, replica: Option<(&str, u32, u64)>, adoptable: bool) -> Listed {
+        Listed {
+            handle: Handle {
+                driver: "fake".into(),
+                instance_id: instance.into(),
+                address: None,
+                ports: BTreeMap::new(),
+                started_at_ms: instance.len() as i64,
+                data: serde_json::Value::Null,
+            },
+            replica: replica.map(|(app, index, workload_generation)| ListedReplica {
+                key: key(app, index),
+                workload_generation,
+            }),
+            adoptable,
+        }
+    }
+
+    /// A supervisor of `fake` restored from the state directory `dir`,
+    /// running on its own task.
+    async fn restore_from(
+        fake: &Arc<Fake>,
+        dir: &std::path::Path,
+    ) -> (SupervisorHandle, tokio_util::sync::DropGuard) {
+        let state = StateDir::open(dir).expect("state");
+        let (sup, handle) =
+            Supervisor::restore(fake.clone(), "p".into(), state, SupervisorConfig::default())
+                .await
+                .expect("supervisor");
+        let stop = CancellationToken::new();
+        tokio::spawn(sup.run(stop.clone(), false));
+        (handle, stop.drop_guard())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_its_handles_a_restarted_agent_adopts_what_runs_and_stops_duplicates() {
+        let fake = Fake::new(Fake::caps());
+        *fake.listed.lock().expect("listed") = vec![
+            // Two instances of web/0: the later one is kept.
+            listed("a", Some(("web", 0, 1)), true),
+            listed("bb", Some(("web", 0, 1)), true),
+            listed("c", Some(("web", 1, 1)), true),
+            // A replica the assignment no longer wants.
+            listed("d", Some(("web", 5, 1)), true),
+            // Found by its marks only (started just before the agent died):
+            // a duplicate of web/1, and an instance of nothing known.
+            listed("e", Some(("web", 1, 1)), false),
+            listed("f", None, false),
+        ];
+        let fake = Arc::new(fake);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::open(dir.path()).expect("state");
+        state
+            .save_assignment(&wire_assignment(4, &[("web", 2, 1)]))
+            .expect("save");
+        let (handle, _stop) = restore_from(&fake, dir.path()).await;
+        let all = until_board(&handle.board, "web adopted, web/5 removed", |all| {
+            all.len() == 2
+        })
+        .await;
+        assert_eq!(
+            instances(&all),
+            [("web/0".into(), "bb".into()), ("web/1".into(), "c".into())].into()
+        );
+        until_fake(&fake, "four stops and two destroys", |f| {
+            f.count("stop") == 4 && f.count("destroy") == 2
+        })
+        .await;
+        let sorted = |v: &Mutex<Vec<String>>| {
+            let mut v = v.lock().expect("list").clone();
+            v.sort();
+            v
+        };
+        assert_eq!(sorted(&fake.stopped), ["a", "d", "e", "f"]);
+        // Duplicates share their replica's files: stopped, not destroyed.
+        assert_eq!(sorted(&fake.destroyed), ["d", "f"]);
+        assert_eq!(fake.count("start"), 0, "a replica was started again");
+        // The handles are persisted again.
+        let persisted = StateDir::open(dir.path())
+            .expect("state")
+            .load_replicas()
+            .expect("replicas");
+        let held: Vec<&str> = persisted
+            .iter()
+            .map(|p| p.handle.instance_id.as_str())
+            .collect();
+        assert_eq!(held, ["bb", "c"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_damaged_assignment_keeps_every_replica_until_the_daemon_sends_one() {
+        let fake = Arc::new(Fake::new(Fake::caps()));
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            // An agent ran web×2, then its assignment file was emptied.
+            let (handle, _stop) = restore_from(&fake, dir.path()).await;
+            assign(&handle, 4, vec![app("web", 2, 1)], DriverSettings::Unset).await;
+            until_board(
+                &handle.board,
+                "two replicas running",
+                all_in(pb::ReplicaState::Running, 2),
+            )
+            .await;
+        }
+        std::fs::write(dir.path().join("assignment.pb"), b"").expect("empty it");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let started = fake.count("start");
+
+        let (handle, _stop) = restore_from(&fake, dir.path()).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let (all, revision) = handle.board.snapshot();
+        assert_eq!(revision, 0, "the hello asks for the assignment");
+        assert_eq!(all.len(), 2);
+        assert!(all.iter().all(|r| r.state() == pb::ReplicaState::Running));
+        assert_eq!((fake.count("start"), fake.count("stop")), (started, 0));
+
+        // The daemon's assignment decides, and brings the health check the
+        // adopted replicas had none of.
+        let (name, mut web) = app("web", 1, 1);
+        web.health = Some(HealthSpec {
+            probe: crate::health::Probe::Exec {
+                command: vec!["true".into()],
+            },
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            failure_threshold: 1,
+            success_threshold: 1,
+        });
+        assign(&handle, 4, vec![(name, web)], DriverSettings::Unset).await;
+        until_board(
+            &handle.board,
+            "web/0 healthy, web/1 gone",
+            all_in(pb::ReplicaState::Healthy, 1),
+        )
+        .await;
+        assert_eq!((fake.count("start"), fake.count("stop")), (started, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unreadable_handles_and_no_listing_do_not_start() {
+        let mut fake = Fake::new(Fake::caps());
+        fake.list_fails = true;
+        let fake = Arc::new(fake);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::open(dir.path()).expect("state");
+        state
+            .save_assignment(&wire_assignment(4, &[("web", 2, 1)]))
+            .expect("save");
+        std::fs::write(dir.path().join("replicas.json"), b"{\"v\":1,\"repl").expect("damage");
+        let refused = Supervisor::restore(
+            fake.clone(),
+            "p".into(),
+            state.clone(),
+            SupervisorConfig::default(),
+        )
+        .await;
+        assert!(refused.is_err(), "started without knowing what runs");
+        assert_eq!(fake.count("start"), 0);
+        // With its handles readable, a listing that fails only leaves strays.
+        state.save_replicas(Vec::new()).expect("save");
+        let (_, handle) =
+            Supervisor::restore(fake.clone(), "p".into(), state, SupervisorConfig::default())
+                .await
+                .expect("supervisor");
+        drop(handle);
+    }
+
+    /// Kills, when dropped, every process started by the process driver of
+    /// `owner` (its state directory), children and all.
+    struct KillOwned(String);
+
+    impl Drop for KillOwned {
+        fn drop(&mut self) {
+            for pid in owned_processes(&self.0) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
+    /// Live processes whose environment marks them as started by the process
+    /// driver of state directory `owner`.
+    fn owned_processes(owner: &str) -> Vec<u32> {
+        let needle = format!("SKYMIRROR_PROCESS_OWNER={owner}");
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let zombie =
+                    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+                        s.rsplit_once(')')
+                            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+                    });
+                !zombie
+                    && std::fs::read(format!("/proc/{pid}/environ"))
+                        .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn real_replicas_are_adopted_again_without_their_handle_file() {
+        use crate::driver::process::{ProcessDriver, ProcessDriverConfig};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let owner = std::path::absolute(dir.path())
+            .expect("absolute")
+            .to_string_lossy()
+            .into_owned();
+        let _cleanup = KillOwned(owner.clone());
+        // As the daemon sends it: the agent keeps it, and restarts with it.
+        let mut sleeper = wire_assignment(1, &[("sleeper", 2, 1)]);
+        if let Some(w) = sleeper.apps[0].workload.as_mut() {
+            w.command = "sleep".into();
+            w.args = vec!["300".into()];
+        }
+        /// What happens to `replicas.json` before an agent starts.
+        #[derive(Debug, Clone, Copy)]
+        enum HandleFile {
+            Kept,
+            Deleted,
+            Written(&'static [u8]),
+        }
+        let run = |file: HandleFile| {
+            let dir = dir.path().to_path_buf();
+            async move {
+                let path = dir.join("replicas.json");
+                match file {
+                    HandleFile::Kept => {}
+                    HandleFile::Deleted => std::fs::remove_file(&path).expect("delete"),
+                    HandleFile::Written(bytes) => std::fs::write(&path, bytes).expect("damage"),
+                }
+                let driver = ProcessDriver::new(ProcessDriverConfig::new(&dir)).expect("driver");
+                let state = StateDir::open(&dir).expect("state");
+                let (sup, handle) = Supervisor::restore(
+                    Arc::new(driver),
+                    "p".into(),
+                    state,
+                    SupervisorConfig::default(),
+                )
+                .await
+                .expect("supervisor");
+                let stop = CancellationToken::new();
+                let task = tokio::spawn(sup.run(stop.clone(), false));
+                (handle, stop, task)
+            }
+        };
+        let (handle, stop, task) = run(HandleFile::Kept).await;
+        let set = DesiredSet::try_from(sleeper.clone()).expect("valid");
+        handle.assign(set, sleeper).await;
+        let first = instances(
+            &until_board(
+                &handle.board,
+                "two replicas running",
+                all_in(pb::ReplicaState::Running, 2),
+            )
+            .await,
+        );
+        stop.cancel();
+        task.await.expect("supervisor");
+
+        for damage in [
+            HandleFile::Deleted,
+            HandleFile::Written(b""),
+            HandleFile::Written(b"{\"v\":1,\"replicas\":[{\"key\":"),
+            HandleFile::Written(b"\x00\x01garbage"),
+        ] {
+            let (handle, stop, task) = run(damage).await;
+            let all = until_board(
+                &handle.board,
+                "both replicas adopted",
+                all_in(pb::ReplicaState::Running, 2),
+            )
+            .await;
+            assert_eq!(
+                instances(&all),
+                first,
+                "after {damage:?}: not the same processes"
+            );
+            let mut running = owned_processes(&owner);
+            running.sort_unstable();
+            let mut pids: Vec<u32> = first.values().map(|p| p.parse().expect("pid")).collect();
+            pids.sort_unstable();
+            assert_eq!(running, pids, "after {damage:?}: a duplicate runs");
+            stop.cancel();
+            task.await.expect("supervisor");
+        }
     }
 }

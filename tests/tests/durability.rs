@@ -3,6 +3,7 @@
 //! restarting anything; a full disk is a state the daemon leaves by itself.
 //! Real binaries, real files, a real tmpfs.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -28,6 +29,19 @@ fn instances(c: &Cluster, app: &str) -> Result<Vec<(String, String)>> {
         .collect();
     out.sort();
     Ok(out)
+}
+
+/// `provider -> revision of its current assignment`.
+fn assignment_revisions(c: &Cluster) -> Result<BTreeMap<String, u64>> {
+    Ok(c.providers()?
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default().to_string(),
+                p["assignmentRevision"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect())
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
@@ -208,6 +222,15 @@ fn a_backup_under_load_restores_a_daemon_that_takes_over_without_restarting_anyt
         "the backup holds web and the load applied before it: {apps_at_backup}"
     );
 
+    // After the backup, a change the restore must undo: web scaled to three
+    // replicas takes every provider's assignment to a revision newer than
+    // the backup's. Only agents that order revisions within one store epoch
+    // take the restored daemon's (older) assignments, and stop the extra
+    // replicas.
+    c.apply_ok("web.yaml", &app_yaml("web", 3, "v1", &[]))?;
+    c.wait_ready("web", &["aa", "bb"], 3, 1, WAIT)?;
+    let held = assignment_revisions(&c)?;
+
     // The data dir is lost; a daemon is restored from the backup.
     c.kill_daemon()?;
     std::fs::remove_dir_all(c.data_dir())?;
@@ -239,6 +262,27 @@ fn a_backup_under_load_restores_a_daemon_that_takes_over_without_restarting_anyt
         instances(&c, "web")? == before,
         "replicas were restarted by the restore: {before:?} → {:?}",
         instances(&c, "web")?
+    );
+    let restored = assignment_revisions(&c)?;
+    ensure!(
+        restored
+            .iter()
+            .all(|(p, r)| held.get(p).is_some_and(|h| r < h)),
+        "the restored assignments ({restored:?}) are not older than the agents' ({held:?}): \
+         nothing here needs the epoch rule"
+    );
+    // Nothing beyond the backup's replicas runs: each one's own process only.
+    let running: Vec<(String, String)> = c
+        .replica_processes()
+        .into_iter()
+        .flat_map(|(id, pids)| {
+            pids.into_iter()
+                .map(move |pid| (id.clone(), pid.to_string()))
+        })
+        .collect();
+    ensure!(
+        running == before,
+        "the processes that run are not the backup's replicas: {running:?}"
     );
     let status: Value = serde_json::from_str(&c.cli_ok(&["status", "-o", "json"])?)?;
     ensure!(

@@ -36,6 +36,10 @@
 //! The handle's instance id is the container id, so an agent restart adopts the
 //! same containers ([`Driver::recover`]); [`Driver::list_instances`] finds the
 //! provider's containers by label, so the agent removes those it does not hold.
+//! The labels do not say which published port is which named port, so a
+//! listed container is for removal only: an agent that lost its
+//! `replicas.json` replaces its containers (never leaving one beside its
+//! replacement) instead of adopting them.
 //!
 //! Invariant: Docker never restarts a replica (restart policy `no`): a crashed
 //! container stays exited until the supervisor restarts it with backoff, so the
@@ -68,8 +72,8 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
 use super::{
-    Capabilities, Driver, DriverError, DriverSettings, Handle, Inspection, LogOptions,
-    MAX_LOG_CHUNK, ReplicaKey, ReplicaSpec, RuntimeHealth,
+    Capabilities, Driver, DriverError, DriverSettings, Handle, Inspection, Listed, ListedReplica,
+    LogOptions, MAX_LOG_CHUNK, ReplicaKey, ReplicaSpec, RuntimeHealth,
 };
 
 /// Driver kind stored in every handle this driver makes.
@@ -736,7 +740,11 @@ impl Driver for DockerDriver {
         }
     }
 
-    async fn list_instances(&self, provider: &str) -> Result<Vec<Handle>, DriverError> {
+    /// The provider's containers by label, each with the replica its labels
+    /// name. For removal only: the labels do not say which named port each
+    /// published port is, so a listed container's handle lacks the address a
+    /// start reports (without `replicas.json`, the agent replaces them).
+    async fn list_instances(&self, provider: &str) -> Result<Vec<Listed>, DriverError> {
         let filters = HashMap::from([(
             "label",
             vec![
@@ -764,21 +772,36 @@ impl Driver for DockerDriver {
                     .and_then(|n| n.into_iter().next())
                     .map(|n| n.trim_start_matches('/').to_string())
                     .unwrap_or_else(|| id.clone());
+                let labels = c.labels.unwrap_or_default();
+                let replica = (|| {
+                    Some(ListedReplica {
+                        key: ReplicaKey {
+                            app: labels.get(LABEL_APP)?.clone(),
+                            index: labels.get(LABEL_INDEX)?.parse().ok()?,
+                        },
+                        workload_generation: labels.get(LABEL_GENERATION)?.parse().ok()?,
+                    })
+                })();
                 let data = DockerData {
                     name,
                     image: c.image.unwrap_or_default(),
                 };
-                Some((id, c.created.unwrap_or(0), data))
+                Some((id, c.created.unwrap_or(0), data, replica))
             })
-            .map(|(id, created, data)| {
-                Ok(Handle {
-                    driver: KIND.to_string(),
-                    instance_id: id,
-                    address: None,
-                    ports: BTreeMap::new(),
-                    started_at_ms: created.saturating_mul(1000),
-                    data: serde_json::to_value(&data)
-                        .map_err(|e| DriverError::Runtime(format!("encode handle data: {e}")))?,
+            .map(|(id, created, data, replica)| {
+                Ok(Listed {
+                    handle: Handle {
+                        driver: KIND.to_string(),
+                        instance_id: id,
+                        address: None,
+                        ports: BTreeMap::new(),
+                        started_at_ms: created.saturating_mul(1000),
+                        data: serde_json::to_value(&data).map_err(|e| {
+                            DriverError::Runtime(format!("encode handle data: {e}"))
+                        })?,
+                    },
+                    replica,
+                    adoptable: false,
                 })
             })
             .collect()
@@ -1078,8 +1101,8 @@ mod tests {
                     else {
                         return;
                     };
-                    for h in driver.list_instances(&provider).await.unwrap_or_default() {
-                        let _ = driver.destroy(&h).await;
+                    for listed in driver.list_instances(&provider).await.unwrap_or_default() {
+                        let _ = driver.destroy(&listed.handle).await;
                     }
                 });
             })
@@ -1755,11 +1778,23 @@ mod tests {
         assert_eq!(
             listed
                 .iter()
-                .map(|h| h.instance_id.as_str())
+                .map(|l| l.handle.instance_id.as_str())
                 .collect::<Vec<_>>(),
             vec![handle.instance_id.as_str()],
             "the same container, nothing else"
         );
+        // Its labels name the replica; the listing is for removal only.
+        assert_eq!(
+            listed[0].replica,
+            Some(ListedReplica {
+                key: ReplicaKey {
+                    app: "survivor".into(),
+                    index: 0,
+                },
+                workload_generation: 3,
+            })
+        );
+        assert!(!listed[0].adoptable);
         assert!(
             second
                 .list_instances(&format!("{provider}-other"))

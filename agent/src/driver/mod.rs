@@ -6,7 +6,10 @@
 //! health thresholds: the supervisor decides, the driver acts. Every running replica is
 //! described by a [`Handle`], which the agent persists so that after an agent
 //! restart [`Driver::recover`] re-attaches to what is already running instead of
-//! starting it again.
+//! starting it again. Every instance also carries marks of its own (the docker
+//! driver's labels, the process driver's environment and handle file), so that
+//! [`Driver::list_instances`] finds it without the agent's handle: a lost or
+//! damaged handle file never leaves a duplicate running.
 //!
 //! How a driver must be driven is its [`Capabilities`] (Nomad's
 //! `Capabilities`): besides the optional features, how many operations the
@@ -122,6 +125,30 @@ pub struct Handle {
     pub started_at_ms: i64,
     /// Driver-specific data needed to re-attach.
     pub data: serde_json::Value,
+}
+
+/// One instance [`Driver::list_instances`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listed {
+    /// How to act on the instance.
+    pub handle: Handle,
+    /// The replica it was started as, from its marks; `None` when they do
+    /// not say.
+    pub replica: Option<ListedReplica>,
+    /// `handle` is what [`Driver::start`] returned for the instance (its
+    /// address and ports included), so the agent can adopt it as if it had
+    /// persisted it. A driver whose marks do not hold all of that lists its
+    /// instances for removal only.
+    pub adoptable: bool,
+}
+
+/// Which replica a listed instance was started as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedReplica {
+    /// The replica.
+    pub key: ReplicaKey,
+    /// The workload generation it was started with.
+    pub workload_generation: u64,
 }
 
 /// What a driver sees of an instance.
@@ -495,15 +522,19 @@ pub trait Driver: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<i32>, DriverError>> + Send;
 
     /// Every instance the runtime holds for `provider`, running or not,
-    /// whether or not the agent knows it. When the agent starts, the
-    /// supervisor destroys each one that no recovered replica holds: instances
-    /// started just before an agent died (before their handle was persisted)
-    /// or left by replicas that are no longer assigned. Drivers whose instances
-    /// cannot outlive the agent's knowledge of them keep the default: none.
+    /// whether or not the agent knows it, found by the marks the driver gives
+    /// every instance it starts (labels, an environment, a file). When the
+    /// agent starts, the supervisor adopts the ones it can ([`Listed`]) for
+    /// replicas it holds no running instance of — its handle file lost or
+    /// damaged, or older than the instance — and stops and destroys the rest
+    /// that no recovered replica holds: duplicates, instances started just
+    /// before an agent died (before their handle was persisted), instances of
+    /// replicas that are no longer assigned. Drivers whose instances cannot
+    /// outlive the agent's knowledge of them keep the default: none.
     fn list_instances(
         &self,
         provider: &str,
-    ) -> impl Future<Output = Result<Vec<Handle>, DriverError>> + Send {
+    ) -> impl Future<Output = Result<Vec<Listed>, DriverError>> + Send {
         let _ = provider;
         async { Ok(Vec::new()) }
     }

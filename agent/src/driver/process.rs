@@ -10,6 +10,29 @@
 //! therefore records the process start time (field 22 of `/proc/<pid>/stat`), and
 //! the driver treats a pid whose start time differs as a process that is gone.
 //!
+//! Marks, so that replicas are found without the agent's `replicas.json`
+//! ([`Driver::list_instances`]), the way the docker driver finds its containers
+//! by label:
+//! - **The handle file.** `start` writes the instance's handle, with its
+//!   replica and workload generation, to `replicas/<app>-<index>/handle` (a
+//!   checked file, [`crate::checked`]) before it returns, so before the agent
+//!   persists it: the file is never older than `replicas.json`. Listing reads
+//!   these files, and a process whose pid and start time match one is listed
+//!   as adoptable with exactly the handle `start` returned.
+//! - **The environment.** Every replica is started with
+//!   `SKYMIRROR_PROCESS_OWNER` (this driver's absolute state directory) and
+//!   `SKYMIRROR_WORKLOAD_GENERATION` beside `SKYMIRROR_PROVIDER`,
+//!   `SKYMIRROR_APP` and `SKYMIRROR_INDEX`. Listing also scans `/proc` for
+//!   process group leaders whose environment (`/proc/<pid>/environ`) carries
+//!   this driver's owner and the provider, and whose parent does not (a
+//!   replica's own children inherit its environment): a replica started just
+//!   before the agent died, before its handle file was written, or whose
+//!   handle file is gone or damaged. Those are listed for removal only — the
+//!   environment does not hold everything a handle does — with their start
+//!   time, so a stop never reaches a later process that reused the pid.
+//!   Apps that rewrite their environment block (`setproctitle`) are found by
+//!   their handle file only.
+//!
 //! Output: the two logs only grow while the replica directory lives (a
 //! restarted or replaced instance appends to them), so [`Driver::logs`] reads
 //! them from the end: the last lines of `stdout.log`, then those of
@@ -41,8 +64,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{
-    Capabilities, Driver, DriverError, Handle, Inspection, LogOptions, MAX_LOG_CHUNK, ReplicaKey,
-    ReplicaSpec,
+    Capabilities, Driver, DriverError, Handle, Inspection, Listed, ListedReplica, LogOptions,
+    MAX_LOG_CHUNK, ReplicaKey, ReplicaSpec,
 };
 
 /// Driver kind stored in every handle this driver makes.
@@ -67,6 +90,16 @@ const INSPECT_INTERVAL: Duration = Duration::from_millis(250);
 /// Beyond the grace, a stop polls for the exit (`POLL`), sends SIGKILL and
 /// waits up to `KILL_WAIT` for the kernel to finish the process.
 const STOP_OVERHEAD: Duration = KILL_WAIT.saturating_add(POLL.saturating_mul(2));
+/// The replica's handle file, in its directory.
+const HANDLE_FILE: &str = "handle";
+/// What the handle file's header says it holds.
+const HANDLE_KIND: &str = "process-handle";
+/// Environment mark: the absolute state directory of the driver that started
+/// the replica, so that agents of other state directories (other providers,
+/// other installations on the host) never take it for theirs.
+const OWNER_VAR: &str = "SKYMIRROR_PROCESS_OWNER";
+/// Environment mark: the workload generation the replica was started with.
+const GENERATION_VAR: &str = "SKYMIRROR_WORKLOAD_GENERATION";
 
 /// Settings of a [`ProcessDriver`].
 #[derive(Debug, Clone)]
@@ -131,6 +164,20 @@ struct ProcessData {
     env: Vec<(String, String)>,
 }
 
+/// What the handle file of a replica holds: the instance's handle as `start`
+/// returned it, and which replica it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct HandleRecord {
+    /// Provider the replica runs for.
+    provider: String,
+    /// The replica.
+    key: ReplicaKey,
+    /// The workload generation it was started with.
+    workload_generation: u64,
+    /// The handle `start` returned.
+    handle: Handle,
+}
+
 /// The fields of `/proc/<pid>/stat` the driver uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ProcStat {
@@ -138,6 +185,8 @@ struct ProcStat {
     comm: String,
     /// State letter: `R`, `S`, `Z`, ...
     state: char,
+    /// Parent process id.
+    ppid: i32,
     /// Process group id.
     pgrp: i32,
     /// Session id.
@@ -171,6 +220,133 @@ impl ProcessDriver {
             .state_dir
             .join("replicas")
             .join(format!("{}-{}", key.app, key.index))
+    }
+
+    /// The value of the replicas' [`OWNER_VAR`] mark.
+    fn owner(&self) -> String {
+        self.config.state_dir.to_string_lossy().into_owned()
+    }
+
+    /// The replicas whose handle files say they run for `provider`, running
+    /// or not; damaged files are logged and skipped (their processes, if
+    /// any, are found by their environment).
+    fn listed_by_handle_file(&self, provider: &str) -> Result<Vec<Listed>, DriverError> {
+        let replicas = self.config.state_dir.join("replicas");
+        let entries = std::fs::read_dir(&replicas)
+            .map_err(|e| DriverError::io(format!("list {}", replicas.display()), e))?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path().join(HANDLE_FILE);
+            let raw = match std::fs::read(&path) {
+                Ok(raw) => raw,
+                // A replica directory of a release before handle files, or
+                // of a replica that never started.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read a replica's handle file");
+                    continue;
+                }
+            };
+            let record = match read_handle_file(&raw) {
+                Ok(record) => record,
+                Err(why) => {
+                    tracing::warn!(file = %path.display(), problem = %why, "a replica's handle file is unusable; its process, if it runs, is found by its environment");
+                    continue;
+                }
+            };
+            if record.provider != provider || record.handle.driver != KIND {
+                continue;
+            }
+            out.push(Listed {
+                replica: Some(ListedReplica {
+                    key: record.key,
+                    workload_generation: record.workload_generation,
+                }),
+                handle: record.handle,
+                adoptable: true,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Running replicas of `provider` marked as this driver's in their
+    /// environment, but not named by any of `known` (pid and start time):
+    /// for removal only.
+    fn listed_by_environment(
+        &self,
+        provider: &str,
+        known: &[(u32, u64)],
+    ) -> Result<Vec<Listed>, DriverError> {
+        let owner = self.owner();
+        let ours = |pid: i32| {
+            u32::try_from(pid)
+                .ok()
+                .and_then(|pid| read_environ(pid).ok())
+                .is_some_and(|env| env.get(OWNER_VAR) == Some(&owner))
+        };
+        let entries = std::fs::read_dir("/proc").map_err(|e| DriverError::io("list /proc", e))?;
+        let mut out = Vec::new();
+        for pid in entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        {
+            // Processes come and go while the scan runs: any that cannot be
+            // read is one that is gone, or not ours to read.
+            let Ok(stat) = read_stat(pid) else { continue };
+            let Ok(raw_pid) = i32::try_from(pid) else {
+                continue;
+            };
+            if stat.pgrp != raw_pid || matches!(stat.state, 'Z' | 'X') {
+                continue;
+            }
+            if known.contains(&(pid, stat.start_time)) {
+                continue;
+            }
+            let Ok(env) = read_environ(pid) else { continue };
+            if env.get(OWNER_VAR) != Some(&owner)
+                || env.get("SKYMIRROR_PROVIDER").map(String::as_str) != Some(provider)
+                || ours(stat.ppid)
+            {
+                continue;
+            }
+            let replica = (|| {
+                let key = ReplicaKey {
+                    app: env.get("SKYMIRROR_APP")?.clone(),
+                    index: env.get("SKYMIRROR_INDEX")?.parse().ok()?,
+                };
+                Some(ListedReplica {
+                    workload_generation: env.get(GENERATION_VAR)?.parse().ok()?,
+                    key,
+                })
+            })();
+            // Its own directory when the marks name a usable one; `destroy`
+            // refuses anything else.
+            let replica_dir = match &replica {
+                Some(r) if valid_app_name(&r.key.app) => self.replica_dir(&r.key),
+                _ => self.config.state_dir.join("replicas"),
+            };
+            let data = ProcessData {
+                pid,
+                start_time: stat.start_time,
+                working_dir: replica_dir.clone(),
+                replica_dir,
+                env: Vec::new(),
+            };
+            out.push(Listed {
+                handle: Handle {
+                    driver: KIND.to_string(),
+                    instance_id: pid.to_string(),
+                    address: None,
+                    ports: BTreeMap::new(),
+                    started_at_ms: 0,
+                    data: serde_json::to_value(&data)
+                        .map_err(|e| DriverError::Runtime(format!("encode handle data: {e}")))?,
+                },
+                replica,
+                adoptable: false,
+            });
+        }
+        Ok(out)
     }
 
     /// Locks the child table; a panic elsewhere cannot leave it inconsistent
@@ -316,7 +492,7 @@ impl Driver for ProcessDriver {
             ))
         })?;
         // The app name becomes a path component; keep it from escaping `replicas/`.
-        if key.app.is_empty() || key.app.starts_with('.') || key.app.contains(['/', '\0']) {
+        if !valid_app_name(&key.app) {
             return Err(DriverError::InvalidWorkload(format!(
                 "app {:?}: not usable as a directory name",
                 key.app
@@ -341,7 +517,9 @@ impl Driver for ProcessDriver {
         }
 
         let ports = super::pick_host_ports(self.config.bind_host, workload)?;
-        let env = self.replica_env(spec, &ports)?;
+        let mut env = self.replica_env(spec, &ports)?;
+        env.push((OWNER_VAR.into(), self.owner()));
+        env.push((GENERATION_VAR.into(), spec.workload_generation.to_string()));
         let child_path = env.iter().rev().find(|(k, _)| k == "PATH").map(|(_, v)| v);
         let program = resolve_command(command, &working_dir, child_path.map(OsString::from))
             .ok_or_else(|| {
@@ -454,11 +632,11 @@ impl Driver for ProcessDriver {
         let data = ProcessData {
             pid,
             start_time,
-            replica_dir,
+            replica_dir: replica_dir.clone(),
             working_dir,
             env,
         };
-        Ok(Handle {
+        let handle = Handle {
             driver: KIND.to_string(),
             instance_id: pid.to_string(),
             address: ports
@@ -468,7 +646,20 @@ impl Driver for ProcessDriver {
             started_at_ms,
             data: serde_json::to_value(&data)
                 .map_err(|e| DriverError::Runtime(format!("encode handle data: {e}")))?,
-        })
+        };
+        let record = HandleRecord {
+            provider: spec.provider.clone(),
+            key: key.clone(),
+            workload_generation: spec.workload_generation,
+            handle: handle.clone(),
+        };
+        // Without its handle file the replica is still found by its
+        // environment, for removal: a failed write costs a restart after an
+        // agent restart that also lost `replicas.json`, never a duplicate.
+        if let Err(e) = write_handle_file(&replica_dir, &record).await {
+            tracing::warn!(replica = %key, pid, error = %e, "cannot write the replica's handle file");
+        }
+        Ok(handle)
     }
 
     async fn recover(&self, handle: &Handle) -> Result<Inspection, DriverError> {
@@ -567,6 +758,20 @@ impl Driver for ProcessDriver {
                 Ok(None)
             }
         }
+    }
+
+    /// The replicas named by handle files (adoptable, running or not), then
+    /// the running ones found only by their environment (for removal). See
+    /// the module docs.
+    async fn list_instances(&self, provider: &str) -> Result<Vec<Listed>, DriverError> {
+        let mut listed = self.listed_by_handle_file(provider)?;
+        let mut known = Vec::with_capacity(listed.len());
+        for l in &mut listed {
+            let data = decode(&l.handle)?;
+            known.push((data.pid, data.start_time));
+        }
+        listed.extend(self.listed_by_environment(provider, &known)?);
+        Ok(listed)
     }
 
     async fn logs(
@@ -731,6 +936,46 @@ fn decode(handle: &Handle) -> Result<ProcessData, DriverError> {
     })
 }
 
+/// Whether an app name is usable as a directory name under `replicas/`.
+fn valid_app_name(app: &str) -> bool {
+    !(app.is_empty() || app.starts_with('.') || app.contains(['/', '\0']))
+}
+
+/// Writes the handle file of a replica (see the module docs).
+async fn write_handle_file(replica_dir: &Path, record: &HandleRecord) -> io::Result<()> {
+    let payload = serde_json::to_vec(record).map_err(io::Error::other)?;
+    let path = replica_dir.join(HANDLE_FILE);
+    tokio::task::spawn_blocking(move || {
+        crate::checked::write_atomic(&path, &crate::checked::seal(HANDLE_KIND, &payload))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// The record in a handle file's bytes, or what is wrong with them.
+fn read_handle_file(raw: &[u8]) -> Result<HandleRecord, String> {
+    match crate::checked::open(raw, HANDLE_KIND) {
+        Ok(crate::checked::Opened::Checked(payload)) => {
+            serde_json::from_slice(payload).map_err(|e| format!("damaged: {e}"))
+        }
+        Ok(crate::checked::Opened::Legacy(_)) => Err("damaged: it has no header".into()),
+        Err(damage) => Err(damage.to_string()),
+    }
+}
+
+/// The environment a process was started with (`/proc/<pid>/environ`).
+fn read_environ(pid: u32) -> io::Result<HashMap<String, String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ"))?;
+    Ok(raw
+        .split(|b| *b == 0)
+        .filter_map(|var| {
+            let var = std::str::from_utf8(var).ok()?;
+            let (name, value) = var.split_once('=')?;
+            Some((name.to_string(), value.to_string()))
+        })
+        .collect())
+}
+
 /// Converts a pid for nix.
 fn to_raw_pid(pid: u32) -> Result<i32, DriverError> {
     i32::try_from(pid).map_err(|_| DriverError::Runtime(format!("pid {pid} out of range")))
@@ -783,6 +1028,7 @@ fn parse_stat(text: &str) -> Option<ProcStat> {
     Some(ProcStat {
         comm,
         state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
         pgrp: fields.get(2)?.parse().ok()?,
         session: fields.get(3)?.parse().ok()?,
         start_time: fields.get(19)?.parse().ok()?,
@@ -1295,5 +1541,174 @@ mod tests {
             .stop(&handle, Duration::from_secs(5))
             .await
             .expect("stop");
+    }
+
+    /// Kills, when dropped, every process the driver of `dir` marked as its
+    /// own, whatever group or session it is in.
+    struct KillMarked(String);
+
+    impl Drop for KillMarked {
+        fn drop(&mut self) {
+            for pid in marked(&self.0) {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// Live processes carrying the owner mark `owner`.
+    fn marked(owner: &str) -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| read_stat(*pid).is_ok_and(|s| s.state != 'Z'))
+            .filter(|pid| {
+                read_environ(*pid)
+                    .is_ok_and(|env| env.get(OWNER_VAR).map(String::as_str) == Some(owner))
+            })
+            .collect()
+    }
+
+    fn indexed(app: &str, index: u32, provider: &str, workload: Workload) -> ReplicaSpec {
+        ReplicaSpec {
+            key: ReplicaKey {
+                app: app.to_string(),
+                index,
+            },
+            provider: provider.into(),
+            workload,
+            workload_generation: 4,
+        }
+    }
+
+    /// `instance id → (replica, adoptable)` of a listing.
+    fn by_instance(listed: &[Listed]) -> BTreeMap<String, (Option<String>, bool)> {
+        listed
+            .iter()
+            .map(|l| {
+                let replica = l
+                    .replica
+                    .as_ref()
+                    .map(|r| format!("{}@{}", r.key, r.workload_generation));
+                (l.handle.instance_id.clone(), (replica, l.adoptable))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn replicas_are_listed_by_their_handle_files_and_their_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = driver(&dir);
+        let _cleanup = KillMarked(driver.owner());
+        let sleep = workload("sleep", &["60"]);
+        let (web0, _g0) = start(&driver, &indexed("web", 0, "local", sleep.clone())).await;
+        // Its child leads a session of its own but inherits the marks: it is
+        // the replica's, not an instance.
+        let forks = workload("sh", &["-c", "setsid sleep 60 & exec sleep 61"]);
+        let (web1, _g1) = start(&driver, &indexed("web", 1, "local", forks)).await;
+        let (other, _g2) = start(&driver, &indexed("api", 0, "elsewhere", sleep.clone())).await;
+        // Another state directory is another agent's.
+        let dir2 = tempfile::tempdir().expect("tempdir");
+        let stranger = ProcessDriver::new(ProcessDriverConfig::new(dir2.path())).expect("driver");
+        let _cleanup2 = KillMarked(stranger.owner());
+        let (_, _g3) = start(&stranger, &indexed("web", 2, "local", sleep.clone())).await;
+        let web1_pid: u32 = web1.instance_id.parse().expect("pid");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while marked(&driver.owner()).len() < 4 {
+            assert!(Instant::now() < deadline, "setsid's child did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        wait_comm(web1_pid, "sleep").await;
+
+        let listed = driver.list_instances("local").await.expect("list");
+        assert_eq!(
+            by_instance(&listed),
+            [
+                (web0.instance_id.clone(), (Some("web/0@4".into()), true)),
+                (web1.instance_id.clone(), (Some("web/1@4".into()), true)),
+            ]
+            .into()
+        );
+        let of = |id: &str| {
+            listed
+                .iter()
+                .find(|l| l.handle.instance_id == id)
+                .expect("listed")
+        };
+        assert_eq!(
+            of(&web0.instance_id).handle,
+            web0,
+            "not the handle start returned"
+        );
+        assert_eq!(
+            by_instance(&driver.list_instances("elsewhere").await.expect("list")),
+            [(other.instance_id.clone(), (Some("api/0@4".into()), true))].into()
+        );
+
+        // Without its handle file (deleted, or damaged) a replica is still
+        // found, by its environment, for removal only.
+        std::fs::remove_file(driver.replica_dir(&web0_key()).join(HANDLE_FILE)).expect("delete");
+        let handle1 = driver
+            .replica_dir(&ReplicaKey {
+                app: "web".into(),
+                index: 1,
+            })
+            .join(HANDLE_FILE);
+        let raw = std::fs::read(&handle1).expect("read");
+        std::fs::write(&handle1, &raw[..raw.len() / 2]).expect("truncate");
+        let listed = driver.list_instances("local").await.expect("list");
+        assert_eq!(
+            by_instance(&listed),
+            [
+                (web0.instance_id.clone(), (Some("web/0@4".into()), false)),
+                (web1.instance_id.clone(), (Some("web/1@4".into()), false)),
+            ]
+            .into()
+        );
+        // Stopping what was found that way stops the replica and its group.
+        for l in &listed {
+            driver
+                .stop(&l.handle, Duration::from_secs(5))
+                .await
+                .expect("stop");
+        }
+        for h in [&web0, &web1] {
+            assert!(matches!(
+                driver.inspect(h).await.expect("inspect"),
+                Inspection::Exited { .. }
+            ));
+        }
+    }
+
+    fn web0_key() -> ReplicaKey {
+        ReplicaKey {
+            app: "web".into(),
+            index: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_exited_replica_is_listed_by_its_handle_file_and_a_reused_pid_is_not_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = driver(&dir);
+        let _cleanup = KillMarked(driver.owner());
+        let (handle, _guard) =
+            start(&driver, &indexed("web", 0, "local", workload("true", &[]))).await;
+        wait_exit(&driver, &handle).await;
+        let listed = driver.list_instances("local").await.expect("list");
+        assert_eq!(listed.len(), 1);
+        assert!(listed[0].adoptable);
+        assert!(matches!(
+            driver.recover(&listed[0].handle).await.expect("recover"),
+            Inspection::Exited { .. }
+        ));
+        // Destroying it removes its directory, handle file included.
+        driver.destroy(&listed[0].handle).await.expect("destroy");
+        assert!(
+            driver
+                .list_instances("local")
+                .await
+                .expect("list")
+                .is_empty()
+        );
     }
 }
