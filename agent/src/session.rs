@@ -211,11 +211,12 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
     // Subscribe before the snapshot: a change in between then wakes the loop
     // (at worst for an empty delta) instead of waiting for the next change.
     let mut changes = sup.board.subscribe();
-    let (replicas, revision) = sup.board.snapshot();
+    let (replicas, revision, store) = sup.board.snapshot();
     // Revision of the last status the daemon was sent. Heartbeats carry this,
     // not the supervisor's newest revision: the daemon trusts replica states
     // as reflecting a revision only once it has received them.
     let mut reported_revision = revision;
+    let mut reported_store = store.clone();
     let hello = pb::AgentMessage {
         message: Some(pb::agent_message::Message::Hello(pb::Hello {
             provider: id.provider.clone(),
@@ -225,6 +226,8 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
             driver: id.driver.clone(),
             replicas,
             applied_revision: revision,
+            applied_store_id: store.store_id.clone(),
+            applied_epoch: store.epoch,
             capabilities: Some(capabilities_to_wire(
                 &id.capabilities,
                 longest_stop(&id.capabilities),
@@ -318,7 +321,13 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
                 if sent.len() > 64 {
                     sent.pop_front();
                 }
-                let hb = pb::Heartbeat { time_ms: now_ms(), applied_revision: reported_revision, seq };
+                let hb = pb::Heartbeat {
+                    time_ms: now_ms(),
+                    applied_revision: reported_revision,
+                    seq,
+                    applied_store_id: reported_store.store_id.clone(),
+                    applied_epoch: reported_store.epoch,
+                };
                 if tx.send(pb::AgentMessage { message: Some(pb::agent_message::Message::Heartbeat(hb)) }).await.is_err() {
                     return Ok("outbound queue closed".into());
                 }
@@ -328,15 +337,22 @@ async fn session(id: &Identity, sup: &SupervisorHandle) -> Result<String, Sessio
                     return Ok("supervisor stopped".into());
                 }
                 let delta = sup.board.drain();
-                if delta.replicas.is_empty() && delta.removed.is_empty() && delta.revision == reported_revision {
+                if delta.replicas.is_empty()
+                    && delta.removed.is_empty()
+                    && delta.revision == reported_revision
+                    && delta.store == reported_store
+                {
                     continue;
                 }
                 reported_revision = delta.revision;
+                reported_store = delta.store.clone();
                 let report = pb::StatusReport {
                     replicas: delta.replicas,
                     full: false,
                     removed: delta.removed,
                     applied_revision: delta.revision,
+                    applied_store_id: delta.store.store_id,
+                    applied_epoch: delta.store.epoch,
                 };
                 if tx.send(pb::AgentMessage { message: Some(pb::agent_message::Message::Status(report)) }).await.is_err() {
                     return Ok("outbound queue closed".into());

@@ -54,7 +54,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::convert::{DesiredApp, DesiredSet};
+use crate::convert::{DesiredApp, DesiredSet, StoreEpoch};
 use crate::driver::{
     Capabilities, Driver, DriverError, DriverSettings, Handle, Inspection, Listed, ReplicaKey,
     ReplicaSpec, RuntimeHealth,
@@ -115,6 +115,8 @@ struct BoardInner {
     dirty: BTreeSet<ReplicaKey>,
     removed: BTreeSet<ReplicaKey>,
     revision: u64,
+    /// The store and epoch `revision` belongs to.
+    store: StoreEpoch,
 }
 
 /// Changes since the last drain.
@@ -126,6 +128,8 @@ pub struct Delta {
     pub removed: Vec<String>,
     /// Revision being converged to.
     pub revision: u64,
+    /// The store and epoch that revision belongs to.
+    pub store: StoreEpoch,
 }
 
 impl StatusBoard {
@@ -141,11 +145,15 @@ impl StatusBoard {
     }
 
     /// Every current status, and clears the pending changes (used for a hello).
-    pub fn snapshot(&self) -> (Vec<pb::ReplicaStatus>, u64) {
+    pub fn snapshot(&self) -> (Vec<pb::ReplicaStatus>, u64, StoreEpoch) {
         let mut b = self.lock();
         b.dirty.clear();
         b.removed.clear();
-        (b.current.values().cloned().collect(), b.revision)
+        (
+            b.current.values().cloned().collect(),
+            b.revision,
+            b.store.clone(),
+        )
     }
 
     /// Pending changes.
@@ -160,13 +168,20 @@ impl StatusBoard {
                 .collect(),
             removed: removed.iter().map(ToString::to_string).collect(),
             revision: b.revision,
+            store: b.store.clone(),
         }
     }
 
-    fn update(&self, statuses: BTreeMap<ReplicaKey, pb::ReplicaStatus>, revision: u64) {
+    fn update(
+        &self,
+        statuses: BTreeMap<ReplicaKey, pb::ReplicaStatus>,
+        revision: u64,
+        store: &StoreEpoch,
+    ) {
         let mut b = self.lock();
-        let mut changed = b.revision != revision;
+        let mut changed = b.revision != revision || &b.store != store;
         b.revision = revision;
+        b.store = store.clone();
         let gone: Vec<ReplicaKey> = b
             .current
             .keys()
@@ -1823,8 +1838,15 @@ impl<D: Driver> Supervisor<D> {
             }
             statuses.insert(key, s);
         }
-        self.board
-            .update(statuses, self.desired.as_ref().map_or(0, |d| d.revision));
+        self.board.update(
+            statuses,
+            self.desired.as_ref().map_or(0, |d| d.revision),
+            &self
+                .desired
+                .as_ref()
+                .map(|d| d.store.clone())
+                .unwrap_or_default(),
+        );
     }
 
     fn persist(&mut self) {
@@ -2155,12 +2177,21 @@ mod tests {
             state: state as i32,
             ..Default::default()
         };
-        board.update([(key("web", 0), s(pb::ReplicaState::Starting))].into(), 1);
-        board.update([(key("web", 0), s(pb::ReplicaState::Healthy))].into(), 1);
+        let store = StoreEpoch::default();
+        board.update(
+            [(key("web", 0), s(pb::ReplicaState::Starting))].into(),
+            1,
+            &store,
+        );
+        board.update(
+            [(key("web", 0), s(pb::ReplicaState::Healthy))].into(),
+            1,
+            &store,
+        );
         let d = board.drain();
         assert_eq!(d.replicas.len(), 1);
         assert_eq!(d.replicas[0].state(), pb::ReplicaState::Healthy);
-        board.update(BTreeMap::new(), 2);
+        board.update(BTreeMap::new(), 2, &store);
         let d = board.drain();
         assert_eq!(d.removed, vec!["web/0".to_string()]);
         assert_eq!(d.revision, 2);
@@ -2452,7 +2483,7 @@ mod tests {
         let mut changes = board.subscribe();
         let wait = async {
             loop {
-                let (all, _) = board.snapshot();
+                let (all, _, _) = board.snapshot();
                 if done(&all) {
                     return all;
                 }
@@ -3064,7 +3095,7 @@ mod tests {
 
         let (handle, _stop) = restore_from(&fake, dir.path()).await;
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let (all, revision) = handle.board.snapshot();
+        let (all, revision, _) = handle.board.snapshot();
         assert_eq!(revision, 0, "the hello asks for the assignment");
         assert_eq!(all.len(), 2);
         assert!(all.iter().all(|r| r.state() == pb::ReplicaState::Running));

@@ -16,6 +16,7 @@ use crate::error::DaemonError;
 use crate::logs::LogAnswer;
 use crate::model::{EventReason, NewEvent, ReplicaState, ReportedReplica, now_ms};
 use crate::registry::{AgentCapabilities, AgentSeen, ToAgent, Welcome};
+use crate::store::StoreIdentity;
 
 /// Most replicas one hello or report may carry.
 pub const MAX_REPLICAS_PER_REPORT: usize = 10_000;
@@ -97,6 +98,9 @@ pub struct Hello {
     pub replicas: Vec<ReplicaReport>,
     /// Revision of the last assignment it applied.
     pub applied_revision: u64,
+    /// The store and epoch that revision belongs to; `None` from an agent of
+    /// a release before store identities.
+    pub applied_store: Option<StoreIdentity>,
     /// What its driver said of itself.
     pub capabilities: AgentCapabilities,
 }
@@ -110,6 +114,8 @@ pub enum FromAgent {
         seq: u64,
         /// Revision the agent is converging to.
         applied_revision: u64,
+        /// The store and epoch that revision belongs to.
+        applied_store: Option<StoreIdentity>,
     },
     /// Replica status.
     Status {
@@ -121,6 +127,8 @@ pub enum FromAgent {
         full: bool,
         /// Revision the agent applied.
         applied_revision: u64,
+        /// The store and epoch that revision belongs to.
+        applied_store: Option<StoreIdentity>,
     },
     /// Part of an answer to a request for output.
     Logs(LogAnswer),
@@ -191,7 +199,8 @@ impl Daemon {
                 version: hello.version.clone(),
                 last_seen: Instant::now(),
                 last_seen_ms: now_ms(),
-                applied_revision: hello.applied_revision,
+                applied_revision: self
+                    .applied(hello.applied_revision, hello.applied_store.as_ref()),
                 capabilities: hello.capabilities,
             },
             tx,
@@ -245,25 +254,27 @@ impl Daemon {
             FromAgent::Heartbeat {
                 seq,
                 applied_revision,
+                applied_store,
             } => {
                 ack = Some(ToAgent::HeartbeatAck {
                     seq,
                     lease: self.config.lease,
                 });
-                Some(applied_revision)
+                Some(self.applied(applied_revision, applied_store.as_ref()))
             }
             FromAgent::Status {
                 replicas,
                 removed,
                 full,
                 applied_revision,
+                applied_store,
             } => {
                 if replicas.len() > MAX_REPLICAS_PER_REPORT {
                     tracing::warn!(provider, "status report with too many replicas ignored");
                     return;
                 }
                 self.report(provider, replicas, removed, full);
-                Some(applied_revision)
+                Some(self.applied(applied_revision, applied_store.as_ref()))
             }
             FromAgent::Logs(answer) => {
                 crate::logs::deliver(self, provider, conn_id, answer);
@@ -278,6 +289,17 @@ impl Daemon {
             }
         };
         self.registry.heard(provider, conn_id, applied, ack);
+    }
+
+    /// The revision an agent applied, as this store counts it: revisions
+    /// compare only within one store epoch, so one of another store or epoch
+    /// counts as none (an agent of a release before store identities says
+    /// none, and is taken at its word).
+    fn applied(&self, revision: u64, store: Option<&StoreIdentity>) -> u64 {
+        match store {
+            Some(s) if s != &self.identity => 0,
+            _ => revision,
+        }
     }
 
     /// Ends session `conn_id` of `provider` (`why` says how).

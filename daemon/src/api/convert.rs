@@ -108,6 +108,12 @@ fn reports_from_pb(provider: &str, replicas: Vec<pb::ReplicaStatus>) -> Vec<Repl
         .collect()
 }
 
+/// The store identity an agent names; `None` when it names none (a release
+/// before store identities).
+fn store_of(store_id: String, epoch: u64) -> Option<crate::store::StoreIdentity> {
+    (!store_id.is_empty()).then_some(crate::store::StoreIdentity { store_id, epoch })
+}
+
 /// An agent's hello.
 pub fn hello_from_pb(h: pb::Hello) -> Hello {
     let capabilities = AgentCapabilities {
@@ -125,6 +131,7 @@ pub fn hello_from_pb(h: pb::Hello) -> Hello {
         version: bounded(h.version),
         driver: h.driver,
         applied_revision: h.applied_revision,
+        applied_store: store_of(h.applied_store_id, h.applied_epoch),
         capabilities,
     }
 }
@@ -136,6 +143,7 @@ pub fn from_agent_pb(provider: &str, msg: pb::AgentMessage) -> FromAgent {
         Some(Message::Heartbeat(hb)) => FromAgent::Heartbeat {
             seq: hb.seq,
             applied_revision: hb.applied_revision,
+            applied_store: store_of(hb.applied_store_id, hb.applied_epoch),
         },
         Some(Message::Status(report)) => FromAgent::Status {
             replicas: reports_from_pb(provider, report.replicas),
@@ -149,6 +157,7 @@ pub fn from_agent_pb(provider: &str, msg: pb::AgentMessage) -> FromAgent {
                 .collect(),
             full: report.full,
             applied_revision: report.applied_revision,
+            applied_store: store_of(report.applied_store_id, report.applied_epoch),
         },
         Some(Message::Logs(answer)) => FromAgent::Logs(LogAnswer {
             request_id: answer.request_id,

@@ -171,6 +171,16 @@ impl IdentityFile {
     }
 }
 
+/// The epoch a restore or a reset starts: above every epoch it follows, and
+/// at least the wall clock in ms, so two restores of one backup (or into an
+/// emptied data dir, which keeps no record of the last epoch) never share an
+/// epoch that agents would order revisions across.
+pub(super) fn next_epoch(after: u64) -> u64 {
+    after
+        .saturating_add(1)
+        .max(u64::try_from(now_ms()).unwrap_or(0))
+}
+
 /// A new identity from the OS CSPRNG.
 pub(super) fn new_identity(epoch: u64) -> Result<StoreIdentity, StoreError> {
     Ok(StoreIdentity {

@@ -15,7 +15,9 @@ use std::sync::Mutex;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use super::identity::{IdentityFile, IdentityFileV1, StoreIdentity, created_now, new_identity};
+use super::identity::{
+    IdentityFile, IdentityFileV1, StoreIdentity, created_now, new_identity, next_epoch,
+};
 use super::records::Versioned;
 use super::{Batch, SCHEMA_VERSION, Store, StoreError, decode, encode};
 use crate::model::{
@@ -230,9 +232,9 @@ impl SledStore {
             let identity = match previous {
                 Some(p) => StoreIdentity {
                     store_id: p.store_id,
-                    epoch: p.epoch + 1,
+                    epoch: next_epoch(p.epoch),
                 },
-                None => new_identity(1)?,
+                None => new_identity(next_epoch(0))?,
             };
             return Self::create(dir, &file, identity);
         }
