@@ -224,6 +224,7 @@ fn up(addr: SocketAddr, provider: &str, tier: i32) -> pb::Upstream {
         replica: format!("web/{provider}/{}", addr.port()),
         weight: 1,
         tier,
+        ..Default::default()
     }
 }
 
@@ -238,6 +239,7 @@ fn route(listen: &str, hosts: &[&str], protocol: &str, upstreams: Vec<pb::Upstre
         hosts: hosts.iter().map(|h| (*h).to_string()).collect(),
         protocol: protocol.into(),
         upstreams,
+        ..Default::default()
     }
 }
 
