@@ -448,7 +448,7 @@ fn routing_check(r: &Routing, w: &Workload, issues: &mut Vec<Issue>) {
                 duration::format(timeout)
             ),
         ));
-    } else if timeout.subsec_nanos() % 1_000_000 != 0 {
+    } else if !timeout.subsec_nanos().is_multiple_of(1_000_000) {
         issues.push(Issue::new(
             at("responseTimeout"),
             format!(
