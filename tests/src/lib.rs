@@ -784,9 +784,9 @@ impl Cluster {
         timeout: Duration,
     ) -> Result<std::process::ExitStatus> {
         anyhow::ensure!(index < self.edges.len(), "no front door {index}");
-        let mut child = self.edges.remove(index);
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.edges[index].id())?);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let mut child = self.edges.remove(index);
         let (tx, rx) = mpsc::channel();
         let waiter = std::thread::spawn(move || {
             let _ = tx.send(child.wait());
