@@ -164,3 +164,160 @@ fn sigterm_stops_the_front_door_gracefully() -> Result<()> {
     );
     Ok(())
 }
+
+/// An app that records every POST body, one line per request, in a file of
+/// its own replica under `$POST_LOG_DIR`, and answers `GET /healthz`.
+const COUNTING_APP: &str = r#"
+import os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+LOG = os.path.join(os.environ["POST_LOG_DIR"], os.environ["SKYMIRROR_REPLICA"].replace("/", "_"))
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def answer(self, body):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.answer(b"ok")
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        with open(LOG, "ab") as f:
+            f.write(body + b"\n")
+        self.answer(b"recorded")
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+/// One POST over a fresh connection; the status, or why there was none.
+fn post(front: SocketAddr, body: &str) -> Result<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&front, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "POST /orders HTTP/1.1\r\nHost: {front}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    raw.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("bad response {raw:?}"))
+}
+
+#[test]
+fn a_post_is_never_delivered_twice_when_a_provider_freezes() -> Result<()> {
+    if !std::path::Path::new("/usr/bin/python3").exists() {
+        ensure!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "this test needs /usr/bin/python3, and CI=true"
+        );
+        eprintln!("skipping: no /usr/bin/python3");
+        return Ok(());
+    }
+    let mut c = Cluster::start()?;
+    let script = c.write_spec("counting_app.py", COUNTING_APP)?;
+    let logs = script.with_file_name("posts");
+    std::fs::create_dir_all(&logs)?;
+    c.apply_ok("providers.yaml", &providers_yaml(&["aa", "bb", "cc"]))?;
+    for p in ["aa", "bb", "cc"] {
+        c.start_agent(p)?;
+    }
+    let front = free_port()?;
+    let app = format!(
+        "apiVersion: skymirror.dev/v1
+kind: App
+metadata:
+  name: orders
+spec:
+  command: /usr/bin/python3
+  args: [\"{}\"]
+  env:
+    POST_LOG_DIR: \"{}\"
+  ports:
+    - name: http
+  replicas: 1
+  stopGracePeriod: 2s
+  placement:
+    mode: mirror
+  health:
+    http: {{path: /healthz, port: http}}
+    interval: 500ms
+    timeout: 400ms
+  failover:
+    failbackAfter: 2s
+  routing:
+    listen: \"{front}\"
+    port: http
+    responseTimeout: 1s
+",
+        script.display(),
+        logs.display()
+    );
+    c.apply_ok("orders.yaml", &app)?;
+    c.wait_ready("orders", &["aa", "bb", "cc"], 1, 1, WAIT)?;
+    c.start_edge(&[])?;
+    c.wait_until("the front door to take orders", WAIT, |_| {
+        Ok((post(front, "warm-up")? == 200).then_some(()))
+    })?;
+
+    // Orders flow while aa freezes; each is sent once by the client.
+    let mut statuses = Vec::new();
+    let frozen = c.signal_provider("aa", Signal::SIGSTOP)?;
+    ensure!(
+        frozen == 2,
+        "froze {frozen} processes, expected the agent and its replica"
+    );
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut n = 0;
+    while Instant::now() < until {
+        statuses.push((format!("order-{n}"), post(front, &format!("order-{n}"))?));
+        n += 1;
+    }
+    // The frozen replica wakes and handles whatever it had received.
+    c.signal_provider("aa", Signal::SIGCONT)?;
+    c.wait_state("aa", "up", WAIT)?;
+    hold(Duration::from_secs(1));
+
+    let mut delivered: std::collections::BTreeMap<String, usize> = Default::default();
+    for entry in std::fs::read_dir(&logs)? {
+        for line in std::fs::read_to_string(entry?.path())?.lines() {
+            *delivered.entry(line.to_string()).or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = delivered.iter().filter(|(_, n)| **n > 1).collect();
+    ensure!(
+        twice.is_empty(),
+        "orders delivered more than once: {twice:?}"
+    );
+    let ok = statuses.iter().filter(|(_, s)| *s == 200).count();
+    let timed_out = statuses.iter().filter(|(_, s)| *s == 504).count();
+    eprintln!(
+        "{} orders while aa was frozen: {ok} answered 200, {timed_out} answered 504 (sent to aa before its ejection), none delivered twice",
+        statuses.len()
+    );
+    for (id, status) in &statuses {
+        ensure!(
+            *status == 200 || *status == 504,
+            "{id} got {status}, expected 200 or 504"
+        );
+        if *status == 200 {
+            ensure!(
+                delivered.get(id) == Some(&1),
+                "{id} answered 200 but not recorded once"
+            );
+        }
+    }
+    ensure!(ok > statuses.len() / 2, "most orders went through");
+    Ok(())
+}
