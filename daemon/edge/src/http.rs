@@ -328,6 +328,9 @@ async fn forward(
             };
             let upstream = &route.upstreams[index];
             let now = Instant::now();
+            // A hedged request needs no ejection watch (a lock on a wake-up
+            // list shared by the workers): its hedge moves it off a silent
+            // upstream anyway.
             running[0] = Some(Running {
                 index,
                 started: now,
@@ -335,7 +338,7 @@ async fn forward(
                     client,
                     &upstream.health,
                     req,
-                    idempotent,
+                    idempotent && !hedging,
                     route.response_timeout,
                 )),
             });
@@ -424,7 +427,7 @@ async fn forward(
                 running[slot] = Some(Running {
                     index,
                     started: Instant::now(),
-                    attempt: Box::pin(send(client, &route.upstreams[index].health, req, idempotent, route.response_timeout)),
+                    attempt: Box::pin(send(client, &route.upstreams[index].health, req, false, route.response_timeout)),
                 });
             }
         }
@@ -468,9 +471,10 @@ fn traffic_failed(ctx: &ConnContext, route: &RouteState, index: usize, what: &st
     }
 }
 
-/// One attempt, its wait for a response head bounded by `timeout`.
-/// Idempotent requests also give up when the upstream is ejected while they
-/// wait (a black-holed connection never answers).
+/// One attempt, its wait for a response head bounded by `timeout`. With
+/// `watch_ejection` (idempotent requests that are not hedged) it also gives
+/// up when the upstream is ejected while it waits (a black-holed connection
+/// never answers).
 async fn send(
     client: &UpstreamClient,
     health: &super::health::Health,
