@@ -9,6 +9,11 @@
 //! Why these rules:
 //! - A silent agent whose replicas still answer is a control-plane partition,
 //!   not an outage: nothing is re-placed until the replicas fail too.
+//! - A provider is down as soon as both signals agree: its agent has been
+//!   silent past the suspect threshold *and* none of its replicas answers from
+//!   outside. Waiting for `down_after` as well would only delay full strength
+//!   on the survivors; the outside probe is what keeps a partition from being
+//!   taken for an outage, and it must say "nothing answers" to declare one.
 //! - After a daemon restart, agents get a reconnect grace before anything is
 //!   declared down, so a control-plane blink never triggers mass re-placement.
 //! - A provider that keeps dropping out is held out for a while instead of
@@ -55,7 +60,9 @@ impl Liveness {
 pub struct LivenessConfig {
     /// Silence after which a provider is suspect.
     pub suspect_after: Duration,
-    /// Silence after which a provider is down (or partitioned).
+    /// Silence after which a provider is partitioned (its replicas answer) or
+    /// down (they do not, or there is nothing to probe). A provider whose
+    /// replicas are probed and none answers is down from `suspect_after` on.
     pub down_after: Duration,
     /// After a daemon start, time agents get to reconnect before any is declared down.
     pub reconnect_grace: Duration,
@@ -189,7 +196,9 @@ pub fn step(
             (Liveness::Unknown, p.reason.clone())
         } else if silence < cfg.suspect_after && obs.connected {
             (from, p.reason.clone())
-        } else if silence < cfg.down_after {
+        } else if silence < cfg.down_after
+            && !(silence >= cfg.suspect_after && obs.replicas_answer == Some(false))
+        {
             match from {
                 Liveness::Down | Liveness::Partitioned => (from, p.reason.clone()),
                 _ => (
@@ -338,6 +347,86 @@ mod tests {
             .map(|t| t.to),
             Some(Liveness::Down)
         );
+    }
+
+    #[test]
+    fn down_as_soon_as_silence_and_the_outside_probe_agree() {
+        let cfg = LivenessConfig::default();
+        let t0 = Instant::now();
+        let mut p = ProviderLiveness::new(t0);
+        step(&mut p, &obs(t0, Some(t0), true, None), t0, &cfg, MS(0));
+        // Disconnected half a second ago, nothing answers: not yet past the
+        // suspect threshold, so only suspect.
+        let t = t0 + MS(500);
+        let tr = step(
+            &mut p,
+            &obs(t0, Some(t0), false, Some(false)),
+            t,
+            &cfg,
+            MS(0),
+        );
+        assert_eq!(tr.map(|t| t.to), Some(Liveness::Suspect));
+        // Past it, and still nothing answers: down, long before `down_after`.
+        let t = t0 + MS(1100);
+        let tr = step(
+            &mut p,
+            &obs(t0, Some(t0), false, Some(false)),
+            t,
+            &cfg,
+            MS(0),
+        );
+        assert_eq!(tr.as_ref().map(|t| t.to), Some(Liveness::Down));
+        assert!(
+            tr.is_some_and(|t| t.reason.contains("no replica answers")),
+            "{}",
+            p.reason
+        );
+    }
+
+    #[test]
+    fn answering_replicas_are_never_taken_for_an_outage() {
+        let cfg = LivenessConfig::default();
+        let t0 = Instant::now();
+        let mut p = ProviderLiveness::new(t0);
+        step(&mut p, &obs(t0, Some(t0), true, None), t0, &cfg, MS(0));
+        for ms in [1100, 2000, 2900] {
+            step(
+                &mut p,
+                &obs(t0, Some(t0), false, Some(true)),
+                t0 + MS(ms),
+                &cfg,
+                MS(0),
+            );
+            assert_eq!(p.state, Liveness::Suspect, "at {ms} ms");
+        }
+        step(
+            &mut p,
+            &obs(t0, Some(t0), false, Some(true)),
+            t0 + MS(3000),
+            &cfg,
+            MS(0),
+        );
+        assert_eq!(p.state, Liveness::Partitioned);
+        // Nothing to probe (no replica addresses): the silence alone decides,
+        // at `down_after`.
+        let mut q = ProviderLiveness::new(t0);
+        step(&mut q, &obs(t0, Some(t0), true, None), t0, &cfg, MS(0));
+        step(
+            &mut q,
+            &obs(t0, Some(t0), false, None),
+            t0 + MS(2000),
+            &cfg,
+            MS(0),
+        );
+        assert_eq!(q.state, Liveness::Suspect);
+        step(
+            &mut q,
+            &obs(t0, Some(t0), false, None),
+            t0 + MS(3000),
+            &cfg,
+            MS(0),
+        );
+        assert_eq!(q.state, Liveness::Down);
     }
 
     #[test]

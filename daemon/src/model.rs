@@ -435,6 +435,16 @@ pub struct Route {
     pub protocol: String,
     /// Ready replicas traffic may go to.
     pub upstreams: Vec<Upstream>,
+    /// Longest wait for a response head per attempt (HTTP), from the app's routing.
+    pub response_timeout: std::time::Duration,
+    /// Whether idempotent requests may be hedged to a second replica (HTTP).
+    pub hedge: bool,
+    /// `http1` or `h2c`: how the front door talks to the replicas.
+    pub upstream_protocol: String,
+    /// The app's HTTP health-check path, so the front door's own probes ask the
+    /// app rather than the kernel (a frozen process still accepts connections);
+    /// `None` when the app has no HTTP check: the front door probes by TCP.
+    pub health_path: Option<String>,
 }
 
 /// One replica a route may send to.
@@ -450,6 +460,9 @@ pub struct Upstream {
     pub weight: u32,
     /// Routing tier: only the highest tier with a healthy upstream serves.
     pub tier: i32,
+    /// `host:port` of the app's HTTP health check on this replica, when the route
+    /// has a `health_path` and the check's port is not the routed one.
+    pub health_address: Option<String>,
 }
 
 /// What an apply or delete did to one object.

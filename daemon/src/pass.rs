@@ -287,6 +287,17 @@ pub fn routes(apps: &[DeclaredApp], schedule: &Schedule, snapshot: &Snapshot) ->
         };
         let name = &app.app.metadata.name;
         let decisions = schedule.decisions.get(name);
+        // The app's HTTP check, so the front door probes what users get.
+        let http_check = app
+            .app
+            .spec
+            .health
+            .as_ref()
+            .and_then(|h| match &h.probe {
+                crate::spec::Probe::Http { path, port } => Some((path, port)),
+                _ => None,
+            })
+            .filter(|_| routing.protocol == crate::spec::RoutingProtocol::Http);
         let mut upstreams = Vec::new();
         for (provider, view) in &snapshot.providers {
             if view.is_down() {
@@ -304,12 +315,17 @@ pub fn routes(apps: &[DeclaredApp], schedule: &Schedule, snapshot: &Snapshot) ->
                     continue;
                 };
                 let host = r.address.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
+                let health_address = http_check
+                    .filter(|(_, check_port)| **check_port != routing.port)
+                    .and_then(|(_, check_port)| r.ports.get(check_port.as_str()))
+                    .map(|p| format!("{host}:{p}"));
                 upstreams.push(Upstream {
                     address: format!("{host}:{port}"),
                     provider: provider.clone(),
                     replica: r.id(),
                     weight: 1,
                     tier: d.tier,
+                    health_address,
                 });
             }
         }
@@ -319,6 +335,10 @@ pub fn routes(apps: &[DeclaredApp], schedule: &Schedule, snapshot: &Snapshot) ->
             hosts: routing.hosts.clone(),
             protocol: routing.protocol.as_str().to_string(),
             upstreams,
+            response_timeout: routing.response_timeout,
+            hedge: routing.hedge,
+            upstream_protocol: routing.upstream_protocol.as_str().to_string(),
+            health_path: http_check.map(|(path, _)| path.clone()),
         });
     }
     routes
@@ -675,6 +695,70 @@ spec:
                 "127.0.0.1:9202"
             ]
         );
+    }
+
+    #[test]
+    fn routes_carry_the_front_door_settings_and_the_apps_http_check() {
+        let with_check = app_yaml("mirror").replace(
+            "  ports: [{name: http}]\n",
+            "  ports: [{name: http}, {name: admin}]\n  health: {http: {path: /ready, port: admin}}\n",
+        ) + "  \n";
+        let with_check = with_check.replace(
+            "port: http}",
+            "port: http, responseTimeout: 2s, hedge: false, upstreamProtocol: h2c}",
+        );
+        let (apps, providers) = declared(&format!("{PROVIDERS}---{with_check}"));
+        let now = Instant::now();
+        let mut snapshot = Snapshot::default();
+        for (p, base) in [("a", 9000), ("b", 9100), ("c", 9200)] {
+            let mut v = view(Liveness::Up, now, None);
+            for index in 0..2 {
+                let mut r = ready_replica(p, index, base + index);
+                r.ports.insert("admin".into(), base + 50 + index);
+                v.replicas.insert(("web".into(), index), r);
+            }
+            snapshot.providers.insert(p.into(), v);
+        }
+        let set = plan(&PassInput {
+            apps: &apps,
+            providers: &providers,
+            assignments: &[],
+            controls: &Controls::default(),
+            snapshot: &snapshot,
+            now,
+            timing: timing(now),
+            reported_shortfalls: &BTreeMap::new(),
+        });
+        let [route] = set.routes.as_slice() else {
+            panic!("one route: {:?}", set.routes);
+        };
+        assert_eq!(route.health_path.as_deref(), Some("/ready"));
+        assert_eq!(route.response_timeout, std::time::Duration::from_secs(2));
+        assert!(!route.hedge);
+        assert_eq!(route.upstream_protocol, "h2c");
+        assert_eq!(route.upstreams[0].address, "127.0.0.1:9000");
+        assert_eq!(
+            route.upstreams[0].health_address.as_deref(),
+            Some("127.0.0.1:9050")
+        );
+
+        // Without a health check: TCP probes, and the defaults.
+        let (apps, providers) = declared(&format!("{PROVIDERS}---{}", app_yaml("mirror")));
+        let defaults = plan(&PassInput {
+            apps: &apps,
+            providers: &providers,
+            assignments: &[],
+            controls: &Controls::default(),
+            snapshot: &snapshot,
+            now,
+            timing: timing(now),
+            reported_shortfalls: &BTreeMap::new(),
+        });
+        let route = &defaults.routes[0];
+        assert_eq!(route.health_path, None);
+        assert!(route.hedge);
+        assert_eq!(route.upstream_protocol, "http1");
+        assert!(route.upstreams.iter().all(|u| u.health_address.is_none()));
     }
 
     #[test]

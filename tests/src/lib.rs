@@ -782,6 +782,69 @@ impl Cluster {
         )
     }
 
+    /// Sends `signal` to the agent of `provider` and to every replica process of
+    /// it (SIGSTOP: a provider that freezes, as a paused VM does); returns how
+    /// many processes got it.
+    pub fn signal_provider(
+        &self,
+        provider: &str,
+        signal: nix::sys::signal::Signal,
+    ) -> Result<usize> {
+        let mut pids: Vec<u32> = self
+            .agents
+            .get(provider)
+            .map(Child::id)
+            .into_iter()
+            .collect();
+        for (id, replica_pids) in self.replica_processes() {
+            if id.split('/').nth(1) == Some(provider) {
+                pids.extend(replica_pids);
+            }
+        }
+        for pid in &pids {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(*pid)?), signal)?;
+        }
+        Ok(pids.len())
+    }
+
+    /// Sends `signal` to the processes of one replica (`app/provider/index`).
+    pub fn signal_replica(&self, replica: &str, signal: nix::sys::signal::Signal) -> Result<usize> {
+        let pids = self.replica_processes().remove(replica).unwrap_or_default();
+        for pid in &pids {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(*pid)?), signal)?;
+        }
+        Ok(pids.len())
+    }
+
+    /// Sends SIGTERM to the `index`th front door started and waits for it to exit
+    /// (at most `timeout`, then it is killed and this fails). It is no longer
+    /// counted among the cluster's front doors afterwards.
+    pub fn terminate_edge(
+        &mut self,
+        index: usize,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        anyhow::ensure!(index < self.edges.len(), "no front door {index}");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.edges[index].id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let mut child = self.edges.remove(index);
+        let (tx, rx) = mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(status) => {
+                let _ = waiter.join();
+                Ok(status?)
+            }
+            Err(_) => {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = waiter.join();
+                bail!("the front door did not exit within {timeout:?} of SIGTERM")
+            }
+        }
+    }
+
     /// Pids of every replica process of this cluster still alive, by `SKYMIRROR_REPLICA`.
     pub fn replica_processes(&self) -> BTreeMap<String, Vec<u32>> {
         let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
@@ -962,6 +1025,10 @@ pub struct LoadReport {
     pub failures: Vec<(Duration, String)>,
     /// Answers per replica (`x-skymirror-replica`), with the time of the last.
     pub by_replica: BTreeMap<String, (u64, Duration)>,
+    /// The longest any request took (answered or not).
+    pub slowest: Duration,
+    /// Requests that took more than a second: when they started, how long.
+    pub slow: Vec<(Duration, Duration)>,
 }
 
 impl Load {
@@ -975,7 +1042,13 @@ impl Load {
             while !flag.load(std::sync::atomic::Ordering::SeqCst) {
                 report.sent += 1;
                 let at = started.elapsed();
-                match http_get_headers(&addr.to_string(), "/", Duration::from_secs(3)) {
+                let result = http_get_headers(&addr.to_string(), "/", Duration::from_secs(3));
+                let took = started.elapsed() - at;
+                report.slowest = report.slowest.max(took);
+                if took > Duration::from_secs(1) {
+                    report.slow.push((at, took));
+                }
+                match result {
                     Ok((status, headers, _)) if status < 500 => {
                         if let Some(r) = headers.get("x-skymirror-replica") {
                             let e = report.by_replica.entry(r.clone()).or_insert((0, at));

@@ -6,9 +6,10 @@
 //! table changes as long as the address stays in the table.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
@@ -18,6 +19,12 @@ use super::EdgeStats;
 
 /// Successful probes in a row that bring an ejected upstream back.
 pub(crate) const RESTORE_AFTER: u32 = 2;
+/// Failures on live traffic in a row (a reset or closed connection, a 5xx, an
+/// attempt overtaken by its hedge) that eject an upstream, as Envoy's outlier
+/// detection does; a response-head timeout ejects at once.
+pub(crate) const EJECT_AFTER_FAILURES: u32 = 3;
+/// Largest HTTP probe response head read: the status line is all it needs.
+const PROBE_READ_LIMIT: usize = 1024;
 
 /// Health of one upstream address.
 #[derive(Debug)]
@@ -33,6 +40,10 @@ pub(crate) struct Health {
     ejected: Notify,
     /// Asks the prober for a probe now rather than at the next interval.
     probe_now: Notify,
+    /// Failures on live traffic since the last success (passive outlier
+    /// detection). Written only when it changes, so the hot path of a healthy
+    /// upstream reads it and never writes the shared cache line.
+    failures: AtomicU32,
 }
 
 impl Default for Health {
@@ -50,7 +61,22 @@ impl Health {
             streak: Mutex::new(0),
             ejected: Notify::new(),
             probe_now: Notify::new(),
+            failures: AtomicU32::new(0),
         }
+    }
+
+    /// Records an answer on live traffic: the failure streak ends.
+    pub fn traffic_succeeded(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a failure on live traffic. Returns true when the streak reached
+    /// [`EJECT_AFTER_FAILURES`] (the caller decides whether to eject: the
+    /// cap on ejections is the route's).
+    pub fn traffic_failed(&self) -> bool {
+        self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= EJECT_AFTER_FAILURES
     }
 
     /// Whether traffic may go to the upstream.
@@ -66,6 +92,7 @@ impl Health {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *streak = 0;
+        self.failures.store(0, Ordering::Relaxed);
         let was_usable = self.usable.swap(false, Ordering::Relaxed);
         if was_usable {
             self.ejected.notify_waiters();
@@ -105,19 +132,24 @@ impl Health {
     }
 }
 
-/// What the prober logs about the address it probes.
-#[derive(Debug, Clone)]
+/// What the prober probes, and what it logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ProbeTarget {
-    /// "host:port" to connect to.
+    /// "host:port" traffic goes to.
     pub address: String,
+    /// The app's HTTP health check on the upstream, when it has one: "host:port"
+    /// and path. A paused host or a frozen process still completes TCP
+    /// handshakes (the kernel answers), so only a request shows it is gone.
+    pub http: Option<(String, String)>,
     /// An app routed to the address (for logs).
     pub app: String,
     /// The replica behind the address (for logs).
     pub replica: String,
 }
 
-/// Probes `target` by TCP connect every `interval` (and whenever asked), each
-/// probe bounded by `timeout`, until `cancel`.
+/// Probes `target` every `interval` (and whenever asked), each probe bounded
+/// by `timeout`, until `cancel`: a GET of the app's health path when the
+/// target has one (2xx or 3xx is healthy), a TCP connect otherwise.
 pub(crate) async fn probe_loop(
     target: ProbeTarget,
     health: std::sync::Arc<Health>,
@@ -135,13 +167,13 @@ pub(crate) async fn probe_loop(
             _ = ticker.tick() => {}
             () = health.probe_now.notified() => {}
         }
-        let probe = tokio::time::timeout(timeout, TcpStream::connect(target.address.as_str()));
+        let probe = tokio::time::timeout(timeout, probe_once(&target));
         let outcome = tokio::select! {
             () = cancel.cancelled() => return,
             r = probe => r,
         };
         match outcome {
-            Ok(Ok(_stream)) => {
+            Ok(Ok(())) => {
                 if health.probe_succeeded() {
                     tracing::info!(
                         app = %target.app,
@@ -151,10 +183,58 @@ pub(crate) async fn probe_loop(
                     );
                 }
             }
-            Ok(Err(e)) => eject_after_probe(&target, &health, &stats, &e.to_string()),
-            Err(_) => eject_after_probe(&target, &health, &stats, "connect timed out"),
+            Ok(Err(e)) => eject_after_probe(&target, &health, &stats, &e),
+            Err(_) => eject_after_probe(&target, &health, &stats, "probe timed out"),
         }
     }
+}
+
+/// One probe: Ok when the upstream is healthy, else why not.
+async fn probe_once(target: &ProbeTarget) -> Result<(), String> {
+    let Some((address, path)) = &target.http else {
+        return TcpStream::connect(target.address.as_str())
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string());
+    };
+    let mut stream = TcpStream::connect(address.as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: skymirror-edge\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = Vec::with_capacity(128);
+    let mut buf = [0u8; 256];
+    // Only the status line matters; read until it is complete.
+    while !head.contains(&b'\n') && head.len() < PROBE_READ_LIMIT {
+        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    match parse_status(&head) {
+        Some(status) if (200..400).contains(&status) => Ok(()),
+        Some(status) => Err(format!("health check {path} answered {status}")),
+        None => Err(format!("health check {path}: no HTTP status line")),
+    }
+}
+
+/// The status code of an HTTP/1.x status line.
+fn parse_status(head: &[u8]) -> Option<u16> {
+    let line = head.split(|b| *b == b'\n').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let mut parts = line.split_whitespace();
+    parts
+        .next()
+        .filter(|v| v.starts_with("HTTP/1."))
+        .and(parts.next())
+        .and_then(|c| c.parse().ok())
 }
 
 fn eject_after_probe(target: &ProbeTarget, health: &Health, stats: &EdgeStats, error: &str) {
@@ -197,6 +277,30 @@ mod tests {
         assert!(!h.probe_succeeded());
         assert!(!h.is_usable());
         assert!(h.probe_succeeded());
+    }
+
+    #[test]
+    fn live_traffic_failures_in_a_row() {
+        let h = Health::new();
+        assert!(!h.traffic_failed());
+        assert!(!h.traffic_failed());
+        h.traffic_succeeded();
+        assert!(!h.traffic_failed());
+        assert!(!h.traffic_failed());
+        assert!(h.traffic_failed(), "the third failure in a row");
+        h.eject();
+        assert!(!h.traffic_failed(), "an ejection starts a new streak");
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\n"), Some(200));
+        assert_eq!(
+            parse_status(b"HTTP/1.0 503 Service Unavailable\r\nx: y"),
+            Some(503)
+        );
+        assert_eq!(parse_status(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(parse_status(b""), None);
     }
 
     #[tokio::test]

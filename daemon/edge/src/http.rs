@@ -3,15 +3,34 @@
 //!
 //! Retry rules. A connect failure (nothing was sent) ejects the upstream and
 //! may be retried for any method. A failure after the request was sent but
-//! before any response head (the upstream closed or reset the connection, or
-//! was ejected while the request waited) is retried only for idempotent
-//! methods. Bodies up to [`BUFFER_LIMIT`] are buffered so they can be sent
-//! again; larger bodies are streamed and never retried.
+//! before any response head (the upstream closed or reset the connection, did
+//! not answer within the route's response-head timeout, or was ejected while
+//! the request waited) is retried only for idempotent methods. Bodies up to
+//! [`BUFFER_LIMIT`] are buffered so they can be sent again; larger bodies, and
+//! gRPC's streams, are streamed and never retried.
+//!
+//! Hedging. An idempotent request with a buffered body that has no response
+//! head after the route's hedge delay (learned from its latency, see
+//! `hedge.rs`) is also sent to an upstream on another provider; the first
+//! head wins and the other attempt is dropped, which closes its connection.
+//! At most one hedge per request, within the route's hedge budget. A request
+//! that is not idempotent is never sent twice.
+//!
+//! Outlier detection. Live traffic judges upstreams: a response-head timeout
+//! ejects at once, and resets, 5xx answers and attempts overtaken by their
+//! hedge eject after [`EJECT_AFTER_FAILURES`](super::health::EJECT_AFTER_FAILURES)
+//! in a row — but never the last usable upstream of a route.
+//!
+//! Upgrades. A request asking for a protocol upgrade (WebSocket) is sent with
+//! its `Connection: upgrade` and `Upgrade` headers, retried only when the
+//! connect fails, never hedged; a `101` answer joins the two connections.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use http_body_util::{BodyExt, Either, Full};
@@ -22,9 +41,12 @@ use hyper::http::uri::{PathAndQuery, Scheme, Uri};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use super::EdgeStats;
-use super::routes::{ListenerSlot, RouteState};
+use super::routes::{ListenerSlot, RouteState, UpstreamProtocol};
+use super::{CONNECTION_GRACE, ConnTracker, EdgeStats};
 
 /// Attempts per request, the first included.
 pub(crate) const MAX_ATTEMPTS: usize = 3;
@@ -41,7 +63,7 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// The response body: an upstream's, streamed, or one the edge wrote.
 pub(crate) type RespBody = Either<Incoming, Full<Bytes>>;
 
-/// The upstream client: pooled keep-alive HTTP/1.1 connections per address.
+/// The upstream client: pooled keep-alive connections per address.
 pub(crate) type UpstreamClient = Client<HttpConnector, ReqBody>;
 
 /// Everything a connection's requests need.
@@ -49,20 +71,50 @@ pub(crate) type UpstreamClient = Client<HttpConnector, ReqBody>;
 pub(crate) struct ConnContext {
     /// The listener's current routes.
     pub slot: Arc<ListenerSlot>,
-    /// Shared upstream client.
+    /// The worker's HTTP/1.1 upstream client.
     pub client: UpstreamClient,
+    /// The worker's HTTP/2 (prior knowledge) upstream client, for h2c routes.
+    pub h2c: UpstreamClient,
     /// Counters.
     pub stats: Arc<EdgeStats>,
     /// The client's IP address, for `X-Forwarded-For` (built once per connection).
     pub client_ip: HeaderValue,
+    /// Requests of this connection waiting for their response head, so the
+    /// idle timeout never closes a connection that waits on an upstream.
+    pub in_flight: AtomicUsize,
+    /// Bumped by every read or write on the client connection, so the idle
+    /// check can tell whether bytes moved since it last looked.
+    pub activity: std::sync::atomic::AtomicU64,
+    /// Counts upgraded connections (they outlive the HTTP connection), so
+    /// shutdown waits for them.
+    pub conns: Arc<ConnTracker>,
+    /// The listener's token: upgraded connections get the grace period too.
+    pub token: CancellationToken,
+}
+
+/// Counts a request as in flight on its connection while alive.
+struct Busy<'a>(&'a AtomicUsize);
+
+impl<'a> Busy<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Busy(n)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Serves one request. Never fails: errors become 4xx/5xx responses.
 pub(crate) async fn handle(
     ctx: Arc<ConnContext>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
     ctx.stats.count_request();
+    let _busy = Busy::new(&ctx.in_flight);
     let routes = ctx.slot.current();
     let host = request_host(&req);
     let Some(route) = routes.for_host(host) else {
@@ -75,9 +127,24 @@ pub(crate) async fn handle(
     let route = Arc::clone(route);
     drop(routes);
 
+    let upgrade = upgrade_protocol(&req).map(|p| (p, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
+    let grpc = is_grpc(&parts.headers);
     prepare_request_headers(&mut parts, &ctx.client_ip);
-    let body = match read_body(body).await {
+    if let Some((protocol, on_upgrade)) = upgrade {
+        return Ok(forward_upgrade(&ctx, &route, parts, protocol, on_upgrade).await);
+    }
+    // gRPC streams both ways: its body is forwarded as it comes (and a gRPC
+    // call, always a POST, is never retried once sent anyway).
+    let body = if grpc {
+        Ok(ReqBody::Streamed {
+            prefix: VecDeque::new(),
+            rest: body,
+        })
+    } else {
+        read_body(body).await
+    };
+    let body = match body {
         Ok(b) => b,
         Err(e) => {
             tracing::debug!(app = %route.app, error = %e, "client request body failed");
@@ -97,8 +164,102 @@ enum Failure {
     Connect(String),
     /// The request was (maybe) sent, and no response head came back.
     NoResponse(String),
+    /// The request was sent, and no response head came within the route's
+    /// response-head timeout.
+    Timeout(String),
     /// Anything else (a malformed response, a broken client body).
     Other(String),
+}
+
+impl Failure {
+    fn message(&self) -> &str {
+        match self {
+            Failure::Connect(e)
+            | Failure::NoResponse(e)
+            | Failure::Timeout(e)
+            | Failure::Other(e) => e,
+        }
+    }
+}
+
+/// The upstreams that failed a request, in order (at most [`MAX_ATTEMPTS`]).
+#[derive(Debug, Default)]
+struct Tried {
+    indices: [usize; MAX_ATTEMPTS],
+    len: usize,
+}
+
+impl Tried {
+    fn as_slice(&self) -> &[usize] {
+        &self.indices[..self.len]
+    }
+
+    fn add(&mut self, index: usize) {
+        if self.len < MAX_ATTEMPTS && !self.as_slice().contains(&index) {
+            self.indices[self.len] = index;
+            self.len += 1;
+        }
+    }
+
+    /// `self` and one more, for picking a hedge away from the running attempt.
+    fn with(&self, index: usize) -> ([usize; MAX_ATTEMPTS + 1], usize) {
+        let mut out = [0; MAX_ATTEMPTS + 1];
+        out[..self.len].copy_from_slice(self.as_slice());
+        out[self.len] = index;
+        (out, self.len + 1)
+    }
+}
+
+/// One attempt under way.
+struct Running<F> {
+    /// The upstream it went to.
+    index: usize,
+    /// When it started, for the latency estimate and to tell which attempt
+    /// a hedge overtook.
+    started: Instant,
+    attempt: Pin<Box<F>>,
+}
+
+/// Polls the attempts under way; the first one done, with its slot.
+fn poll_running<F, T>(
+    running: &mut [Option<Running<F>>; 2],
+    cx: &mut Context<'_>,
+) -> Poll<(usize, T)>
+where
+    F: Future<Output = T>,
+{
+    for (slot, r) in running.iter_mut().enumerate() {
+        if let Some(r) = r
+            && let Poll::Ready(out) = r.attempt.as_mut().poll(cx)
+        {
+            return Poll::Ready((slot, out));
+        }
+    }
+    Poll::Pending
+}
+
+/// The request towards upstream `index` of `route`, or why it cannot be built.
+fn upstream_request(
+    route: &RouteState,
+    index: usize,
+    parts: &Parts,
+    path: &PathAndQuery,
+    body: ReqBody,
+) -> Result<Request<ReqBody>, Failure> {
+    let upstream = &route.upstreams[index];
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.version_mut() = match route.upstream_protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::H2c => Version::HTTP_2,
+    };
+    *req.headers_mut() = parts.headers.clone();
+    let mut uri = hyper::http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(upstream.authority.clone());
+    uri.path_and_query = Some(path.clone());
+    *req.uri_mut() = Uri::from_parts(uri).map_err(|e| Failure::Other(e.to_string()))?;
+    Ok(req)
 }
 
 async fn forward(
@@ -109,103 +270,189 @@ async fn forward(
 ) -> Response<RespBody> {
     let idempotent = is_idempotent(&parts.method);
     let replayable = body.is_replayable();
+    let hedging = route.hedge && idempotent && replayable;
+    if hedging {
+        route.hedge_budget.deposit();
+    }
+    let client = match route.upstream_protocol {
+        UpstreamProtocol::Http1 => &ctx.client,
+        UpstreamProtocol::H2c => &ctx.h2c,
+    };
     let path = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut body = Some(body);
-    let mut tried = [0usize; MAX_ATTEMPTS];
-    let mut n_tried = 0;
+    let mut tried = Tried::default();
     let mut last: Option<(usize, Failure)> = None;
+    let mut started = 0usize;
+    // No new attempt after a failure that must not be retried.
+    let mut give_up = false;
+    let mut running = [None, None];
+    let mut hedge_at: Option<Instant> = None;
 
-    for attempt in 0..MAX_ATTEMPTS {
-        let index = match route.pick(&tried[..n_tried]) {
-            Some(i) => i,
-            // Every upstream tried: a connection that died before answering
-            // (a stale keep-alive connection) is worth a fresh one on the
-            // same upstream; a failed connect is not.
-            None => match &last {
-                Some((i, Failure::NoResponse(_))) => *i,
-                _ => break,
-            },
-        };
-        if attempt > 0 {
-            ctx.stats.count_retry();
-        }
-        let upstream = &route.upstreams[index];
-        let attempt_body = if replayable {
-            body.as_ref().map(ReqBody::replay)
-        } else {
-            body.take()
-        };
-        let Some(attempt_body) = attempt_body else {
-            break;
-        };
-        let mut req = Request::new(attempt_body);
-        *req.method_mut() = parts.method.clone();
-        *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = parts.headers.clone();
-        let mut uri = hyper::http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(upstream.authority.clone());
-        uri.path_and_query = Some(path.clone());
-        match Uri::from_parts(uri) {
-            Ok(u) => *req.uri_mut() = u,
-            Err(e) => {
-                last = Some((index, Failure::Other(e.to_string())));
+    loop {
+        if running.iter().all(Option::is_none) {
+            if give_up || started >= MAX_ATTEMPTS {
                 break;
             }
+            let index = match route.pick(tried.as_slice()) {
+                Some(i) => i,
+                // Every upstream tried: a connection that died before answering
+                // (a stale keep-alive connection) is worth a fresh one on the same
+                // upstream; a failed connect is not.
+                None => match &last {
+                    Some((i, Failure::NoResponse(_))) => *i,
+                    _ => break,
+                },
+            };
+            let attempt_body = if replayable {
+                body.as_ref().map(ReqBody::replay)
+            } else {
+                body.take()
+            };
+            let Some(attempt_body) = attempt_body else {
+                break;
+            };
+            if started > 0 {
+                ctx.stats.count_retry();
+            }
+            started += 1;
+            let req = match upstream_request(route, index, &parts, &path, attempt_body) {
+                Ok(r) => r,
+                Err(f) => {
+                    last = Some((index, f));
+                    break;
+                }
+            };
+            let upstream = &route.upstreams[index];
+            let now = Instant::now();
+            // A hedged request needs no ejection watch (a lock on a wake-up
+            // list shared by the workers): its hedge moves it off a silent
+            // upstream anyway.
+            running[0] = Some(Running {
+                index,
+                started: now,
+                attempt: Box::pin(send(
+                    client,
+                    &upstream.health,
+                    req,
+                    idempotent && !hedging,
+                    route.response_timeout,
+                )),
+            });
+            hedge_at =
+                (hedging && started < MAX_ATTEMPTS).then(|| now + route.latency.hedge_delay());
         }
 
-        let outcome = send(&ctx.client, &upstream.health, req, idempotent).await;
-        let failure = match outcome {
-            Ok(resp) => return respond(resp, upstream.replica_header.as_ref()),
-            Err(f) => f,
+        let hedge_due = async {
+            match hedge_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
         };
-        let retry = match &failure {
-            Failure::Connect(error) => {
-                if upstream.health.eject() {
-                    ctx.stats.count_ejection();
-                    tracing::warn!(app = %route.app, upstream = %upstream.address, replica = %upstream.replica, error, "upstream ejected: connect failed");
+        tokio::select! {
+            (slot, outcome) = std::future::poll_fn(|cx| poll_running(&mut running, cx)) => {
+                let Some(done) = running[slot].take() else { continue };
+                let upstream = &route.upstreams[done.index];
+                match outcome {
+                    Ok(resp) => {
+                        if resp.status().is_server_error() {
+                            traffic_failed(ctx, route, done.index, "answered with a server error");
+                        } else {
+                            upstream.health.traffic_succeeded();
+                            route.latency.observe(done.started.elapsed());
+                        }
+                        // An attempt started earlier and still waiting lost to this one.
+                        for other in running.iter_mut().filter_map(Option::take) {
+                            if other.started < done.started {
+                                traffic_failed(ctx, route, other.index, "overtaken by its hedge");
+                            }
+                        }
+                        return respond(resp, upstream.replica_header.as_ref());
+                    }
+                    Err(failure) => {
+                        let retry = match &failure {
+                            Failure::Connect(error) => {
+                                if upstream.health.eject() {
+                                    ctx.stats.count_ejection();
+                                    tracing::warn!(app = %route.app, upstream = %upstream.address, replica = %upstream.replica, error, "upstream ejected: connect failed");
+                                }
+                                route.probe_provider_soon(done.index);
+                                replayable
+                            }
+                            Failure::NoResponse(error) => {
+                                tracing::debug!(app = %route.app, upstream = %upstream.address, replica = %upstream.replica, error, "no response from upstream");
+                                traffic_failed(ctx, route, done.index, "no response");
+                                upstream.health.probe_soon();
+                                replayable && idempotent
+                            }
+                            Failure::Timeout(error) => {
+                                if route.eject_for_traffic(done.index) {
+                                    ctx.stats.count_ejection();
+                                    tracing::warn!(app = %route.app, upstream = %upstream.address, replica = %upstream.replica, error, "upstream ejected: no response head in time");
+                                }
+                                upstream.health.probe_soon();
+                                replayable && idempotent
+                            }
+                            Failure::Other(error) => {
+                                tracing::warn!(app = %route.app, upstream = %upstream.address, replica = %upstream.replica, error, "upstream request failed");
+                                false
+                            }
+                        };
+                        tried.add(done.index);
+                        last = Some((done.index, failure));
+                        give_up |= !retry;
+                        // The hedge, if any, is now the request's next attempt.
+                        hedge_at = None;
+                    }
                 }
-                route.probe_provider_soon(index);
-                replayable
             }
-            Failure::NoResponse(error) => {
-                tracing::debug!(app = %route.app, upstream = %upstream.address, replica = %upstream.replica, error, "no response from upstream");
-                upstream.health.probe_soon();
-                replayable && idempotent
+            () = hedge_due => {
+                hedge_at = None;
+                let Some(first) = running[0].as_ref().or(running[1].as_ref()).map(|r| r.index) else {
+                    continue;
+                };
+                let (avoid, n) = tried.with(first);
+                let Some(index) = route.pick(&avoid[..n]) else { continue };
+                if !route.hedge_budget.withdraw() {
+                    continue;
+                }
+                let Some(attempt_body) = body.as_ref().map(ReqBody::replay) else { continue };
+                let Ok(req) = upstream_request(route, index, &parts, &path, attempt_body) else { continue };
+                ctx.stats.count_hedge();
+                started += 1;
+                let slot = usize::from(running[0].is_some());
+                running[slot] = Some(Running {
+                    index,
+                    started: Instant::now(),
+                    attempt: Box::pin(send(client, &route.upstreams[index].health, req, false, route.response_timeout)),
+                });
             }
-            Failure::Other(error) => {
-                tracing::warn!(app = %route.app, upstream = %upstream.address, replica = %upstream.replica, error, "upstream request failed");
-                false
-            }
-        };
-        if n_tried < MAX_ATTEMPTS && !tried[..n_tried].contains(&index) {
-            tried[n_tried] = index;
-            n_tried += 1;
-        }
-        last = Some((index, failure));
-        if !retry {
-            break;
         }
     }
 
     ctx.stats.count_failure();
-    let reason = match &last {
+    let (status, reason) = match &last {
         Some((i, f)) => {
             let u = &route.upstreams[*i];
-            let why = match f {
-                Failure::Connect(e) | Failure::NoResponse(e) | Failure::Other(e) => e,
-            };
+            let why = f.message();
             tracing::warn!(app = %route.app, upstream = %u.address, replica = %u.replica, error = %why, "request failed");
-            format!("last upstream {} ({}): {why}", u.replica, u.address)
+            let status = if matches!(f, Failure::Timeout(_)) {
+                StatusCode::GATEWAY_TIMEOUT
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            (
+                status,
+                format!("last upstream {} ({}): {why}", u.replica, u.address),
+            )
         }
-        None => "no upstream".to_string(),
+        None => (StatusCode::BAD_GATEWAY, "no upstream".to_string()),
     };
     text(
-        StatusCode::BAD_GATEWAY,
+        status,
         format!(
             "skymirror edge: app {}: no upstream answered ({reason})\n",
             route.app
@@ -213,25 +460,198 @@ async fn forward(
     )
 }
 
-/// One attempt. Idempotent requests also give up when the upstream is
-/// ejected while they wait (a black-holed connection never answers).
+/// Counts a failure on live traffic against upstream `index`, ejecting it when
+/// the failures in a row reach the threshold (within the route's cap).
+fn traffic_failed(ctx: &ConnContext, route: &RouteState, index: usize, what: &str) {
+    let upstream = &route.upstreams[index];
+    if upstream.health.traffic_failed() && route.eject_for_traffic(index) {
+        ctx.stats.count_ejection();
+        tracing::warn!(app = %route.app, upstream = %upstream.address, replica = %upstream.replica, last = what, "upstream ejected: failed live traffic repeatedly");
+        upstream.health.probe_soon();
+    }
+}
+
+/// One attempt, its wait for a response head bounded by `timeout`. With
+/// `watch_ejection` (idempotent requests that are not hedged) it also gives
+/// up when the upstream is ejected while it waits (a black-holed connection
+/// never answers).
 async fn send(
     client: &UpstreamClient,
     health: &super::health::Health,
     req: Request<ReqBody>,
     watch_ejection: bool,
+    timeout: std::time::Duration,
 ) -> Result<Response<Incoming>, Failure> {
-    let request = client.request(req);
+    let request = tokio::time::timeout(timeout, client.request(req));
+    let timed_out = || Failure::Timeout(format!("no response head within {timeout:?}"));
     if !(watch_ejection && health.is_usable()) {
-        return request.await.map_err(classify);
+        return match request.await {
+            Ok(r) => r.map_err(classify),
+            Err(_) => Err(timed_out()),
+        };
     }
     let ejected = health.ejected();
     tokio::pin!(ejected);
     ejected.as_mut().enable();
     tokio::select! {
-        r = request => r.map_err(classify),
+        r = request => match r {
+            Ok(r) => r.map_err(classify),
+            Err(_) => Err(timed_out()),
+        },
         () = ejected => Err(Failure::NoResponse("upstream ejected while waiting for its response".into())),
     }
+}
+
+/// The protocol a request asks to upgrade to (HTTP/1.1 `Connection: upgrade`
+/// with an `Upgrade` header), if any.
+fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req.headers().get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    });
+    asks.then(|| req.headers().get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// gRPC (and gRPC-Web) requests, by content type.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Forwards an upgrade request; on `101` joins the client's connection and the
+/// upstream's in a task of their own.
+async fn forward_upgrade(
+    ctx: &ConnContext,
+    route: &RouteState,
+    parts: Parts,
+    protocol: HeaderValue,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+) -> Response<RespBody> {
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut parts = parts;
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    parts.headers.insert(header::UPGRADE, protocol);
+    let mut tried = Tried::default();
+    let mut last: Option<(usize, Failure)> = None;
+    for attempt in 0..MAX_ATTEMPTS {
+        let Some(index) = route.pick(tried.as_slice()) else {
+            break;
+        };
+        if attempt > 0 {
+            ctx.stats.count_retry();
+        }
+        let upstream = &route.upstreams[index];
+        // Upgrades are HTTP/1.1 whatever the route's upstream protocol.
+        let req =
+            upstream_request(route, index, &parts, &path, ReqBody::Buffered(None)).map(|mut r| {
+                *r.version_mut() = Version::HTTP_11;
+                r
+            });
+        let outcome = match req {
+            Ok(req) => {
+                send(
+                    &ctx.client,
+                    &upstream.health,
+                    req,
+                    false,
+                    route.response_timeout,
+                )
+                .await
+            }
+            Err(f) => Err(f),
+        };
+        match outcome {
+            Ok(mut resp) => {
+                upstream.health.traffic_succeeded();
+                if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    return respond(resp, upstream.replica_header.as_ref());
+                }
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                let agreed = resp.headers().get(header::UPGRADE).cloned();
+                tunnel(ctx, route.app.clone(), on_upgrade, upstream_upgrade);
+                let mut out = respond(resp, upstream.replica_header.as_ref());
+                out.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                if let Some(p) = agreed {
+                    out.headers_mut().insert(header::UPGRADE, p);
+                }
+                return out;
+            }
+            Err(Failure::Connect(error)) => {
+                if upstream.health.eject() {
+                    ctx.stats.count_ejection();
+                    tracing::warn!(app = %route.app, upstream = %upstream.address, replica = %upstream.replica, error, "upstream ejected: connect failed");
+                }
+                route.probe_provider_soon(index);
+                tried.add(index);
+                last = Some((index, Failure::Connect(error)));
+            }
+            Err(f) => {
+                last = Some((index, f));
+                break;
+            }
+        }
+    }
+    ctx.stats.count_failure();
+    let status = if matches!(last, Some((_, Failure::Timeout(_)))) {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    let reason = last.as_ref().map_or("no upstream", |(_, f)| f.message());
+    text(
+        status,
+        format!(
+            "skymirror edge: app {}: upgrade not accepted by any upstream ({reason})\n",
+            route.app
+        ),
+    )
+}
+
+/// Copies bytes both ways between an upgraded client connection and its
+/// upstream until either closes, or the listener's grace period ends.
+fn tunnel(
+    ctx: &ConnContext,
+    app: String,
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
+    let guard = ctx.conns.enter();
+    let token = ctx.token.clone();
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!(app, error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        tokio::pin!(copy);
+        let result = tokio::select! {
+            r = &mut copy => Some(r),
+            () = token.cancelled() => tokio::time::timeout(CONNECTION_GRACE, &mut copy).await.ok(),
+        };
+        if let Some(Err(e)) = result {
+            tracing::debug!(app, error = %e, "upgraded connection ended with an error");
+        }
+        drop(guard);
+    });
 }
 
 /// Sorts a client error into the retry classes.
@@ -341,7 +761,18 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// already read or is streaming the body itself.
 fn prepare_request_headers(parts: &mut Parts, client_ip: &HeaderValue) {
     let headers = &mut parts.headers;
+    // `TE: trailers` is the one hop-by-hop value passed on: gRPC servers
+    // require it, and the edge forwards trailers.
+    let trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
     strip_hop_by_hop(headers);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     headers.remove(header::EXPECT);
     if !headers.contains_key(header::HOST)
         && let Some(authority) = parts.uri.authority()

@@ -9,10 +9,13 @@
 //! swaps its routes whenever a new table arrives. `routes.rs` turns a table
 //! into per-listener routes (by Host for HTTP); `select.rs` is the pure
 //! upstream selection (tiers, weights, retries on another provider);
-//! `health.rs` keeps the edge's own health view (ejection on a failed connect
-//! or probe, TCP probes per upstream address); `http.rs` and `tcp.rs` proxy
-//! one request or connection. [`EdgeConfig`] holds the settings,
-//! [`EdgeStats`] the counters and bound listeners, [`EdgeError`] the failures.
+//! `health.rs` keeps the edge's own health view (ejection on a failed connect,
+//! a failed probe or failing live traffic; HTTP probes of the app's health
+//! path, or TCP probes, per upstream address); `hedge.rs` learns when to hedge;
+//! `http.rs` and `tcp.rs` proxy one request or connection; `limits.rs` bounds
+//! connections (per client, in all, idle time). [`EdgeConfig`] holds the
+//! settings, [`EdgeStats`] the counters and bound listeners, [`EdgeError`] the
+//! failures.
 //!
 //! Invariant: the table says which upstreams exist, the edge's health view
 //! says which are usable now; neither is ever blocked on the other, and a lost
@@ -25,7 +28,9 @@
 //! await.
 
 mod health;
+mod hedge;
 mod http;
+mod limits;
 mod routes;
 mod select;
 mod tcp;
@@ -46,7 +51,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use skymirror_proto::v1 as pb;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -54,11 +58,16 @@ pub use watch::run;
 
 use health::{Health, ProbeTarget};
 use http::{ConnContext, UpstreamClient};
+pub(crate) use limits::ConnTracker;
+use limits::{Limits, TrackedIo};
 use routes::{ListenerRoutes, ListenerSlot, Protocol};
 
-/// How long an HTTP connection may finish its in-flight request after its
-/// listener closes (table change or shutdown) before it is dropped.
-const CONNECTION_GRACE: Duration = Duration::from_secs(5);
+/// How long a connection may finish its in-flight request (or an upgraded or
+/// TCP connection go on) after its listener closes (table change or
+/// shutdown) before it is dropped.
+pub(crate) const CONNECTION_GRACE: Duration = Duration::from_secs(5);
+/// Idle keep-alive upstream connections kept per upstream and worker.
+const UPSTREAM_IDLE_PER_HOST: usize = 1024;
 /// How often binds that failed are tried again while the table stays the same.
 const BIND_RETRY: Duration = Duration::from_secs(1);
 /// Idle upstream keep-alive connections are closed after this long.
@@ -73,8 +82,24 @@ pub struct EdgeConfig {
     pub edge_id: String,
     /// Interval of the TCP probes of every upstream (default 250 ms).
     pub probe_interval: Duration,
-    /// Bound on upstream connects and probes (default 300 ms).
+    /// Bound on upstream connects (default 300 ms).
     pub connect_timeout: Duration,
+    /// Bound on one probe: a TCP connect, or a GET of the app's health path
+    /// and its status line (default 500 ms).
+    pub probe_timeout: Duration,
+    /// Most client connections open at once, every listener together. Past
+    /// it a connection is answered at once (HTTP: a 503) and closed, so the
+    /// edge never runs out of file descriptors. Default: half the process's
+    /// open-file limit, less a reserve (each connection may hold one upstream).
+    pub max_connections: usize,
+    /// Most connections open at once from one client IP address, so one
+    /// client cannot take every connection. Default: a quarter of
+    /// `max_connections`.
+    pub max_connections_per_client: usize,
+    /// How long an HTTP connection may stay open with no request in flight
+    /// and no bytes moving (default 60 s). Past half of `max_connections` it
+    /// shrinks in proportion, down to a second at the cap.
+    pub idle_timeout: Duration,
     /// Route listen address → address actually bound (dev mode moves
     /// `127.0.0.1:8080` this way; several edges on one machine too). Listen
     /// addresses not in the map are bound as given.
@@ -95,6 +120,10 @@ impl EdgeConfig {
             edge_id: format!("edge-{host}-{}", std::process::id()),
             probe_interval: Duration::from_millis(250),
             connect_timeout: Duration::from_millis(300),
+            probe_timeout: Duration::from_millis(500),
+            max_connections: limits::default_max_connections(),
+            max_connections_per_client: (limits::default_max_connections() / 4).max(1),
+            idle_timeout: Duration::from_secs(60),
             listen_override: BTreeMap::new(),
             stats: Arc::new(EdgeStats::default()),
         }
@@ -166,6 +195,10 @@ pub struct EdgeStats {
     failures: AtomicU64,
     /// Upstreams taken out of service (transitions, not failed probes).
     ejections: AtomicU64,
+    /// Hedged attempts: second attempts sent while the first could still answer.
+    hedges: AtomicU64,
+    /// Connections refused at a connection limit.
+    refused: AtomicU64,
     /// Route listen address → address bound, for every listener open now.
     listeners: tokio::sync::watch::Sender<BTreeMap<String, SocketAddr>>,
 }
@@ -181,6 +214,10 @@ pub struct EdgeCounters {
     pub failures: u64,
     /// Upstream ejections.
     pub ejections: u64,
+    /// Hedged attempts.
+    pub hedges: u64,
+    /// Connections refused at a connection limit.
+    pub refused: u64,
 }
 
 impl Default for EdgeStats {
@@ -190,6 +227,8 @@ impl Default for EdgeStats {
             retries: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
+            hedges: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             listeners: tokio::sync::watch::Sender::new(BTreeMap::new()),
         }
     }
@@ -203,6 +242,8 @@ impl EdgeStats {
             retries: self.retries.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             ejections: self.ejections.load(Ordering::Relaxed),
+            hedges: self.hedges.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
         }
     }
 
@@ -227,6 +268,12 @@ impl EdgeStats {
     }
     fn count_ejection(&self) {
         self.ejections.fetch_add(1, Ordering::Relaxed);
+    }
+    fn count_hedge(&self) {
+        self.hedges.fetch_add(1, Ordering::Relaxed);
+    }
+    fn count_refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -277,6 +324,8 @@ struct Edge {
     /// hops threads (cross-thread wake-ups dominated the proxy's CPU time).
     workers: Vec<Worker>,
     http: Arc<auto::Builder<TokioExecutor>>,
+    /// Every client connection (and upgraded connection), for the limits
+    /// and so shutdown can wait for them.
     conns: Arc<ConnTracker>,
     /// Open listeners by route listen address.
     listeners: BTreeMap<String, Listener>,
@@ -303,6 +352,8 @@ struct Listener {
 struct Worker {
     handle: tokio::runtime::Handle,
     client: UpstreamClient,
+    /// HTTP/2 with prior knowledge, for h2c routes.
+    h2c: UpstreamClient,
     /// Ends the worker's thread (after its tasks are done).
     stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -338,11 +389,19 @@ impl Worker {
         connector.set_connect_timeout(Some(connect_timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(UPSTREAM_IDLE)
+            .pool_max_idle_per_host(UPSTREAM_IDLE_PER_HOST)
             .pool_timer(TokioTimer::new())
+            .build(connector.clone());
+        let h2c = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(UPSTREAM_IDLE)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(true)
             .build(connector);
         Some(Worker {
             handle,
             client,
+            h2c,
             stop,
             thread: Some(thread),
         })
@@ -360,6 +419,8 @@ impl Drop for Worker {
 
 #[derive(Debug)]
 struct Prober {
+    /// What it probes: a table that changes the app's health path restarts it.
+    target: ProbeTarget,
     health: Arc<Health>,
     token: CancellationToken,
     task: JoinHandle<()>,
@@ -371,6 +432,11 @@ impl Edge {
         let workers = (0..cores)
             .filter_map(|i| Worker::start(i, config.connect_timeout))
             .collect();
+        let conns = Arc::new(ConnTracker::new(Limits {
+            max_connections: config.max_connections,
+            max_per_client: config.max_connections_per_client,
+            idle_timeout: config.idle_timeout,
+        }));
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1().timer(TokioTimer::new());
         http.http2().timer(TokioTimer::new());
@@ -378,8 +444,8 @@ impl Edge {
             config,
             shutdown,
             workers,
+            conns,
             http: Arc::new(http),
-            conns: Arc::new(ConnTracker::default()),
             listeners: BTreeMap::new(),
             probers: HashMap::new(),
             table: None,
@@ -403,15 +469,25 @@ impl Edge {
         // Probers: one per upstream address, health kept for addresses that stay.
         let mut targets: HashMap<&str, ProbeTarget> = HashMap::new();
         for route in plans.values().flat_map(|p| p.routes.iter()) {
+            let http_route = routes::Protocol::parse(&route.protocol) == Some(Protocol::Http);
             for u in route
                 .upstreams
                 .iter()
                 .filter(|u| routes::valid_address(&u.address))
             {
+                let http = (http_route && route.health_path.starts_with('/')).then(|| {
+                    let at = if routes::valid_address(&u.health_address) {
+                        &u.health_address
+                    } else {
+                        &u.address
+                    };
+                    (at.clone(), route.health_path.clone())
+                });
                 targets
                     .entry(u.address.as_str())
                     .or_insert_with(|| ProbeTarget {
                         address: u.address.clone(),
+                        http,
                         app: route.app.clone(),
                         replica: u.replica.clone(),
                     });
@@ -419,33 +495,43 @@ impl Edge {
         }
         let gone: Vec<String> = self
             .probers
-            .keys()
-            .filter(|a| !targets.contains_key(a.as_str()))
-            .cloned()
+            .iter()
+            .filter(|(a, p)| {
+                targets
+                    .get(a.as_str())
+                    .is_none_or(|t| t.http != p.target.http)
+            })
+            .map(|(a, _)| a.clone())
             .collect();
+        let mut kept_health: HashMap<String, Arc<Health>> = HashMap::new();
         for address in gone {
             if let Some(p) = self.probers.remove(&address) {
                 p.token.cancel();
                 let _ = p.task.await;
+                // A changed health check keeps what the edge knows of the address.
+                kept_health.insert(address, p.health);
             }
         }
         for (address, target) in targets {
             if self.probers.contains_key(address) {
                 continue;
             }
-            let health = Arc::new(Health::new());
+            let health = kept_health
+                .remove(address)
+                .unwrap_or_else(|| Arc::new(Health::new()));
             let token = self.shutdown.child_token();
             let task = tokio::spawn(health::probe_loop(
-                target,
+                target.clone(),
                 Arc::clone(&health),
                 self.config.probe_interval,
-                self.config.connect_timeout,
+                self.config.probe_timeout,
                 Arc::clone(&self.config.stats),
                 token.clone(),
             ));
             self.probers.insert(
                 address.to_string(),
                 Prober {
+                    target,
                     health,
                     token,
                     task,
@@ -545,6 +631,7 @@ impl Edge {
                         listen: listen.to_string(),
                         slot: Arc::clone(&slot),
                         client: worker.client.clone(),
+                        h2c: worker.h2c.clone(),
                         http: Arc::clone(&self.http),
                         conns: Arc::clone(&self.conns),
                         stats: Arc::clone(&self.config.stats),
@@ -615,6 +702,7 @@ struct Acceptor {
     listen: String,
     slot: Arc<ListenerSlot>,
     client: UpstreamClient,
+    h2c: UpstreamClient,
     http: Arc<auto::Builder<TokioExecutor>>,
     conns: Arc<ConnTracker>,
     stats: Arc<EdgeStats>,
@@ -647,9 +735,20 @@ impl Acceptor {
 
     fn spawn_connection(&self, stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
-        let guard = self.conns.enter();
+        let protocol = self.slot.current().protocol;
+        let guard = match self.conns.try_enter(peer.ip()) {
+            Ok(g) => g,
+            Err(refusal) => {
+                self.stats.count_refused();
+                tracing::debug!(listen = %self.listen, client = %peer.ip(), ?refusal, "connection refused at a limit");
+                if protocol == Protocol::Http {
+                    limits::refuse_http(stream, refusal, &self.conns);
+                }
+                return;
+            }
+        };
         let token = self.token.clone();
-        match self.slot.current().protocol {
+        match protocol {
             Protocol::Tcp => {
                 let slot = Arc::clone(&self.slot);
                 let stats = Arc::clone(&self.stats);
@@ -663,9 +762,14 @@ impl Acceptor {
                 let ctx = Arc::new(ConnContext {
                     slot: Arc::clone(&self.slot),
                     client: self.client.clone(),
+                    h2c: self.h2c.clone(),
                     stats: Arc::clone(&self.stats),
                     client_ip: HeaderValue::from_str(&peer.ip().to_string())
                         .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+                    in_flight: AtomicUsize::new(0),
+                    activity: AtomicU64::new(0),
+                    conns: Arc::clone(&self.conns),
+                    token: token.clone(),
                 });
                 let http = Arc::clone(&self.http);
                 let listen = self.listen.clone();
@@ -678,6 +782,10 @@ impl Acceptor {
     }
 }
 
+/// Serves one client connection until it ends, its listener closes (then it
+/// gets [`CONNECTION_GRACE`] to finish), or it stays idle past the idle
+/// timeout of the moment (checked once per timeout: a connection idle since
+/// just after a check closes within two).
 async fn serve_http_connection(
     http: &auto::Builder<TokioExecutor>,
     stream: TcpStream,
@@ -685,60 +793,40 @@ async fn serve_http_connection(
     token: CancellationToken,
     listen: &str,
 ) {
-    let service = hyper::service::service_fn(move |req| http::handle(Arc::clone(&ctx), req));
-    let conn = http.serve_connection(TokioIo::new(stream), service);
+    let io = TokioIo::new(TrackedIo::new(stream, Arc::clone(&ctx)));
+    let service = {
+        let ctx = Arc::clone(&ctx);
+        hyper::service::service_fn(move |req| http::handle(Arc::clone(&ctx), req))
+    };
+    let conn = http.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = token.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            match tokio::time::timeout(CONNECTION_GRACE, conn.as_mut()).await {
-                Ok(r) => r,
-                Err(_) => return,
+    let mut seen = ctx.activity.load(Ordering::Relaxed);
+    let result = loop {
+        let idle = ctx.conns.idle_timeout();
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            () = token.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                match tokio::time::timeout(CONNECTION_GRACE, conn.as_mut()).await {
+                    Ok(r) => break r,
+                    Err(_) => return,
+                }
+            }
+            () = tokio::time::sleep(idle) => {
+                let now = ctx.activity.load(Ordering::Relaxed);
+                if now == seen && ctx.in_flight.load(Ordering::Relaxed) == 0 {
+                    tracing::debug!(listen, ?idle, "closing an idle connection");
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(CONNECTION_GRACE, conn.as_mut()).await {
+                        Ok(r) => break r,
+                        Err(_) => return,
+                    }
+                }
+                seen = now;
             }
         }
     };
     if let Err(e) = result {
         tracing::debug!(listen, error = %e, "http connection ended with an error");
-    }
-}
-
-/// Counts live connections so shutdown can wait for them (a small stand-in
-/// for tokio-util's `TaskTracker`, whose feature the workspace does not
-/// enable).
-#[derive(Debug, Default)]
-struct ConnTracker {
-    active: AtomicUsize,
-    idle: Notify,
-}
-
-/// Held by a connection task; dropping it ends the connection's count.
-#[derive(Debug)]
-struct ConnGuard(Arc<ConnTracker>);
-
-impl ConnTracker {
-    fn enter(self: &Arc<Self>) -> ConnGuard {
-        self.active.fetch_add(1, Ordering::SeqCst);
-        ConnGuard(Arc::clone(self))
-    }
-
-    async fn wait_idle(&self) {
-        loop {
-            let idle = self.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if self.active.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            idle.await;
-        }
-    }
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
-        }
     }
 }

@@ -10,13 +10,28 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use hyper::header::HeaderValue;
 use hyper::http::uri::Authority;
 use skymirror_proto::v1 as pb;
 
 use super::health::Health;
+use super::hedge::{HedgeBudget, LatencyEstimate};
 use super::select::{Candidate, Selector};
+
+/// Response-head timeout of a route whose table gives none (a daemon that
+/// predates the setting).
+pub(crate) const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How the edge talks to a route's upstreams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UpstreamProtocol {
+    /// HTTP/1.1, pooled keep-alive connections.
+    Http1,
+    /// HTTP/2 with prior knowledge (gRPC).
+    H2c,
+}
 
 /// How a listener treats its connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +43,7 @@ pub(crate) enum Protocol {
 }
 
 impl Protocol {
-    fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         if s.is_empty() || s.eq_ignore_ascii_case("http") {
             Some(Protocol::Http)
         } else if s.eq_ignore_ascii_case("tcp") {
@@ -189,6 +204,16 @@ pub(crate) struct RouteState {
     pub app: String,
     /// Same order as the selector's candidates.
     pub upstreams: Vec<UpstreamState>,
+    /// Longest wait for a response head, per attempt.
+    pub response_timeout: Duration,
+    /// Whether idempotent requests may be hedged.
+    pub hedge: bool,
+    /// How requests reach the upstreams.
+    pub upstream_protocol: UpstreamProtocol,
+    /// Learned from the answers of this route, for the hedge delay.
+    pub latency: LatencyEstimate,
+    /// Bounds the share of requests that are hedged.
+    pub hedge_budget: HedgeBudget,
     selector: Selector,
     /// Round-robin ticket; relaxed atomic, the only write on the hot path.
     ticket: AtomicU64,
@@ -227,9 +252,27 @@ impl RouteState {
                 health: health(&u.address),
             });
         }
+        let upstream_protocol = if route.upstream_protocol.eq_ignore_ascii_case("h2c") {
+            UpstreamProtocol::H2c
+        } else {
+            if !route.upstream_protocol.is_empty()
+                && !route.upstream_protocol.eq_ignore_ascii_case("http1")
+            {
+                tracing::warn!(app = %route.app, upstream_protocol = %route.upstream_protocol, "unknown upstream protocol; using HTTP/1.1");
+            }
+            UpstreamProtocol::Http1
+        };
         Self {
             app: route.app.clone(),
             upstreams,
+            response_timeout: match route.response_timeout_ms {
+                0 => DEFAULT_RESPONSE_TIMEOUT,
+                ms => Duration::from_millis(u64::from(ms)),
+            },
+            hedge: !route.hedging_disabled,
+            upstream_protocol,
+            latency: LatencyEstimate::default(),
+            hedge_budget: HedgeBudget::default(),
             selector: Selector::new(candidates),
             ticket: AtomicU64::new(0),
         }
@@ -241,6 +284,20 @@ impl RouteState {
         let ticket = self.ticket.fetch_add(1, Ordering::Relaxed);
         self.selector
             .pick(ticket, |i| self.upstreams[i].health.is_usable(), tried)
+    }
+
+    /// Ejects upstream `index` for what live traffic showed, unless it is the
+    /// last usable upstream of the route: the edge never ejects every upstream
+    /// of an app on its own judgement of traffic (a bad request that makes
+    /// every replica fail must not take the app offline). Returns true if the
+    /// upstream was ejected now.
+    pub fn eject_for_traffic(&self, index: usize) -> bool {
+        let others_usable = self
+            .upstreams
+            .iter()
+            .enumerate()
+            .any(|(i, u)| i != index && u.health.is_usable());
+        others_usable && self.upstreams[index].health.eject()
     }
 
     /// Asks for an immediate probe of every upstream on the same provider as
@@ -346,6 +403,7 @@ mod tests {
             hosts: hosts.iter().map(|h| (*h).to_string()).collect(),
             protocol: protocol.into(),
             upstreams: vec![],
+            ..Default::default()
         }
     }
 
@@ -436,6 +494,7 @@ mod tests {
                 replica: format!("a/{provider}/0"),
                 weight: 1,
                 tier: 0,
+                ..Default::default()
             });
         }
         let mut healths: HashMap<String, Arc<Health>> = HashMap::new();

@@ -1,6 +1,7 @@
 //! TCP pass-through: pick an upstream, connect (ejecting and moving on when
 //! the connect fails, up to [`MAX_ATTEMPTS`] upstreams), then copy bytes both
-//! ways until either side closes or the listener goes away.
+//! ways until either side closes, or the listener goes away and its grace
+//! period ends.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,9 +9,9 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::EdgeStats;
 use super::http::MAX_ATTEMPTS;
 use super::routes::ListenerSlot;
+use super::{CONNECTION_GRACE, EdgeStats};
 
 /// Proxies one accepted connection.
 pub(crate) async fn serve(
@@ -66,12 +67,15 @@ pub(crate) async fn serve(
     // Small writes (interactive protocols) must not wait for Nagle.
     let _ = outbound.set_nodelay(true);
     let upstream = &route.upstreams[index];
-    tokio::select! {
-        () = cancel.cancelled() => {}
-        r = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {
-            if let Err(e) = r {
-                tracing::debug!(app = %route.app, upstream = %upstream.address, replica = %upstream.replica, error = %e, "tcp connection ended with an error");
-            }
-        }
+    let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+    tokio::pin!(copy);
+    // A closing listener (shutdown, table change) leaves the connection its
+    // grace period, as an HTTP request in flight gets.
+    let result = tokio::select! {
+        r = &mut copy => Some(r),
+        () = cancel.cancelled() => tokio::time::timeout(CONNECTION_GRACE, &mut copy).await.ok(),
+    };
+    if let Some(Err(e)) = result {
+        tracing::debug!(app = %route.app, upstream = %upstream.address, replica = %upstream.replica, error = %e, "tcp connection ended with an error");
     }
 }

@@ -44,6 +44,16 @@ enum Behavior {
     Hang,
     /// TCP echo.
     Echo,
+    /// An HTTP server answering every request with this status.
+    Status(u16),
+    /// An HTTP server answering with its name after a delay (milliseconds).
+    Slow(&'static str, u64),
+    /// An HTTP server that accepts upgrades to `websocket` (101) and then
+    /// echoes bytes; plain requests get a 426.
+    UpgradeEcho,
+    /// An HTTP/2 (prior knowledge) server answering like a gRPC server: the
+    /// request body back, then trailers `grpc-status: 0` and what it saw.
+    GrpcLike,
 }
 
 /// A test upstream. Every accepted connection counts in `accepts`, every
@@ -206,6 +216,134 @@ async fn serve_upstream_conn(
             let (mut r, mut w) = stream.split();
             let _ = tokio::io::copy(&mut r, &mut w).await;
         }
+        Behavior::Status(code) => {
+            let service = service_fn(move |_req: Request<Incoming>| {
+                hits.send_modify(|n| *n += 1);
+                async move {
+                    Ok::<_, hyper::Error>(
+                        Response::builder()
+                            .status(code)
+                            .body(Full::new(Bytes::from(code.to_string())))
+                            .expect("response"),
+                    )
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+        Behavior::Slow(name, ms) => {
+            let service = service_fn(move |_req: Request<Incoming>| {
+                hits.send_modify(|n| *n += 1);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(name))))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+        Behavior::UpgradeEcho => {
+            let service = service_fn(move |mut req: Request<Incoming>| {
+                hits.send_modify(|n| *n += 1);
+                async move {
+                    let wants = req
+                        .headers()
+                        .get("upgrade")
+                        .is_some_and(|v| v == "websocket");
+                    if !wants {
+                        return Ok::<_, hyper::Error>(
+                            Response::builder()
+                                .status(426)
+                                .body(Full::new(Bytes::new()))
+                                .expect("response"),
+                        );
+                    }
+                    let on_upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(upgraded) = on_upgrade.await {
+                            let mut io = TokioIo::new(upgraded);
+                            let mut buf = [0u8; 1024];
+                            while let Ok(n) = io.read(&mut buf).await {
+                                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    });
+                    Ok(Response::builder()
+                        .status(101)
+                        .header("connection", "upgrade")
+                        .header("upgrade", "websocket")
+                        .header("x-upstream", "ws")
+                        .body(Full::new(Bytes::new()))
+                        .expect("response"))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        }
+        Behavior::GrpcLike => {
+            let service = service_fn(move |req: Request<Incoming>| {
+                hits.send_modify(|n| *n += 1);
+                async move {
+                    let te = req
+                        .headers()
+                        .get("te")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    let version = format!("{:?}", req.version());
+                    let body = req.into_body().collect().await?.to_bytes();
+                    let mut trailers = hyper::HeaderMap::new();
+                    trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+                    trailers.insert(
+                        "x-seen-te",
+                        hyper::header::HeaderValue::from_str(&te).expect("te"),
+                    );
+                    trailers.insert(
+                        "x-seen-version",
+                        hyper::header::HeaderValue::from_str(&version).expect("version"),
+                    );
+                    let frames = futures_frames(body, trailers);
+                    Ok::<_, hyper::Error>(
+                        Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(frames)
+                            .expect("response"),
+                    )
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+    }
+}
+
+/// A body of one data frame and then trailers.
+fn futures_frames(data: Bytes, trailers: hyper::HeaderMap) -> TestFrames {
+    TestFrames {
+        frames: VecDeque::from([Frame::data(data), Frame::trailers(trailers)]),
+    }
+}
+
+/// A response body from a list of frames.
+struct TestFrames {
+    frames: VecDeque<Frame<Bytes>>,
+}
+
+impl Body for TestFrames {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.frames.pop_front().map(Ok))
     }
 }
 
@@ -224,6 +362,7 @@ fn up(addr: SocketAddr, provider: &str, tier: i32) -> pb::Upstream {
         replica: format!("web/{provider}/{}", addr.port()),
         weight: 1,
         tier,
+        ..Default::default()
     }
 }
 
@@ -238,6 +377,7 @@ fn route(listen: &str, hosts: &[&str], protocol: &str, upstreams: Vec<pb::Upstre
         hosts: hosts.iter().map(|h| (*h).to_string()).collect(),
         protocol: protocol.into(),
         upstreams,
+        ..Default::default()
     }
 }
 
@@ -840,6 +980,457 @@ async fn nothing_usable_still_tries_then_502s_and_health_survives_a_new_table() 
     assert_eq!(edge.counters().retries, 0);
     assert_eq!(edge.counters().ejections, 1);
     edge.stop().await;
+}
+
+// ---------------------------------------------------------------- gray failures
+
+/// Waits until `check` holds, polling (the counters have no change signal).
+async fn wait_for(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not in time"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_hung_upstream_is_overtaken_by_hedges_then_ejected() {
+    let hang = TestUpstream::start(Behavior::Hang).await;
+    let b = TestUpstream::start(Behavior::Respond("b")).await;
+    let edge = TestEdge::start(
+        config(NO_PROBES),
+        table(
+            1,
+            vec![route(
+                WEB,
+                &[],
+                "http",
+                vec![up(hang.addr, "p1", 0), up(b.addr, "p2", 0)],
+            )],
+        ),
+    );
+    let addr = edge.addr(WEB).await;
+    let client = client();
+    let mut slowest = Duration::ZERO;
+    for i in 0..40 {
+        let started = tokio::time::Instant::now();
+        let r = get(&client, addr, "x").await;
+        let took = started.elapsed();
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        assert_eq!(r.replica, replica(b.addr, "p2"));
+        // Before any answer the delay is the ceiling; then it is learned.
+        if i > 0 {
+            slowest = slowest.max(took);
+        }
+        assert!(
+            took < crate::hedge::HEDGE_MAX + Duration::from_millis(400),
+            "request {i} took {took:?}"
+        );
+    }
+    assert!(
+        slowest < Duration::from_millis(300),
+        "hedged requests waited {slowest:?}, the learned delay is far shorter"
+    );
+    let c = edge.counters();
+    assert!(c.hedges >= 1, "{c:?}");
+    assert_eq!(c.ejections, 1, "{c:?}");
+    assert_eq!(c.failures, 0, "{c:?}");
+    assert!(
+        hang.hits() <= crate::health::EJECT_AFTER_FAILURES as usize,
+        "the hung upstream got {} requests: overtaken attempts eject it",
+        hang.hits()
+    );
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn a_response_head_timeout_retries_idempotent_requests_and_never_posts_twice() {
+    let hang = TestUpstream::start(Behavior::Hang).await;
+    let b = TestUpstream::start(Behavior::Respond("b")).await;
+    let mut r = route(
+        WEB,
+        &[],
+        "http",
+        vec![up(hang.addr, "p1", 0), up(b.addr, "p2", 0)],
+    );
+    r.response_timeout_ms = 300;
+    r.hedging_disabled = true;
+    let edge = TestEdge::start(config(NO_PROBES), table(1, vec![r.clone()]));
+    let addr = edge.addr(WEB).await;
+    let client = client();
+
+    // The first pick is the hung upstream: the POST waits the timeout and gets
+    // a 504; it is never sent to the other one.
+    let started = tokio::time::Instant::now();
+    let post = send(
+        &client,
+        addr,
+        "POST",
+        "x",
+        TestBody::full(Bytes::from_static(b"order 1")),
+    )
+    .await;
+    assert_eq!(post.status, StatusCode::GATEWAY_TIMEOUT, "{post:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!((hang.hits(), b.hits()), (1, 0), "one POST, one delivery");
+    assert_eq!(edge.counters().ejections, 1, "a timeout ejects at once");
+    for i in 2..=6 {
+        let body = Bytes::from(format!("order {i}"));
+        let r = send(&client, addr, "POST", "x", TestBody::full(body)).await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    }
+    assert_eq!(
+        hang.hits() + b.hits(),
+        6,
+        "every POST delivered exactly once"
+    );
+
+    // With a fresh health view (a new address set), a GET that meets the
+    // timeout is retried on the other provider.
+    let hang2 = TestUpstream::start(Behavior::Hang).await;
+    r.upstreams = vec![up(hang2.addr, "p1", 0), up(b.addr, "p2", 0)];
+    edge.tables.send_replace(table(2, vec![r]));
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while hang2.hits() == 0 {
+        let started = tokio::time::Instant::now();
+        let got = get(&client, addr, "x").await;
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        assert_eq!(got.replica, replica(b.addr, "p2"));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new table never served"
+        );
+    }
+    assert_eq!(edge.counters().hedges, 0, "hedging is off on this route");
+    assert!(edge.counters().retries >= 1);
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn probes_ask_the_apps_health_path() {
+    let sick = TestUpstream::start(Behavior::Status(503)).await;
+    let frozen = TestUpstream::start(Behavior::Hang).await;
+    let b = TestUpstream::start(Behavior::Respond("b")).await;
+    let mut r = route(
+        WEB,
+        &[],
+        "http",
+        vec![
+            up(sick.addr, "p1", 0),
+            up(frozen.addr, "p2", 0),
+            up(b.addr, "p3", 0),
+        ],
+    );
+    r.health_path = "/healthz".into();
+    let mut c = config(Duration::from_millis(50));
+    c.probe_timeout = Duration::from_millis(200);
+    let edge = TestEdge::start(c, table(1, vec![r]));
+    let addr = edge.addr(WEB).await;
+    // Both accept connections; only the health path shows they are not well.
+    wait_for("both upstreams ejected by probes", || {
+        edge.counters().ejections >= 2
+    })
+    .await;
+    let client = client();
+    for _ in 0..20 {
+        let r = get(&client, addr, "x").await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        assert_eq!(r.replica, replica(b.addr, "p3"));
+    }
+    assert_eq!(
+        edge.counters().hedges,
+        0,
+        "no request met the frozen upstream"
+    );
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn live_traffic_never_ejects_the_last_usable_upstream() {
+    let a = TestUpstream::start(Behavior::Status(500)).await;
+    let b = TestUpstream::start(Behavior::Status(500)).await;
+    let edge = TestEdge::start(
+        config(NO_PROBES),
+        table(
+            1,
+            vec![route(
+                WEB,
+                &[],
+                "http",
+                vec![up(a.addr, "p1", 0), up(b.addr, "p2", 0)],
+            )],
+        ),
+    );
+    let addr = edge.addr(WEB).await;
+    let client = client();
+    for _ in 0..20 {
+        let r = get(&client, addr, "x").await;
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{r:?}");
+        assert_eq!(r.body, "500", "the app's own answer is passed on");
+    }
+    let c = edge.counters();
+    assert_eq!(c.ejections, 1, "one ejected, the last one kept: {c:?}");
+    assert_eq!(c.failures, 0);
+    edge.stop().await;
+}
+
+// ---------------------------------------------------------------- protocols
+
+/// Reads an HTTP/1.1 response head (and a body of known length) from `s`.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut byte))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&raw));
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&raw).into_owned();
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())
+                .flatten()
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).await.expect("body");
+    head + &String::from_utf8_lossy(&body)
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_is_proxied_after_failover() {
+    let dead = dead_addr().await;
+    let ws = TestUpstream::start(Behavior::UpgradeEcho).await;
+    let edge = TestEdge::start(
+        config(NO_PROBES),
+        table(
+            1,
+            vec![route(
+                WEB,
+                &[],
+                "http",
+                vec![up(dead, "p1", 2), up(ws.addr, "p2", 1)],
+            )],
+        ),
+    );
+    let addr = edge.addr(WEB).await;
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: chat.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let head = read_response(&mut s).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
+    for msg in ["hello over the tunnel", "and again"] {
+        s.write_all(msg.as_bytes()).await.expect("write");
+        let mut buf = vec![0u8; msg.len()];
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut buf))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(buf, msg.as_bytes());
+    }
+    assert_eq!(
+        edge.counters().ejections,
+        1,
+        "the dead upstream failed over before the upgrade"
+    );
+
+    // A plain request to the same app gets the app's own answer.
+    let r = get(&client(), addr, "chat.test").await;
+    assert_eq!(r.status, StatusCode::UPGRADE_REQUIRED);
+    drop(s);
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn h2c_upstreams_carry_grpc_streams_and_trailers() {
+    let grpc = TestUpstream::start(Behavior::GrpcLike).await;
+    let mut r = route(WEB, &[], "http", vec![up(grpc.addr, "p1", 0)]);
+    r.upstream_protocol = "h2c".into();
+    let edge = TestEdge::start(config(NO_PROBES), table(1, vec![r]));
+    let addr = edge.addr(WEB).await;
+    let h2: TestClient = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    // A gRPC frame: not compressed, length 2, payload.
+    let message = Bytes::from_static(&[0, 0, 0, 0, 2, 8, 1]);
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(TestBody::chunked(vec![message.clone()]))
+        .expect("request");
+    let resp = tokio::time::timeout(DEADLINE, h2.request(req))
+        .await
+        .expect("response in time")
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/grpc");
+    let collected = resp.into_body().collect().await.expect("body");
+    let trailers = collected.trailers().cloned().expect("trailers passed on");
+    assert_eq!(collected.to_bytes(), message);
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(
+        trailers["x-seen-te"], "trailers",
+        "TE: trailers reaches the app"
+    );
+    assert_eq!(trailers["x-seen-version"], "HTTP/2.0");
+    edge.stop().await;
+}
+
+// ---------------------------------------------------------------- bounds
+
+/// A connection to `addr` from the loopback address `from`.
+async fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from((from, 0)))
+        .expect("bind a loopback source address");
+    socket.connect(addr).await.expect("connect")
+}
+
+/// A keep-alive GET on `s`: the edge has surely counted the connection after it.
+async fn keep_alive_get(s: &mut TcpStream) -> String {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    read_response(s).await
+}
+
+#[tokio::test]
+async fn connection_limits_refuse_at_once_with_a_503() {
+    let a = TestUpstream::start(Behavior::Respond("a")).await;
+    let mut c = config(NO_PROBES);
+    c.max_connections = 4;
+    c.max_connections_per_client = 2;
+    let edge = TestEdge::start(
+        c,
+        table(1, vec![route(WEB, &[], "http", vec![up(a.addr, "p1", 0)])]),
+    );
+    let addr = edge.addr(WEB).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = connect_from([127, 0, 0, 2], addr).await;
+        assert!(keep_alive_get(&mut s).await.starts_with("HTTP/1.1 200"));
+        held.push(s);
+    }
+    // A third from the same address: answered at once.
+    let started = tokio::time::Instant::now();
+    let mut s = connect_from([127, 0, 0, 2], addr).await;
+    let refused = read_response(&mut s).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("from your address"), "{refused}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // Other clients still get in, up to the global cap.
+    for from in [[127, 0, 0, 3], [127, 0, 0, 4]] {
+        let mut s = connect_from(from, addr).await;
+        assert!(keep_alive_get(&mut s).await.starts_with("HTTP/1.1 200"));
+        held.push(s);
+    }
+    let mut s = connect_from([127, 0, 0, 5], addr).await;
+    let refused = read_response(&mut s).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("too many connections"), "{refused}");
+    assert_eq!(edge.counters().refused, 2);
+    // A closed connection makes room.
+    drop(held.pop());
+    let mut s = connect_from([127, 0, 0, 5], addr).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let r = keep_alive_get(&mut s).await;
+        if r.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        // The close may not have been seen yet: try a new connection.
+        assert!(tokio::time::Instant::now() < deadline, "no room made: {r}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        s = connect_from([127, 0, 0, 5], addr).await;
+    }
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn idle_connections_close_but_waiting_ones_stay() {
+    let a = TestUpstream::start(Behavior::Respond("a")).await;
+    let slow = TestUpstream::start(Behavior::Slow("slow", 700)).await;
+    let mut c = config(NO_PROBES);
+    c.idle_timeout = Duration::from_millis(200);
+    let edge = TestEdge::start(
+        c,
+        table(
+            1,
+            vec![
+                route(WEB, &["slow.test"], "http", vec![up(slow.addr, "p1", 0)]),
+                route(WEB, &[], "http", vec![up(a.addr, "p1", 0)]),
+            ],
+        ),
+    );
+    let addr = edge.addr(WEB).await;
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    assert!(keep_alive_get(&mut s).await.starts_with("HTTP/1.1 200"));
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+        .await
+        .expect("idle connection closed in time")
+        .expect("read");
+    assert_eq!(n, 0, "closed by the edge");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+
+    // A request that waits on a slow upstream longer than the idle timeout
+    // is not cut off.
+    let r = get(&client(), addr, "slow.test").await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body, "slow");
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_finishes_requests_in_flight() {
+    let slow = TestUpstream::start(Behavior::Slow("slow", 500)).await;
+    let edge = TestEdge::start(
+        config(NO_PROBES),
+        table(
+            1,
+            vec![route(WEB, &[], "http", vec![up(slow.addr, "p1", 0)])],
+        ),
+    );
+    let addr = edge.addr(WEB).await;
+    let pending = tokio::spawn(async move { get(&client(), addr, "x").await });
+    slow.wait_hits(1).await;
+    edge.shutdown.cancel();
+    wait_closed(&edge.stats, WEB).await;
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no new connection once shutting down"
+    );
+    let r = tokio::time::timeout(DEADLINE, pending)
+        .await
+        .expect("request finished in time")
+        .expect("request task");
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body, "slow");
+    let result = tokio::time::timeout(DEADLINE, edge.task)
+        .await
+        .expect("edge stops in time")
+        .expect("edge task");
+    assert!(result.is_ok(), "{result:?}");
 }
 
 // ---------------------------------------------------------------- run

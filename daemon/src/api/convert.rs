@@ -460,6 +460,11 @@ pub fn routes_to_pb(t: &RoutingTable) -> pb::RoutingTable {
                 listen: r.listen.clone(),
                 hosts: r.hosts.clone(),
                 protocol: r.protocol.clone(),
+                response_timeout_ms: u32::try_from(r.response_timeout.as_millis())
+                    .unwrap_or(u32::MAX),
+                hedging_disabled: !r.hedge,
+                upstream_protocol: r.upstream_protocol.clone(),
+                health_path: r.health_path.clone().unwrap_or_default(),
                 upstreams: r
                     .upstreams
                     .iter()
@@ -469,6 +474,7 @@ pub fn routes_to_pb(t: &RoutingTable) -> pb::RoutingTable {
                         replica: u.replica.clone(),
                         weight: u.weight,
                         tier: u.tier,
+                        health_address: u.health_address.clone().unwrap_or_default(),
                     })
                     .collect(),
             })

@@ -12,13 +12,14 @@ use std::time::Duration;
 use skymirror_proto::v1 as pb;
 
 use super::path::Issue;
+use super::types::DEFAULT_RESPONSE_TIMEOUT;
 use super::types::{
     App, AppSpec, DEFAULT_FAILURE_THRESHOLD, DEFAULT_INTERVAL, DEFAULT_NAMESPACE,
     DEFAULT_STOP_GRACE, DEFAULT_SUCCESS_THRESHOLD, DEFAULT_TIMEOUT, DockerSettings, DriverKind,
     Ec2Address, Ec2Settings, Expose, FailoverPolicy, HealthCheck, KubernetesSettings, ObjectMeta,
     Placement, PlacementMode, PlacementTarget, Port, Probe, Protocol, Provider, ProviderSpec,
     Resources, Routing, RoutingProtocol, ServiceType, TaintEffect, Toleration, TolerationOperator,
-    Workload,
+    UpstreamProtocol, Workload,
 };
 use super::validate;
 
@@ -379,6 +380,9 @@ impl From<&App> for pb::App {
                     hosts: r.hosts.clone(),
                     port: r.port.clone(),
                     protocol: r.protocol.as_str().to_owned(),
+                    response_timeout_ms: millis_u32(r.response_timeout),
+                    hedging_disabled: !r.hedge,
+                    upstream_protocol: r.upstream_protocol.as_str().to_owned(),
                 }),
             }),
         }
@@ -422,11 +426,27 @@ impl TryFrom<pb::App> for App {
                         ));
                     }
                 };
+                let upstream_protocol = match r.upstream_protocol.as_str() {
+                    "" | "http1" => UpstreamProtocol::Http1,
+                    "h2c" => UpstreamProtocol::H2c,
+                    other => {
+                        return Err(ConvertError::invalid(
+                            "spec.routing.upstream_protocol",
+                            format!("unknown upstream protocol {other:?}, expected http1 or h2c"),
+                        ));
+                    }
+                };
                 Ok(Routing {
                     listen: r.listen,
                     hosts: r.hosts,
                     port: r.port,
                     protocol,
+                    response_timeout: match r.response_timeout_ms {
+                        0 => DEFAULT_RESPONSE_TIMEOUT,
+                        ms => Duration::from_millis(u64::from(ms)),
+                    },
+                    hedge: !r.hedging_disabled,
+                    upstream_protocol,
                 })
             })
             .transpose()?;

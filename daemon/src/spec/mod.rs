@@ -40,7 +40,7 @@ pub use types::{
     FailoverPolicy, HealthCheck, Kind, KubernetesSettings, ObjectMeta, Placement, PlacementMode,
     PlacementTarget, Port, Probe, Protocol, Provider, ProviderSpec, Resources, Routing,
     RoutingProtocol, ServiceType, TaintEffect, Toleration, TolerationOperator, UnknownKind,
-    Workload,
+    UpstreamProtocol, Workload,
 };
 
 /// Largest input [`parse_documents`] reads: 1 MiB.

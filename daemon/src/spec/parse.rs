@@ -856,6 +856,67 @@ spec:
     }
 
     #[test]
+    fn routing_front_door_settings() {
+        let docs = parse_documents(
+            "t.yaml",
+            &app("  command: x\n  replicas: 1\n  ports: [{name: http}]\n  routing: {listen: \"127.0.0.1:80\", port: http, responseTimeout: 2500ms, hedge: false, upstreamProtocol: h2c}\n"),
+        )
+        .unwrap();
+        let Document::App(a) = &docs[0].document else {
+            panic!("an app");
+        };
+        let r = a.spec.routing.as_ref().unwrap();
+        assert_eq!(r.response_timeout, Duration::from_millis(2500));
+        assert!(!r.hedge);
+        assert_eq!(r.upstream_protocol, UpstreamProtocol::H2c);
+        // Defaults, and they are not written back out.
+        let docs = parse_documents(
+            "t.yaml",
+            &app("  command: x\n  replicas: 1\n  ports: [{name: http}]\n  routing: {listen: \"127.0.0.1:80\", port: http}\n"),
+        )
+        .unwrap();
+        let Document::App(a) = &docs[0].document else {
+            panic!("an app");
+        };
+        let r = a.spec.routing.as_ref().unwrap();
+        assert_eq!(r.response_timeout, Duration::from_secs(15));
+        assert!(r.hedge);
+        assert_eq!(r.upstream_protocol, UpstreamProtocol::Http1);
+        let yaml = docs[0].document.to_yaml();
+        assert!(
+            !yaml.contains("hedge")
+                && !yaml.contains("responseTimeout")
+                && !yaml.contains("upstreamProtocol"),
+            "{yaml}"
+        );
+
+        assert_eq!(
+            errors(&app(
+                "  command: x\n  replicas: 1\n  ports: [{name: http}]\n  routing: {listen: \"127.0.0.1:80\", port: http, responseTimeout: 50ms}\n"
+            )),
+            [
+                "t.yaml: document 1, line 9, column 66: spec.routing.responseTimeout: must be between 100ms and 1h, found 50ms"
+            ]
+        );
+        assert_eq!(
+            errors(&app(
+                "  command: x\n  replicas: 1\n  ports: [{name: db}]\n  routing:\n    listen: \"127.0.0.1:5432\"\n    port: db\n    protocol: tcp\n    upstreamProtocol: h2c\n    hedge: false\n"
+            )),
+            [
+                "t.yaml: document 1, line 13, column 23: spec.routing.upstreamProtocol: applies to HTTP routing only; a tcp route forwards bytes as they come",
+                "t.yaml: document 1, line 14, column 12: spec.routing.hedge: applies to HTTP routing only; a tcp route is never hedged",
+            ]
+        );
+        assert_eq!(
+            errors(&app(
+                "  command: x\n  replicas: 1\n  ports: [{name: http}]\n  routing: {listen: \"127.0.0.1:80\", port: http, upstreamProtocol: h3}\n"
+            ))
+            .len(),
+            1
+        );
+    }
+
+    #[test]
     fn size_and_document_limits() {
         let big = format!("# {}\n", "x".repeat(MAX_SOURCE_BYTES));
         assert_eq!(

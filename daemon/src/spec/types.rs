@@ -841,6 +841,71 @@ pub struct Routing {
     /// Default http.
     #[serde(default)]
     pub protocol: RoutingProtocol,
+    /// Longest wait for a replica's response head, per attempt (HTTP). A replica
+    /// that accepts connections and never answers (a frozen process, a paused VM)
+    /// must not hold requests for ever; an idempotent request that waited this long
+    /// is retried elsewhere, another gets a 504. Default 15s.
+    #[serde(
+        default = "default_response_timeout",
+        with = "duration::text",
+        skip_serializing_if = "is_default_response_timeout"
+    )]
+    pub response_timeout: Duration,
+    /// Whether an idempotent request that has not been answered within a delay
+    /// learned from recent latency is also sent to another provider, the first
+    /// answer winning (HTTP). Default true; requests that are not idempotent are
+    /// never sent twice either way.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub hedge: bool,
+    /// How the front door talks to the replicas (HTTP): `http1` (the default) or
+    /// `h2c` (HTTP/2 without TLS, for gRPC).
+    #[serde(default, skip_serializing_if = "UpstreamProtocol::is_default")]
+    pub upstream_protocol: UpstreamProtocol,
+}
+
+/// Default of [`Routing::response_timeout`].
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn default_response_timeout() -> Duration {
+    DEFAULT_RESPONSE_TIMEOUT
+}
+
+fn is_default_response_timeout(d: &Duration) -> bool {
+    *d == DEFAULT_RESPONSE_TIMEOUT
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+/// How the front door talks to an app's replicas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with pooled keep-alive connections (the default).
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge, without TLS: gRPC and other HTTP/2-only apps.
+    H2c,
+}
+
+impl UpstreamProtocol {
+    /// `http1` or `h2c`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::H2c => "h2c",
+        }
+    }
+
+    fn is_default(&self) -> bool {
+        *self == Self::Http1
+    }
 }
 
 /// How the front door forwards traffic.

@@ -11,10 +11,11 @@ use std::time::Duration;
 use http::uri::{Scheme, Uri};
 
 use super::path::{FieldPath, Issue};
+use super::types::DEFAULT_RESPONSE_TIMEOUT;
 use super::types::{
     App, DockerSettings, Document, DriverKind, Ec2Settings, HealthCheck, KubernetesSettings,
-    ObjectMeta, PlacementTarget, Probe, Provider, ProviderSpec, Routing, TolerationOperator,
-    Workload,
+    ObjectMeta, PlacementTarget, Probe, Provider, ProviderSpec, Routing, RoutingProtocol,
+    TolerationOperator, UpstreamProtocol, Workload,
 };
 use super::{Kind, MAX_REPLICAS, ParsedDocument, duration};
 
@@ -30,6 +31,10 @@ const MAX_PROBE_PERIOD: Duration = Duration::from_secs(3_600);
 const MAX_STOP_GRACE: Duration = Duration::from_secs(3_600);
 /// Longest fail-back delay.
 const MAX_FAILBACK: Duration = Duration::from_secs(86_400);
+/// Shortest response-head timeout: below it, ordinary replicas would time out.
+const MIN_RESPONSE_TIMEOUT: Duration = Duration::from_millis(100);
+/// Longest response-head timeout.
+const MAX_RESPONSE_TIMEOUT: Duration = Duration::from_secs(3_600);
 
 /// Problems of one document on its own.
 pub(super) fn document(document: &Document) -> Vec<Issue> {
@@ -432,6 +437,46 @@ fn routing_check(r: &Routing, w: &Workload, issues: &mut Vec<Issue>) {
         }
     }
     port_reference(&r.port, w, at("port"), issues);
+    let timeout = r.response_timeout;
+    if timeout < MIN_RESPONSE_TIMEOUT || timeout > MAX_RESPONSE_TIMEOUT {
+        issues.push(Issue::new(
+            at("responseTimeout"),
+            format!(
+                "must be between {} and {}, found {}",
+                duration::format(MIN_RESPONSE_TIMEOUT),
+                duration::format(MAX_RESPONSE_TIMEOUT),
+                duration::format(timeout)
+            ),
+        ));
+    } else if !timeout.subsec_nanos().is_multiple_of(1_000_000) {
+        issues.push(Issue::new(
+            at("responseTimeout"),
+            format!(
+                "must be a whole number of milliseconds, found {}",
+                duration::format(timeout)
+            ),
+        ));
+    }
+    if r.protocol == RoutingProtocol::Tcp {
+        if r.upstream_protocol != UpstreamProtocol::Http1 {
+            issues.push(Issue::new(
+                at("upstreamProtocol"),
+                "applies to HTTP routing only; a tcp route forwards bytes as they come",
+            ));
+        }
+        if !r.hedge {
+            issues.push(Issue::new(
+                at("hedge"),
+                "applies to HTTP routing only; a tcp route is never hedged",
+            ));
+        }
+        if r.response_timeout != DEFAULT_RESPONSE_TIMEOUT {
+            issues.push(Issue::new(
+                at("responseTimeout"),
+                "applies to HTTP routing only; a tcp route has no response head",
+            ));
+        }
+    }
 }
 
 /// Longest EC2 tag key.

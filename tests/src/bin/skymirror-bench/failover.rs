@@ -26,6 +26,15 @@
 //!
 //! Then the agent is restarted and the failures until the next steady state
 //! are counted as the fail-back's. Rounds rotate the killed provider.
+//!
+//! `--mode freeze` is the gray failure instead: the provider's agent and
+//! replicas are stopped with SIGSTOP (a paused VM, a frozen host: the kernel
+//! still accepts connections, nothing answers) for `--freeze-secs`, then
+//! continued. A round measures the failed requests and the slowest request
+//! sent from t0 until a second after the thaw, how many took over a second,
+//! when the frozen provider answered last and when the front door ejected its
+//! upstreams. Nothing is re-placed: from outside, replicas whose kernel
+//! accepts connections look alive, so the daemon sees a partition.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -60,6 +69,17 @@ const TRAFFIC_OFF_TARGET: Duration = Duration::from_secs(1);
 const STRENGTH_TARGET: Duration = Duration::from_secs(5);
 /// Failure reasons printed per round, at most.
 const SHOWN_FAILURES: usize = 5;
+/// Slowest acceptable request during a freeze, from the issue.
+const FREEZE_LATENCY_TARGET: Duration = Duration::from_secs(1);
+
+/// What a round does to its provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Mode {
+    /// `kill -9` the agent and its replicas: an outage.
+    Kill,
+    /// SIGSTOP the agent and its replicas, SIGCONT later: a gray failure.
+    Freeze,
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct FailoverArgs {
@@ -75,6 +95,12 @@ pub(crate) struct FailoverArgs {
     /// Longest wait for any one step (steady state, full strength), seconds.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
+    /// What happens to the provider of a round.
+    #[arg(long, value_enum, default_value_t = Mode::Kill)]
+    mode: Mode,
+    /// How long a frozen provider stays frozen (`--mode freeze`), seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    freeze_secs: u64,
 }
 
 pub(crate) fn failover(args: &FailoverArgs) -> Result<()> {
@@ -89,6 +115,9 @@ pub(crate) fn failover(args: &FailoverArgs) -> Result<()> {
         .healthy;
 
     let (mut cluster, front) = setup(timeout)?;
+    if args.mode == Mode::Freeze {
+        return freeze(args, &profile, &mut cluster, front, timeout);
+    }
     println!(
         "failover benchmark ({profile} build): app {APP} mirrored with {REPLICAS} replicas on each of {} (process driver), routed through the front door at {front}; {} rounds, killing {} in turn",
         PROVIDERS.join(", "),
@@ -181,6 +210,166 @@ pub(crate) fn failover(args: &FailoverArgs) -> Result<()> {
         pct(100)
     );
     Ok(())
+}
+
+/// What one freeze round measured. Durations are from t0 unless said.
+#[derive(Debug)]
+struct FreezeRound {
+    provider: &'static str,
+    /// Processes stopped (its agent and replicas).
+    frozen: usize,
+    /// Requests sent from t0 until a second after the thaw.
+    sent: usize,
+    failed: Vec<(Duration, String)>,
+    /// The slowest request sent in the window (answered or not).
+    slowest: Duration,
+    /// Requests of the window that took over [`FREEZE_LATENCY_TARGET`].
+    over_target: usize,
+    /// Last answer from the frozen provider before the thaw.
+    last_answer: Option<Duration>,
+    /// The front door's ejections of the provider's upstreams.
+    ejected: Option<Vec<Duration>>,
+    /// The provider's liveness events until steady again (reason, from t0).
+    events: Vec<(String, Duration)>,
+}
+
+fn freeze(
+    args: &FailoverArgs,
+    profile: &str,
+    cluster: &mut Cluster,
+    front: SocketAddr,
+    timeout: Duration,
+) -> Result<()> {
+    let frozen_for = Duration::from_secs(args.freeze_secs);
+    println!(
+        "failover benchmark, freeze mode ({profile} build): app {APP} mirrored with {REPLICAS} replicas on each of {} (process driver), routed through the front door at {front}; {} rounds, freezing {} in turn",
+        PROVIDERS.join(", "),
+        args.rounds,
+        PROVIDERS.join(" -> ")
+    );
+    println!(
+        "a round: wait until steady, t0, SIGSTOP the provider's agent and its replicas, SIGCONT after {}; measured over the requests sent from t0 until a second after the thaw",
+        secs(frozen_for)
+    );
+    println!(
+        "load: {} req/s wanted from {} threads, each GET / on a fresh connection (timeout {})",
+        args.rate,
+        args.threads,
+        secs(REQUEST_TIMEOUT)
+    );
+    let traffic = Traffic::start(front, args.rate, args.threads);
+    wait_steady(cluster, &traffic, timeout)?;
+    let mut rounds = Vec::new();
+    for n in 0..args.rounds {
+        let provider = PROVIDERS
+            .get(usize::try_from(n)? % PROVIDERS.len())
+            .copied()
+            .context("provider rotation")?;
+        let t0_ms = epoch_ms();
+        let t0 = traffic.now();
+        let frozen = cluster.signal_provider(provider, nix::sys::signal::Signal::SIGSTOP)?;
+        pause_until(&traffic, t0 + frozen_for);
+        cluster.signal_provider(provider, nix::sys::signal::Signal::SIGCONT)?;
+        let window_end = traffic.now() + AFTERMATH;
+        pause_until(&traffic, window_end);
+        wait_steady(cluster, &traffic, timeout)?;
+        let window = traffic.sent_between(t0, window_end);
+        let took = |s: &Sample| s.done.saturating_sub(s.sent);
+        let events = cluster
+            .events()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| {
+                let at = u64::try_from(e["timeMs"].as_i64()? - t0_ms).ok()?;
+                let reason = e["reason"].as_str()?.strip_prefix("Provider")?;
+                (e["provider"].as_str()? == provider)
+                    .then(|| (reason.to_lowercase(), Duration::from_millis(at)))
+            })
+            .collect();
+        let round = FreezeRound {
+            provider,
+            frozen,
+            sent: window.len(),
+            failed: failures(&window, t0),
+            slowest: window.iter().map(took).max().unwrap_or_default(),
+            over_target: window
+                .iter()
+                .filter(|s| took(s) > FREEZE_LATENCY_TARGET)
+                .count(),
+            last_answer: window
+                .iter()
+                .filter(|s| {
+                    s.done >= t0 && s.done < t0 + frozen_for && s.provider() == Some(provider)
+                })
+                .map(|s| s.done.saturating_sub(t0))
+                .max(),
+            ejected: edge_ejections(&cluster.dir.path().join("edge-0.log"), provider, t0_ms)
+                .ok()
+                .map(|v| v.into_iter().filter(|at| *at < frozen_for).collect()),
+            events,
+        };
+        print_freeze_round(n + 1, &round);
+        rounds.push(round);
+    }
+    drop(traffic);
+    let mut slowest: Vec<Duration> = rounds.iter().map(|r| r.slowest).collect();
+    slowest.sort();
+    let failed: usize = rounds.iter().map(|r| r.failed.len()).sum();
+    let sent: usize = rounds.iter().map(|r| r.sent).sum();
+    let over: usize = rounds.iter().map(|r| r.over_target).sum();
+    println!();
+    println!("over {} rounds:", rounds.len());
+    println!(
+        "  failed requests {failed} of {sent} (target 0){}",
+        missed(failed > 0)
+    );
+    println!(
+        "  slowest request per round: median {}, worst {} (target < {}){}; {over} requests over {}",
+        secs(slowest.get(slowest.len() / 2).copied().unwrap_or_default()),
+        secs(slowest.last().copied().unwrap_or_default()),
+        secs(FREEZE_LATENCY_TARGET),
+        missed(over > 0),
+        secs(FREEZE_LATENCY_TARGET)
+    );
+    Ok(())
+}
+
+fn print_freeze_round(n: u32, r: &FreezeRound) {
+    println!(
+        "round {n:>2}: {} frozen ({} processes) | failed {} of {}{} | slowest {}, {} over {}{}",
+        r.provider,
+        r.frozen,
+        r.failed.len(),
+        r.sent,
+        missed(!r.failed.is_empty()),
+        secs(r.slowest),
+        r.over_target,
+        secs(FREEZE_LATENCY_TARGET),
+        missed(r.over_target > 0)
+    );
+    let answers = r.last_answer.map_or_else(
+        || "no answer from it after t0".to_string(),
+        |at| format!("its last answer +{}", secs(at)),
+    );
+    let ejected = match &r.ejected {
+        Some(v) if v.is_empty() => "the front door ejected none of its upstreams".to_string(),
+        Some(v) => format!(
+            "the front door ejected {} of its {REPLICAS} upstreams, the last at +{}",
+            v.len(),
+            secs(v.iter().copied().max().unwrap_or_default())
+        ),
+        None => "front door log unreadable".to_string(),
+    };
+    let events = r
+        .events
+        .iter()
+        .map(|(why, at)| format!("{why} +{}", secs(*at)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("          {answers}; {ejected}; events: {events}");
+    for (at, why) in r.failed.iter().take(SHOWN_FAILURES) {
+        println!("          failure at +{}: {why}", secs(*at));
+    }
 }
 
 /// Starts the cluster, the app and the front door; returns the front door's address.

@@ -1,21 +1,25 @@
 //! `proxy`: the front door's throughput and latency against a direct
-//! connection to one replica and against nginx proxying the same replicas,
-//! measured in the same run with `wrk`.
+//! connection to one replica and against nginx and HAProxy proxying the same
+//! replicas, measured in the same run with `wrk`, over several rounds (each
+//! round runs every target once, in turn) whose medians are reported.
 //!
 //! Setup: three providers (`aa`, `bb`, `cc`) with an agent each, the app `web`
 //! mirrored with 2 replicas per provider and routed on a free port, a front
 //! door, and (when installed) nginx with an `upstream` block of the same six
 //! replicas, an upstream keep-alive pool and HTTP/1.1 to the upstreams, as
 //! many worker processes as the front door has runtime worker threads (tokio
-//! starts one per core). `wrk` then runs against the replica, the front door
-//! and nginx, in that order.
+//! starts one per core), and (when installed) HAProxy in HTTP mode with the
+//! same servers, `nbthread` as many, server-side keep-alive. `wrk` then runs
+//! against the replica, the front door, nginx and HAProxy, in that order,
+//! once per round.
 //!
 //! Besides wrk's figures, each run records the CPU time the proxy, the
 //! replicas and wrk used, and how busy the whole machine was, because all of
 //! them share the same cores.
 //!
-//! `wrk` and `nginx` come from Debian (`apt-get install nginx-light wrk`);
-//! without wrk the benchmark is skipped, without nginx its column is.
+//! `wrk`, `nginx` and `haproxy` come from Debian (`apt-get install nginx-light
+//! haproxy wrk`); without wrk the benchmark is skipped, without nginx or
+//! HAProxy their rows are.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,7 +40,7 @@ const REPLICAS: usize = 2;
 /// The front door's throughput should be at least this share of nginx's.
 const THROUGHPUT_TARGET: f64 = 0.8;
 /// How to get the external tools on Debian.
-const INSTALL: &str = "apt-get install nginx-light wrk";
+const INSTALL: &str = "apt-get install nginx-light haproxy wrk";
 /// Upstream keep-alive connections nginx keeps per worker.
 const NGINX_KEEPALIVE: u32 = 32;
 /// How long nginx gets to stop on SIGTERM before it is killed.
@@ -58,6 +62,9 @@ pub(crate) struct ProxyArgs {
     /// Longest wait for the cluster, the front door or nginx to be ready, seconds.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
+    /// Rounds: each runs wrk once against every target; medians are reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
 }
 
 pub(crate) fn proxy(args: &ProxyArgs) -> Result<()> {
@@ -91,6 +98,20 @@ pub(crate) fn proxy(args: &ProxyArgs) -> Result<()> {
         }
         None => None,
     };
+    let haproxy_bin = find_tool("haproxy");
+    let haproxy = match &haproxy_bin {
+        Some(bin) => {
+            let dir = cluster.dir.path().join("haproxy");
+            match Haproxy::start(bin, &dir, &upstreams, workers, timeout) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    println!("HAProxy did not start, its row is skipped: {e:#}");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
 
     println!(
         "proxy benchmark ({profile} build): wrk -t{} -c{} -d{}s --latency, GET / over keep-alive connections; app {APP}, {REPLICAS} replicas on each of {} (skymirror-example, one thread per connection)",
@@ -115,6 +136,19 @@ pub(crate) fn proxy(args: &ProxyArgs) -> Result<()> {
         ),
         (Some(_), None) => {}
     }
+    match (&haproxy_bin, &haproxy) {
+        (Some(bin), Some(h)) => println!(
+            "HAProxy ({}, {}): nbthread {workers}, mode http, roundrobin over the same {} servers, server-side keep-alive, option forwardfor, X-Forwarded-Proto set; listening on {}",
+            bin.display(),
+            h.version,
+            upstreams.len(),
+            h.addr
+        ),
+        (None, _) => println!(
+            "HAProxy is not installed (on Debian: `{INSTALL}`): the HAProxy comparison is skipped"
+        ),
+        (Some(_), None) => {}
+    }
     if profile == "debug" {
         println!(
             "note: a debug build of the front door (unoptimized) is compared with Debian's optimized nginx"
@@ -128,45 +162,117 @@ pub(crate) fn proxy(args: &ProxyArgs) -> Result<()> {
     if let Some(n) = &nginx {
         targets.push(("nginx".to_string(), n.addr, n.pids()));
     }
-    let mut rows = Vec::new();
-    for (name, addr, pids) in targets {
-        let row = run_wrk(&wrk, args, addr, &pids, &cluster)
-            .with_context(|| format!("wrk against {name} ({addr})"))?;
-        rows.push((name, row));
+    if let Some(h) = &haproxy {
+        targets.push(("haproxy".to_string(), h.addr, vec![h.process.id()]));
+    }
+    let mut runs: Vec<(String, Vec<WrkRow>)> = targets
+        .iter()
+        .map(|(n, _, _)| (n.clone(), Vec::new()))
+        .collect();
+    for round in 1..=args.rounds {
+        println!();
+        println!("round {round} of {}:", args.rounds);
+        print_header();
+        for (i, (name, addr, pids)) in targets.iter().enumerate() {
+            let row = run_wrk(&wrk, args, *addr, pids, &cluster)
+                .with_context(|| format!("wrk against {name} ({addr})"))?;
+            print_row(name, &row, cores);
+            runs[i].1.push(row);
+        }
     }
     drop(nginx);
+    drop(haproxy);
+    let rows: Vec<(String, WrkRow)> = runs
+        .into_iter()
+        .map(|(name, rows)| (name, median_row(rows)))
+        .collect();
 
     println!();
-    println!(
-        "{:<20} {:>8} {:>9} {:>9} {:>6} {:>6} {:>9} {:>8} {:>5} {:>6}",
-        "target", "req/s", "p50", "p99", "errors", "proxy", "proxy/req", "replicas", "wrk", "other"
-    );
+    println!("median of {} rounds:", args.rounds);
+    print_header();
     for (name, r) in &rows {
-        // Everything else the machine ran meanwhile (the daemon, agents,
-        // the kernel's softirq work billed to no process, other users).
-        let other = r
-            .busy
-            .map(|b| b * cores as f64 - r.proxy_cpu.unwrap_or(0.0) - r.replicas_cpu - r.wrk_cpu);
-        println!(
-            "{:<20} {:>8.0} {:>9} {:>9} {:>6} {:>6} {:>9} {:>8} {:>5} {:>6}",
-            name,
-            r.rps,
-            latency(r.p50),
-            latency(r.p99),
-            r.errors,
-            r.proxy_cpu.map_or_else(|| "-".into(), share),
-            r.proxy_cpu.map_or_else(
-                || "-".into(),
-                |c| format!("{:.0} us", c / r.rps.max(1e-9) * 1e6)
-            ),
-            share(r.replicas_cpu),
-            share(r.wrk_cpu),
-            other.map_or_else(|| "?".into(), share),
-        );
+        print_row(name, r, cores);
     }
     println!(
         "(proxy, replicas, wrk, other: CPU used over the run, as a share of one core, {cores} cores in all; proxy/req: the proxy's CPU time per request)"
     );
+    let rps = |key: &str| {
+        rows.iter()
+            .find(|(n, _)| n.starts_with(key))
+            .map(|(_, r)| r.rps)
+    };
+    let per_request = |key: &str| {
+        rows.iter()
+            .find(|(n, _)| n.starts_with(key))
+            .and_then(|(_, r)| r.proxy_cpu.map(|c| c / r.rps.max(1e-9) * 1e6))
+    };
+    for peer in ["nginx", "haproxy"] {
+        if let (Some(edge), Some(other)) = (rps("front door"), rps(peer)) {
+            println!(
+                "front door / {peer}: throughput {:.0}%, CPU per request {} vs {} us",
+                edge / other.max(1e-9) * 100.0,
+                per_request("front door").map_or_else(|| "?".into(), |c| format!("{c:.0}")),
+                per_request(peer).map_or_else(|| "?".into(), |c| format!("{c:.0}")),
+            );
+        }
+    }
+    rows_footer(&rows)
+}
+
+fn print_header() {
+    println!(
+        "{:<20} {:>8} {:>9} {:>9} {:>6} {:>6} {:>9} {:>8} {:>5} {:>6}",
+        "target", "req/s", "p50", "p99", "errors", "proxy", "proxy/req", "replicas", "wrk", "other"
+    );
+}
+
+/// The median of each figure over the rounds (figures taken apart: a row
+/// of medians, not the median row).
+fn median_row(all: Vec<WrkRow>) -> WrkRow {
+    fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        v.get(v.len() / 2).copied()
+    }
+    let errors: Vec<String> = all.iter().flat_map(|r| r.error_detail.clone()).collect();
+    WrkRow {
+        rps: median(all.iter().map(|r| r.rps).collect()).unwrap_or(0.0),
+        p50: median(all.iter().filter_map(|r| r.p50).collect()),
+        p99: median(all.iter().filter_map(|r| r.p99).collect()),
+        errors: all.iter().map(|r| r.errors).sum(),
+        error_detail: errors,
+        proxy_cpu: median(all.iter().filter_map(|r| r.proxy_cpu).collect()),
+        replicas_cpu: median(all.iter().map(|r| r.replicas_cpu).collect()).unwrap_or(0.0),
+        wrk_cpu: median(all.iter().map(|r| r.wrk_cpu).collect()).unwrap_or(0.0),
+        busy: median(all.iter().filter_map(|r| r.busy).collect()),
+    }
+}
+
+fn print_row(name: &str, r: &WrkRow, cores: usize) {
+    // Everything else the machine ran meanwhile (the daemon, agents, the
+    // kernel's softirq work billed to no process, other users).
+    let other = r
+        .busy
+        .map(|b| b * cores as f64 - r.proxy_cpu.unwrap_or(0.0) - r.replicas_cpu - r.wrk_cpu);
+    println!(
+        "{:<20} {:>8.0} {:>9} {:>9} {:>6} {:>6} {:>9} {:>8} {:>5} {:>6}",
+        name,
+        r.rps,
+        latency(r.p50),
+        latency(r.p99),
+        r.errors,
+        r.proxy_cpu.map_or_else(|| "-".into(), share),
+        r.proxy_cpu.map_or_else(
+            || "-".into(),
+            |c| format!("{:.0} us", c / r.rps.max(1e-9) * 1e6)
+        ),
+        share(r.replicas_cpu),
+        share(r.wrk_cpu),
+        other.map_or_else(|| "?".into(), share),
+    );
+}
+
+/// The comparison with nginx against the target, and the error details.
+fn rows_footer(rows: &[(String, WrkRow)]) -> Result<()> {
     let rps = |key: &str| {
         rows.iter()
             .find(|(n, _)| n.starts_with(key))
@@ -190,7 +296,7 @@ pub(crate) fn proxy(args: &ProxyArgs) -> Result<()> {
             edge / direct.max(1e-9) * 100.0
         );
     }
-    for (name, r) in &rows {
+    for (name, r) in rows {
         if !r.error_detail.is_empty() {
             println!("{name}: {}", r.error_detail.join("; "));
         }
@@ -630,6 +736,117 @@ impl Drop for Nginx {
                 .is_ok_and(|c| c.trim_end() == "nginx")
             {
                 signal(*pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// HAProxy in the foreground (`-db`), one process with `nbthread` threads;
+/// stopped (SIGTERM, then SIGKILL) when dropped.
+#[derive(Debug)]
+struct Haproxy {
+    process: Child,
+    addr: SocketAddr,
+    version: String,
+}
+
+impl Haproxy {
+    fn start(
+        bin: &Path,
+        dir: &Path,
+        upstreams: &[Upstream],
+        threads: usize,
+        timeout: Duration,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+        let addr = free_port()?;
+        let servers: String = upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, (_, a))| format!("    server s{i} {a}\n"))
+            .collect();
+        let conf = format!(
+            "global
+    nbthread {threads}
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+    option forwardfor
+frontend edge
+    bind {addr}
+    http-request set-header X-Forwarded-Proto http
+    default_backend {APP}
+backend {APP}
+    balance roundrobin
+    http-reuse always
+{servers}"
+        );
+        let conf_path = dir.join("haproxy.cfg");
+        std::fs::write(&conf_path, conf).with_context(|| conf_path.display().to_string())?;
+        let version = Command::new(bin)
+            .arg("-v")
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches("HAProxy version ")
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .unwrap_or_default();
+        let log = dir.join("haproxy.log");
+        let process = Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).with_context(|| log.display().to_string())?)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut haproxy = Haproxy {
+            process,
+            addr,
+            version,
+        };
+        let deadline = Instant::now() + timeout;
+        // HAProxy has no readiness signal but its socket: poll it.
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            if let Some(status) = haproxy.process.try_wait()? {
+                bail!(
+                    "haproxy exited ({status}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("haproxy is not listening on {addr} after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(haproxy)
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        signal(self.process.id(), nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + NGINX_STOP_GRACE;
+        loop {
+            match self.process.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = self.process.kill();
+                    let _ = self.process.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
     }
