@@ -540,6 +540,30 @@ pub(super) struct RoutingRecordV1 {
     /// How traffic is forwarded; always written.
     #[serde(default)]
     pub protocol: RoutingProtocolRecordV1,
+    /// The front door's response-head timeout, as duration text; written
+    /// only when not the default (and absent from records written before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_timeout: Option<String>,
+    /// Hedging; written only when off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<bool>,
+    /// How the front door talks to replicas; written only when not `http1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_protocol: Option<UpstreamProtocolRecordV1>,
+}
+
+/// The response-head timeout a routing record without one means: the
+/// default when the field was added, frozen whatever the spec's becomes.
+const RESPONSE_TIMEOUT_V1: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// An upstream protocol as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum UpstreamProtocolRecordV1 {
+    /// `http1`.
+    Http1,
+    /// `h2c`.
+    H2c,
 }
 
 /// A routing protocol as stored.
@@ -598,6 +622,10 @@ impl TryFrom<AppRecordV1> for DeclaredApp {
     fn try_from(r: AppRecordV1) -> Result<Self, StoreError> {
         let AppObjectRecordV1 { metadata, spec: s } = r.app;
         let what = format!("app {}", metadata.name);
+        let routing = match s.routing {
+            Some(r) => Some(r.into_spec(&what)?),
+            None => None,
+        };
         let health = match s.health {
             Some(h) => Some(h.into_domain().map_err(|e| invalid(what, e))?),
             None => None,
@@ -628,7 +656,7 @@ impl TryFrom<AppRecordV1> for DeclaredApp {
                         failback_after: s.failover.failback_after,
                         singleton: s.failover.singleton,
                     },
-                    routing: s.routing.map(spec::Routing::from),
+                    routing,
                 },
             },
             generation: r.generation,
@@ -791,21 +819,41 @@ impl From<&spec::Routing> for RoutingRecordV1 {
                 spec::RoutingProtocol::Http => RoutingProtocolRecordV1::Http,
                 spec::RoutingProtocol::Tcp => RoutingProtocolRecordV1::Tcp,
             },
+            response_timeout: (r.response_timeout != RESPONSE_TIMEOUT_V1)
+                .then(|| super::duration::format(r.response_timeout)),
+            hedge: (!r.hedge).then_some(false),
+            upstream_protocol: match r.upstream_protocol {
+                spec::UpstreamProtocol::Http1 => None,
+                spec::UpstreamProtocol::H2c => Some(UpstreamProtocolRecordV1::H2c),
+            },
         }
     }
 }
 
-impl From<RoutingRecordV1> for spec::Routing {
-    fn from(r: RoutingRecordV1) -> Self {
-        spec::Routing {
-            listen: r.listen,
-            hosts: r.hosts,
-            port: r.port,
-            protocol: match r.protocol {
+impl RoutingRecordV1 {
+    fn into_spec(self, what: &str) -> Result<spec::Routing, StoreError> {
+        let response_timeout = match &self.response_timeout {
+            Some(text) => super::duration::parse(text).map_err(|reason| StoreError::Decode {
+                what: what.to_string(),
+                reason: format!("routing.responseTimeout: {reason}"),
+            })?,
+            None => RESPONSE_TIMEOUT_V1,
+        };
+        Ok(spec::Routing {
+            listen: self.listen,
+            hosts: self.hosts,
+            port: self.port,
+            protocol: match self.protocol {
                 RoutingProtocolRecordV1::Http => spec::RoutingProtocol::Http,
                 RoutingProtocolRecordV1::Tcp => spec::RoutingProtocol::Tcp,
             },
-        }
+            response_timeout,
+            hedge: self.hedge.unwrap_or(true),
+            upstream_protocol: match self.upstream_protocol {
+                None | Some(UpstreamProtocolRecordV1::Http1) => spec::UpstreamProtocol::Http1,
+                Some(UpstreamProtocolRecordV1::H2c) => spec::UpstreamProtocol::H2c,
+            },
+        })
     }
 }
 
@@ -1597,6 +1645,26 @@ mod tests {
         bare.app.metadata.labels.clear();
         bare.app.spec = spec::AppSpec::default();
         assert_eq!(round_trip(&bare), bare);
+    }
+
+    #[test]
+    fn routing_settings_round_trip_and_defaults_keep_version_1_bytes() {
+        let (apps, _) = crate::model::testing::declared(
+            "
+apiVersion: skymirror.dev/v1
+kind: App
+metadata: {name: grpc}
+spec:
+  command: server
+  ports: [{name: api}]
+  replicas: 1
+  routing: {listen: '127.0.0.1:9000', port: api, responseTimeout: 2500ms, hedge: false, upstreamProtocol: h2c}
+",
+        );
+        let app = &apps[0];
+        assert_eq!(&round_trip(app), app);
+        // Defaults are not written: a version-1 record reads and writes as before.
+        let _: DeclaredApp = read_v1(WEB_V1);
     }
 
     #[test]
