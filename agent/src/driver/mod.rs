@@ -28,6 +28,8 @@
 
 #[cfg(feature = "docker")]
 pub mod docker;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod process;
 pub mod settings;
 
