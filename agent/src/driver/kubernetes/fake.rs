@@ -143,6 +143,8 @@ struct World {
     addresses: u32,
     /// Connections accepted so far, while down too.
     connections: u64,
+    /// Every verb on every resource asked for, as RBAC names them.
+    used: BTreeSet<(String, String)>,
     down: bool,
 }
 
@@ -360,6 +362,7 @@ impl FakeApi {
                 logs: BTreeMap::new(),
                 addresses: 9,
                 connections: 0,
+                used: BTreeSet::new(),
                 down: false,
             }),
             changed,
@@ -459,6 +462,12 @@ impl FakeApi {
     /// Connections accepted so far (also while down).
     pub(super) fn connections(&self) -> u64 {
         self.shared.world().connections
+    }
+
+    /// Every verb on every resource asked for so far (`create` when an
+    /// apply created the object), as RBAC names them.
+    pub(super) fn used(&self) -> BTreeSet<(String, String)> {
+        self.shared.world().used.clone()
     }
 
     /// Forgets the requests so far.
@@ -686,6 +695,7 @@ fn refuse(
     name: Option<&str>,
 ) -> Option<Response<Body>> {
     let mut world = shared.world();
+    world.used.insert((verb.to_string(), resource.to_string()));
     if world
         .forbidden
         .contains(&(verb.to_string(), resource.to_string()))
@@ -949,11 +959,9 @@ fn apply(
         .get(&(kind, ns.to_string(), name.to_string()))
         .cloned();
     let Some(existing) = existing else {
-        if shared
-            .world()
-            .forbidden
-            .contains(&("create".to_string(), kind.resource().to_string()))
-        {
+        let creating = ("create".to_string(), kind.resource().to_string());
+        shared.world().used.insert(creating.clone());
+        if shared.world().forbidden.contains(&creating) {
             return forbidden("create", kind.resource(), ns, Some(name));
         }
         if !shared.world().namespaces.contains(ns) {

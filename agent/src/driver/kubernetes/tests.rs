@@ -1421,3 +1421,208 @@ async fn following_output_ends_with_the_pod() {
     result.expect("logs");
     assert_eq!(String::from_utf8_lossy(&first), "hello from web/p/0\n");
 }
+
+// ---------------------------------------------------------------------------
+// deploy/k8s: the manifests parse, fit together, and grant what the driver
+// uses and nothing more.
+// ---------------------------------------------------------------------------
+
+/// Every document of every manifest in deploy/k8s, by file.
+fn manifests() -> BTreeMap<String, Vec<serde_json::Value>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s");
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).expect("deploy/k8s") {
+        let path = entry.expect("an entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let text = std::fs::read_to_string(&path).expect("a manifest");
+        let docs = serde_yaml_ng::Deserializer::from_str(&text)
+            .map(|doc| {
+                let value: serde_json::Value =
+                    serde::Deserialize::deserialize(doc).unwrap_or_else(|e| panic!("{name}: {e}"));
+                value
+            })
+            .collect();
+        out.insert(name, docs);
+    }
+    out
+}
+
+/// The one document of `kind` (across every file), as its type.
+fn only<T: serde::de::DeserializeOwned>(
+    all: &BTreeMap<String, Vec<serde_json::Value>>,
+    kind: &str,
+) -> T {
+    let found: Vec<&serde_json::Value> = all
+        .values()
+        .flatten()
+        .filter(|d| d["kind"] == kind)
+        .collect();
+    assert_eq!(found.len(), 1, "one {kind}");
+    serde_json::from_value(found[0].clone()).unwrap_or_else(|e| panic!("{kind}: {e}"))
+}
+
+#[test]
+fn the_manifests_fit_together() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+
+    let all = manifests();
+    let kustomized: Vec<String> = all["kustomization.yaml"][0]["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| r.as_str().unwrap_or_default().to_string())
+        .collect();
+    let files: Vec<String> = all
+        .keys()
+        .filter(|f| *f != "kustomization.yaml")
+        .cloned()
+        .collect();
+    let mut listed = kustomized.clone();
+    listed.sort();
+    assert_eq!(listed, files, "kustomization.yaml lists every manifest");
+
+    let ns: Namespace = only(&all, "Namespace");
+    let ns = ns.metadata.name.expect("a name");
+    let account: ServiceAccount = only(&all, "ServiceAccount");
+    let binding: RoleBinding = only(&all, "RoleBinding");
+    let secret: Secret = only(&all, "Secret");
+    let claim: PersistentVolumeClaim = only(&all, "PersistentVolumeClaim");
+    let deployment: Deployment = only(&all, "Deployment");
+    for namespace in [
+        &account.metadata.namespace,
+        &binding.metadata.namespace,
+        &secret.metadata.namespace,
+        &claim.metadata.namespace,
+        &deployment.metadata.namespace,
+    ] {
+        assert_eq!(namespace.as_deref(), Some(ns.as_str()));
+    }
+    let subject = &binding.subjects.as_ref().expect("subjects")[0];
+    assert_eq!(
+        (subject.kind.as_str(), Some(&subject.name)),
+        ("ServiceAccount", account.metadata.name.as_ref())
+    );
+    assert_eq!(binding.role_ref.kind, "Role");
+
+    let spec = deployment.spec.expect("spec");
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(
+        spec.strategy.and_then(|s| s.type_).as_deref(),
+        Some("Recreate")
+    );
+    let pod = spec.template.spec.expect("pod spec");
+    assert_eq!(pod.service_account_name, account.metadata.name);
+    let agent = &pod.containers[0];
+    let args = agent.args.clone().unwrap_or_default();
+    assert!(
+        args.windows(2).any(|w| w == ["--driver", "kubernetes"]),
+        "{args:?}"
+    );
+    let state = args
+        .iter()
+        .skip_while(|a| *a != "--state-dir")
+        .nth(1)
+        .expect("--state-dir");
+    let mount = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| &m.mount_path == state)
+        .expect("the state dir is a volume");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("the volume");
+    assert_eq!(
+        volume
+            .persistent_volume_claim
+            .as_ref()
+            .map(|c| &c.claim_name),
+        claim.metadata.name.as_ref(),
+        "the state survives a rescheduled agent"
+    );
+    let env = agent.env.clone().unwrap_or_default();
+    for needed in [
+        "SKYMIRROR_SERVER",
+        "SKYMIRROR_PROVIDER",
+        "SKYMIRROR_JOIN_TOKEN",
+    ] {
+        assert!(env.iter().any(|e| e.name == needed), "{needed}");
+    }
+    let token = env
+        .iter()
+        .find(|e| e.name == "SKYMIRROR_JOIN_TOKEN")
+        .and_then(|e| e.value_from.as_ref()?.secret_key_ref.clone())
+        .expect("the join token comes from the Secret");
+    assert_eq!(Some(&token.name), secret.metadata.name.as_ref());
+    assert!(secret.string_data.expect("data").contains_key(&token.key));
+}
+
+#[tokio::test]
+async fn the_agents_role_grants_what_the_driver_uses_and_nothing_more() {
+    use k8s_openapi::api::rbac::v1::Role;
+    let role: Role = only(&manifests(), "Role");
+    let mut granted = std::collections::BTreeSet::new();
+    for rule in role.rules.expect("rules") {
+        assert_eq!(
+            rule.api_groups.as_deref(),
+            Some(&[String::new()][..]),
+            "the core group only"
+        );
+        for resource in rule.resources.iter().flatten() {
+            for verb in &rule.verbs {
+                granted.insert((verb.clone(), resource.clone()));
+            }
+        }
+    }
+
+    // Every call the driver makes: starts (a Service with a load balancer
+    // included), inspection, output, adoption, stops and removals.
+    let c = Cluster::fake().await;
+    let driver = c.driver().await;
+    let plain = driver
+        .start(&c.spec("web", 0, c.hello(), 1))
+        .await
+        .expect("start");
+    let exposed = DriverSettings::Kubernetes(Box::new(KubernetesSettings {
+        expose: KubernetesExpose::Service,
+        service_type: ServiceType::LoadBalancer,
+        ..Default::default()
+    }));
+    driver.configure(&exposed).await.expect("configure");
+    let behind = driver
+        .start(&c.spec("api", 0, c.hello(), 1))
+        .await
+        .expect("start");
+    let handles = [plain, behind];
+    for r in driver.inspect_all(&handles).await {
+        r.expect("inspect");
+    }
+    driver.recover(&handles[0]).await.expect("recover");
+    read_logs(&driver, &handles[0], LogOptions::new(0, false))
+        .await
+        .expect("logs");
+    assert_eq!(
+        driver
+            .list_instances(&c.provider)
+            .await
+            .expect("list")
+            .len(),
+        2
+    );
+    for h in &handles {
+        driver.stop(h, Duration::from_secs(1)).await.expect("stop");
+        driver.destroy(h).await.expect("destroy");
+    }
+    assert!(c.api().objects(Kind::Services, "default").is_empty());
+
+    assert_eq!(c.api().used(), granted, "deploy/k8s/rbac.yaml's Role");
+}
