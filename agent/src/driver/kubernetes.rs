@@ -566,6 +566,7 @@ impl KubernetesDriver {
                 server = %cluster.url, version = %version.git_version, %namespace,
                 "connected to the Kubernetes API server"
             ),
+            // No status code is expected: every refusal is an error.
             Ok(Ok(Err(_))) => {}
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "the Kubernetes API server does not answer yet")
@@ -611,7 +612,7 @@ impl KubernetesDriver {
         Ok(clusters.entry(key).or_insert(loaded).clone())
     }
 
-    /// The cluster and namespace of an existing instance.
+    /// The cluster of an existing instance (the one it was started in).
     async fn place_of(&self, data: &PodData) -> Result<Arc<Cluster>, DriverError> {
         self.cluster(data.context.as_deref()).await.map_err(|e| {
             DriverError::Runtime(format!(

@@ -87,9 +87,9 @@ impl Cluster {
     /// test's output.
     async fn real() -> Option<Cluster> {
         let Some(path) = std::env::var_os("SKYMIRROR_TEST_KUBECONFIG") else {
-            println!(
-                "skipped: SKYMIRROR_TEST_KUBECONFIG is not set; the scenarios ran against the \
-                 in-memory API only"
+            eprintln!(
+                "skipping the real cluster: SKYMIRROR_TEST_KUBECONFIG is not set; the scenarios \
+                 ran against the in-memory API only"
             );
             return None;
         };
