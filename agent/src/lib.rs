@@ -2,8 +2,9 @@
 //!
 //! Layout: [`session`] holds the gRPC stream to the daemon and reconnects;
 //! [`supervisor`] owns the replicas and converges them to the last assignment;
-//! [`driver`] is the runtime extension point ([`driver::process`], and
-//! `driver::docker` with the default `docker` feature);
+//! [`driver`] is the runtime extension point ([`driver::process`],
+//! `driver::docker` with the default `docker` feature and
+//! `driver::kubernetes` with the default `kubernetes` feature);
 //! [`health`] runs the app's checks; [`logs`] answers requests for replica
 //! output; [`state`] persists what must survive a restart, in [`checked`]
 //! files (a version and a checksum, so damage is seen); [`convert`] turns
@@ -55,6 +56,19 @@ pub enum DriverConfig {
         /// Docker network replicas join instead of publishing ports; they are
         /// then reached at their address on it.
         network: Option<String>,
+    },
+    /// Kubernetes pods, through the API server of a kubeconfig (or of the
+    /// cluster the agent runs in). The provider's `spec.kubernetes` settings
+    /// override the context and the namespace.
+    #[cfg(feature = "kubernetes")]
+    Kubernetes {
+        /// kubeconfig file; `None`: `KUBECONFIG`, `~/.kube/config`, or the
+        /// in-cluster configuration.
+        kubeconfig: Option<PathBuf>,
+        /// kubeconfig context; `None`: the current one.
+        context: Option<String>,
+        /// Namespace of the replicas; `None`: the context's (in a pod, its own).
+        namespace: Option<String>,
     },
 }
 
@@ -118,6 +132,25 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             // Probes go to each replica's reported address: its host ports on
             // the bind host, or its own address on a network — whichever the
             // flags or the provider's settings gave it when it started.
+            config.supervisor.probe_host = None;
+            run_with_driver(driver, config, shutdown).await
+        }
+        #[cfg(feature = "kubernetes")]
+        DriverConfig::Kubernetes {
+            kubeconfig,
+            context,
+            namespace,
+        } => {
+            let dc = driver::kubernetes::KubernetesDriverConfig {
+                kubeconfig: kubeconfig.clone(),
+                context: context.clone(),
+                namespace: namespace.clone(),
+                ..Default::default()
+            };
+            let driver = driver::kubernetes::KubernetesDriver::connect(dc).await?;
+            let mut config = config.clone();
+            // Probes go to each replica's reported address: its pod's, or
+            // its app's Service's.
             config.supervisor.probe_host = None;
             run_with_driver(driver, config, shutdown).await
         }

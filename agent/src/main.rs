@@ -22,9 +22,11 @@ struct Args {
     /// Provider this agent runs (must be declared on the daemon).
     #[arg(long, env = "SKYMIRROR_PROVIDER")]
     provider: String,
-    /// Driver: `process`, or `docker` (containers through the engine of
+    /// Driver: `process`, `docker` (containers through the engine of
     /// `DOCKER_HOST`, default unix:///var/run/docker.sock; logs: `docker logs
-    /// skymirror-<provider>-<app>-<index>`).
+    /// skymirror-<provider>-<app>-<index>`), or `kubernetes` (pods through
+    /// the API server of the kubeconfig, or of the cluster the agent runs
+    /// in; logs: `kubectl logs skymirror-<provider>-<app>-<index>`).
     #[arg(long, default_value = "process")]
     driver: String,
     /// Directory for the agent's persistent state and replica files.
@@ -49,16 +51,30 @@ struct Args {
     /// provider with a `spec.docker` block decides instead (its `network`).
     #[arg(long, env = "SKYMIRROR_DOCKER_NETWORK")]
     docker_network: Option<String>,
+    /// Kubernetes driver: the kubeconfig file (default: `KUBECONFIG`, then
+    /// `~/.kube/config`, then the in-cluster configuration of the agent's pod).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Kubernetes driver: the kubeconfig context (default: the current one).
+    /// A provider's `spec.kubernetes.context` decides instead.
+    #[arg(long, env = "SKYMIRROR_KUBE_CONTEXT")]
+    kube_context: Option<String>,
+    /// Kubernetes driver: the namespace of the replicas (default: the
+    /// context's, or the agent's own in a pod). A provider's
+    /// `spec.kubernetes.namespace` decides instead.
+    #[arg(long, env = "SKYMIRROR_KUBE_NAMESPACE")]
+    kube_namespace: Option<String>,
     /// Log filter, e.g. `info` or `skymirror_agent=debug`.
     #[arg(long, env = "SKYMIRROR_LOG", default_value = "info")]
     log: String,
 }
 
 /// The drivers this build has, for the error on an unknown `--driver`.
-const DRIVERS: &str = if cfg!(feature = "docker") {
-    "process, docker"
-} else {
-    "process"
+const DRIVERS: &str = match (cfg!(feature = "docker"), cfg!(feature = "kubernetes")) {
+    (true, true) => "process, docker, kubernetes",
+    (true, false) => "process, docker",
+    (false, true) => "process, kubernetes",
+    (false, false) => "process",
 };
 
 #[tokio::main]
@@ -93,6 +109,16 @@ async fn real_main() -> anyhow::Result<()> {
             args.driver
         );
     }
+    let kube_flags = [
+        ("--kubeconfig", args.kubeconfig.is_some()),
+        ("--kube-context", args.kube_context.is_some()),
+        ("--kube-namespace", args.kube_namespace.is_some()),
+    ];
+    if let Some((flag, _)) = kube_flags.iter().find(|(_, given)| *given)
+        && args.driver != "kubernetes"
+    {
+        anyhow::bail!("{flag} is for --driver kubernetes, not {}", args.driver);
+    }
     let driver = match args.driver.as_str() {
         "process" => DriverConfig::Process {
             search_path: args.search_path,
@@ -102,6 +128,12 @@ async fn real_main() -> anyhow::Result<()> {
         "docker" => DriverConfig::Docker {
             bind_host: args.bind_host,
             network: args.docker_network,
+        },
+        #[cfg(feature = "kubernetes")]
+        "kubernetes" => DriverConfig::Kubernetes {
+            kubeconfig: args.kubeconfig,
+            context: args.kube_context,
+            namespace: args.kube_namespace,
         },
         other => anyhow::bail!("unknown driver {other:?}; this build supports: {DRIVERS}"),
     };

@@ -297,6 +297,8 @@ struct Replica {
     /// The runtime's own verdict (an image's HEALTHCHECK), from the last
     /// inspection; `None` when the runtime has no check of its own.
     runtime_health: Option<RuntimeHealth>,
+    /// What the runtime says is wrong with the instance ([`Driver::remark`]).
+    runtime_remark: Option<String>,
     probe: Option<CancellationToken>,
     /// Restarts by the supervisor, and the runtime's restarts of earlier
     /// instances; persisted.
@@ -326,6 +328,7 @@ impl Replica {
             op: 0,
             health: None,
             runtime_health: None,
+            runtime_remark: None,
             probe: None,
             restarts: 0,
             runtime_restarts: 0,
@@ -383,16 +386,21 @@ impl Replica {
     /// holds the replica back (the app's probe results, which set `message`,
     /// would hide it otherwise), else the last event's message.
     fn status_message(&self) -> String {
-        let runtime = match self.runtime_health.filter(|_| self.phase == Phase::Running) {
-            Some(RuntimeHealth::Unhealthy) => "the image's HEALTHCHECK reports unhealthy",
-            Some(RuntimeHealth::Starting) => "the image's HEALTHCHECK has not passed yet",
-            _ => return self.message.clone(),
+        let running = self.phase == Phase::Running;
+        let runtime = match self.runtime_health.filter(|_| running) {
+            Some(RuntimeHealth::Unhealthy) => Some("the image's HEALTHCHECK reports unhealthy"),
+            Some(RuntimeHealth::Starting) => Some("the image's HEALTHCHECK has not passed yet"),
+            _ => None,
         };
-        if self.message.is_empty() {
-            runtime.to_string()
-        } else {
-            format!("{runtime}; {}", self.message)
-        }
+        // The runtime's words stay until a new instance starts: after a
+        // crash they say why.
+        let remark = self.runtime_remark.as_deref();
+        [runtime, Some(self.message.as_str()), remark]
+            .into_iter()
+            .flatten()
+            .filter(|part| !part.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 
@@ -422,7 +430,7 @@ pub enum Input {
     },
     /// An inspection pass finished: what each running instance looked like,
     /// with the operation it was inspected under.
-    Inspected(Vec<(ReplicaKey, u64, Inspection)>),
+    Inspected(Vec<(ReplicaKey, u64, Inspection, Option<String>)>),
     /// The runtime throttled an inspection pass: the next one waits.
     InspectionThrottled {
         /// The delay the runtime asked for.
@@ -545,7 +553,11 @@ pub fn plan(
                 // or an app was deleted and declared again.
                 Some(o) if o.workload_generation != d.workload_generation => {
                     if !o.running {
+                        // Between its stop and the start of its replacement:
+                        // that start is the rolling step in progress, and no
+                        // other replica is taken down meanwhile.
                         out.start.push(key);
+                        rolling_busy = true;
                     } else if !any_ready || !rolling_busy {
                         out.replace.push(key);
                         rolling_busy = true;
@@ -1318,6 +1330,7 @@ impl<D: Driver> Supervisor<D> {
                     };
                     r.health = None;
                     r.runtime_health = None;
+                    r.runtime_remark = None;
                     r.message = "replacing with a new workload".into();
                 } else {
                     self.replicas.remove(&key);
@@ -1410,9 +1423,12 @@ impl<D: Driver> Supervisor<D> {
             let results = driver.inspect_all(&handles).await;
             let mut seen = Vec::with_capacity(targets.len());
             let mut throttled: Option<Duration> = None;
-            for ((key, op, _), result) in targets.into_iter().zip(results) {
+            for ((key, op, handle), result) in targets.into_iter().zip(results) {
                 match result {
-                    Ok(inspection) => seen.push((key, op, inspection)),
+                    Ok(inspection) => {
+                        let remark = driver.remark(&handle);
+                        seen.push((key, op, inspection, remark));
+                    }
                     Err(e) => match e.retry_after() {
                         Some(delay) => throttled = throttled.max(Some(delay)),
                         None => tracing::warn!(replica = %key, error = %e, "inspect failed"),
@@ -1430,10 +1446,10 @@ impl<D: Driver> Supervisor<D> {
     /// in `Stopping` and not inspected), and a restart by the runtime is
     /// reported, never acted on. Results for an instance that was replaced or
     /// stopped meanwhile (another `op`) are stale and ignored.
-    fn inspected(&mut self, seen: Vec<(ReplicaKey, u64, Inspection)>) -> bool {
+    fn inspected(&mut self, seen: Vec<(ReplicaKey, u64, Inspection, Option<String>)>) -> bool {
         let now = Instant::now();
         let mut changed = false;
-        for (key, op, inspection) in seen {
+        for (key, op, inspection, remark) in seen {
             let config = self.config.clone();
             let (min_run, loop_after) = (config.min_run, config.crash_loop_after);
             let Some(r) = self
@@ -1443,6 +1459,10 @@ impl<D: Driver> Supervisor<D> {
             else {
                 continue;
             };
+            if r.runtime_remark != remark {
+                r.runtime_remark = remark;
+                changed = true;
+            }
             match normalize(inspection, self.capabilities.runtime_restarts) {
                 Inspection::Running { health } => {
                     if r.runtime_down {
@@ -1631,6 +1651,7 @@ impl<D: Driver> Supervisor<D> {
         r.workload_generation = d.workload_generation;
         r.health = None;
         r.runtime_health = None;
+        r.runtime_remark = None;
         // The runtime's restarts belonged to the last instance: they join
         // the replica's own count, and the new instance starts from none.
         r.restarts = r.restarts.saturating_add(r.runtime_restarts);
@@ -1962,23 +1983,40 @@ mod tests {
         };
 
         // Seen under an older operation: another instance runs now.
-        assert!(!sup.inspected(vec![(k.clone(), 4, exited)]));
+        assert!(!sup.inspected(vec![(k.clone(), 4, exited, None)]));
         assert_eq!(sup.replicas[&k].phase, Phase::Running);
         // A verdict of the runtime under the current one counts...
         let unhealthy = Inspection::Running {
             health: Some(RuntimeHealth::Unhealthy),
         };
-        assert!(sup.inspected(vec![(k.clone(), 5, unhealthy)]));
+        assert!(sup.inspected(vec![(k.clone(), 5, unhealthy, None)]));
         assert_eq!(
             sup.replicas[&k].runtime_health,
             Some(RuntimeHealth::Unhealthy)
         );
         assert!(
-            !sup.inspected(vec![(k.clone(), 5, unhealthy)]),
+            !sup.inspected(vec![(k.clone(), 5, unhealthy, None)]),
             "no change twice"
         );
+        // What the runtime says is wrong joins the replica's message, and
+        // leaves it when the runtime stops saying it.
+        let remark = Some(
+            "CrashLoopBackOff: back-off restarting failed container (last exit 1)".to_string(),
+        );
+        assert!(sup.inspected(vec![(k.clone(), 5, unhealthy, remark)]));
+        let message = sup.replicas[&k].status_message();
+        assert!(
+            message.contains("HEALTHCHECK") && message.contains("CrashLoopBackOff"),
+            "{message}"
+        );
+        assert!(sup.inspected(vec![(k.clone(), 5, unhealthy, None)]));
+        assert!(
+            !sup.replicas[&k]
+                .status_message()
+                .contains("CrashLoopBackOff")
+        );
         // ... and so does an exit: a crash, restarted after a backoff.
-        assert!(sup.inspected(vec![(k.clone(), 5, exited)]));
+        assert!(sup.inspected(vec![(k.clone(), 5, exited, None)]));
         let r = &sup.replicas[&k];
         assert!(matches!(r.phase, Phase::Backoff { .. }), "{:?}", r.phase);
         assert_eq!((r.restarts, r.runtime_health), (1, None));
@@ -2129,6 +2167,20 @@ mod tests {
         // Ready: next one.
         observed.insert(key("web", 0), running(2, true));
         assert_eq!(plan(&desired, &observed).replace, vec![key("web", 1)]);
+    }
+
+    #[test]
+    fn a_replacement_between_its_stop_and_its_start_holds_the_next_one_back() {
+        let desired: BTreeMap<_, _> = [app("web", 2, 2)].into();
+        let stopped = Observed {
+            running: false,
+            ..running(1, false)
+        };
+        let observed: BTreeMap<_, _> =
+            [(key("web", 0), stopped), (key("web", 1), running(1, true))].into();
+        let p = plan(&desired, &observed);
+        assert_eq!(p.start, vec![key("web", 0)]);
+        assert!(p.replace.is_empty(), "web/1 still serves alone: {p:?}");
     }
 
     #[test]

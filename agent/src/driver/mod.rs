@@ -31,6 +31,8 @@
 
 #[cfg(feature = "docker")]
 pub mod docker;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod process;
 pub mod settings;
 
@@ -520,6 +522,17 @@ pub trait Driver: Send + Sync + 'static {
         command: &[String],
         timeout: Duration,
     ) -> impl Future<Output = Result<Option<i32>, DriverError>> + Send;
+
+    /// What the runtime says is wrong with an instance, in its own words (a
+    /// Kubernetes pod's `CrashLoopBackOff` with its last exit, `OOMKilled`,
+    /// an eviction), as of the last [`Driver::inspect_all`]; `None` when
+    /// nothing is, or the runtime says nothing. The supervisor carries it in
+    /// the replica's message. Drivers whose runtime has no such words keep
+    /// the default.
+    fn remark(&self, handle: &Handle) -> Option<String> {
+        let _ = handle;
+        None
+    }
 
     /// Every instance the runtime holds for `provider`, running or not,
     /// whether or not the agent knows it, found by the marks the driver gives
