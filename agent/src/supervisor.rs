@@ -404,6 +404,12 @@ impl Replica {
     }
 }
 
+/// First wait before a stop the runtime failed is tried again; waits double
+/// up to [`REMOVAL_RETRY_MAX`].
+const REMOVAL_RETRY_FIRST: Duration = Duration::from_millis(500);
+/// Longest wait between two tries of a stop the runtime failed.
+const REMOVAL_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// First retry of a replica's health probe while it starts; retries double
 /// up to [`SupervisorConfig::startup_probe_interval`].
 const FIRST_STARTUP_PROBE: Duration = Duration::from_millis(10);
@@ -1712,10 +1718,21 @@ impl<D: Driver> Supervisor<D> {
                 async move { call_driver(&ops, THROTTLED_RETRIES, || driver.destroy(&h)).await }
             };
             if let Some(h) = handle {
-                if let Err(e) =
+                // The replica stays `Stopping` until the runtime confirms:
+                // an instance the runtime could not stop (its API
+                // unreachable, say) may still run, and forgetting it would
+                // leave it running untracked.
+                let mut wait = REMOVAL_RETRY_FIRST;
+                while let Err(e) =
                     call_driver(&ops, THROTTLED_RETRIES, || driver.stop(&h, grace)).await
                 {
-                    tracing::warn!(replica = %key, error = %e, "stop failed");
+                    if !e.is_retryable() {
+                        tracing::warn!(replica = %key, error = %e, "stop failed");
+                        break;
+                    }
+                    tracing::warn!(replica = %key, error = %e, retry_in = ?wait, "stop failed; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(REMOVAL_RETRY_MAX);
                 }
                 if !replace && let Err(e) = destroy(h).await {
                     tracing::warn!(replica = %key, error = %e, "destroy failed");
@@ -2287,6 +2304,8 @@ mod tests {
         listed: Mutex<Vec<Listed>>,
         /// `list_instances` fails.
         list_fails: bool,
+        /// How many of the next stops fail as if the runtime were unreachable.
+        failing_stops: AtomicUsize,
         /// The instances stopped and destroyed, in order.
         stopped: Mutex<Vec<String>>,
         destroyed: Mutex<Vec<String>>,
@@ -2310,6 +2329,7 @@ mod tests {
                 inspections: Mutex::default(),
                 listed: Mutex::default(),
                 list_fails: false,
+                failing_stops: AtomicUsize::new(0),
                 stopped: Mutex::default(),
                 destroyed: Mutex::default(),
                 next_id: AtomicUsize::new(1),
@@ -2449,6 +2469,14 @@ mod tests {
                 .expect("stopped")
                 .push(handle.instance_id.clone());
             self.operation("stop").await;
+            let failing =
+                self.failing_stops
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if failing.is_ok() {
+                return Err(DriverError::Runtime(
+                    "the runtime's API is unreachable".into(),
+                ));
+            }
             Ok(())
         }
         async fn destroy(&self, handle: &Handle) -> Result<(), DriverError> {
@@ -2586,6 +2614,32 @@ mod tests {
         until_board(&handle.board, "every replica gone", |all| all.is_empty()).await;
         assert_eq!((fake.count("stop"), fake.count("destroy")), (12, 12));
         assert_eq!(fake.most_in_flight.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_the_runtime_fails_is_tried_again_until_it_succeeds() {
+        let fake = Fake::new(Fake::caps());
+        fake.failing_stops.store(3, Ordering::SeqCst);
+        let fake = Arc::new(fake);
+        let (handle, _stop, _dir) = supervise(&fake).await;
+        assign(&handle, 1, vec![app("web", 1, 1)], DriverSettings::Unset).await;
+        until_board(
+            &handle.board,
+            "the replica running",
+            all_in(pb::ReplicaState::Running, 1),
+        )
+        .await;
+        assign(&handle, 2, vec![], DriverSettings::Unset).await;
+        until_board(&handle.board, "the replica removed", |all| all.is_empty()).await;
+        let stops = fake.times("stop");
+        assert_eq!(stops.len(), 4, "three failed stops, then one that worked");
+        assert!(
+            stops.windows(2).all(|p| p[1] - p[0] >= REMOVAL_RETRY_FIRST),
+            "tried again only after a wait: {stops:?}"
+        );
+        let destroys = fake.times("destroy");
+        assert_eq!(destroys.len(), 1, "removed once the stop worked");
+        assert!(destroys[0] >= stops[3]);
     }
 
     #[tokio::test(start_paused = true)]
