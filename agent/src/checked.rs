@@ -184,6 +184,19 @@ pub fn open<'a>(bytes: &'a [u8], kind: &'static str) -> Result<Opened<'a>, Damag
 /// Replaces `path` with `bytes` atomically, mode 0600: a reader sees the old
 /// file or the new one, and after a crash the new one only once it is whole.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace(path, bytes, true)
+}
+
+/// [`write_atomic`] without waiting for the disk: for files that matter only
+/// while the machine stays up (what they describe dies with it), where the
+/// syncs would only slow every write. A reader still sees the old file or the
+/// new one; after a machine crash the file may be damaged, which a checked
+/// read reports.
+pub fn write_atomic_unsynced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace(path, bytes, false)
+}
+
+fn replace(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);
@@ -196,11 +209,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     // A temporary file left by an earlier run keeps its mode: set it.
     f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(bytes)?;
-    f.sync_all()?;
+    if durable {
+        f.sync_all()?;
+    }
     drop(f);
     std::fs::rename(&tmp, path)?;
     // The rename is durable only once the directory is.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    if durable && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())

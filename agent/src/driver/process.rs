@@ -941,12 +941,14 @@ fn valid_app_name(app: &str) -> bool {
     !(app.is_empty() || app.starts_with('.') || app.contains(['/', '\0']))
 }
 
-/// Writes the handle file of a replica (see the module docs).
+/// Writes the handle file of a replica (see the module docs). Not synced to
+/// the disk: it serves an agent restart, which the replica's process
+/// survives, and a machine crash takes the process with it.
 async fn write_handle_file(replica_dir: &Path, record: &HandleRecord) -> io::Result<()> {
     let payload = serde_json::to_vec(record).map_err(io::Error::other)?;
     let path = replica_dir.join(HANDLE_FILE);
     tokio::task::spawn_blocking(move || {
-        crate::checked::write_atomic(&path, &crate::checked::seal(HANDLE_KIND, &payload))
+        crate::checked::write_atomic_unsynced(&path, &crate::checked::seal(HANDLE_KIND, &payload))
     })
     .await
     .map_err(io::Error::other)?
