@@ -11,11 +11,15 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use std::net::SocketAddr;
+
+use crate::access::{AgentProof, Refused};
 use crate::daemon::Daemon;
 use crate::error::DaemonError;
 use crate::logs::LogAnswer;
-use crate::model::{EventReason, NewEvent, ReplicaState, ReportedReplica, now_ms};
-use crate::registry::{AgentCapabilities, AgentSeen, ToAgent, Welcome};
+use crate::model::{Assignment, EventReason, NewEvent, ReplicaState, ReportedReplica, now_ms};
+use crate::registry::{AgentCapabilities, AgentSeen, Connected, LiveSession, ToAgent, Welcome};
+use crate::security::Counters;
 
 /// Most replicas one hello or report may carry.
 pub const MAX_REPLICAS_PER_REPORT: usize = 10_000;
@@ -128,50 +132,64 @@ pub enum FromAgent {
     Unexpected,
 }
 
-/// Compares secrets in time independent of where they differ.
-fn token_matches(given: &str, expected: &str) -> bool {
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
-    }
-    diff == 0
-}
-
 impl Daemon {
-    /// Admits an agent's session: checks its token and provider, welcomes it
-    /// on `tx`, registers the session (replacing an earlier one of the same
-    /// provider) and records what it runs. Returns the session's id.
+    /// Admits an agent's session: checks what it proved (`proof`) and its
+    /// provider, refuses a second agent while the provider's agent is alive,
+    /// welcomes it on `tx`, registers the session (replacing an earlier one
+    /// of the same agent) and records what it runs.
     pub async fn open_session(
         &self,
         hello: Hello,
         tx: mpsc::Sender<ToAgent>,
-    ) -> Result<u64, DaemonError> {
-        if !token_matches(&hello.join_token, &self.config.join_token) {
-            return Err(DaemonError::Unauthenticated(format!(
-                "agent {} for provider {}: invalid join token",
-                hello.agent_id, hello.provider
-            )));
-        }
+        proof: AgentProof,
+        peer: Option<SocketAddr>,
+    ) -> Result<Connected, DaemonError> {
+        let identity = self.admit_agent(&hello, &proof, peer).await?;
+        let refuse = |e: DaemonError| {
+            self.refuse(
+                Refused::Session,
+                peer,
+                &hello.provider,
+                &format!(
+                    "session of agent {} for provider {} refused: {e}",
+                    hello.agent_id, hello.provider
+                ),
+            );
+            e
+        };
         let providers = self.store.providers()?;
         let Some(declared) = providers
             .iter()
             .find(|p| p.provider.metadata.name == hello.provider)
         else {
-            return Err(DaemonError::FailedPrecondition(format!(
+            return Err(refuse(DaemonError::FailedPrecondition(format!(
                 "provider {:?} is not declared; apply a Provider document named {:?} first",
                 hello.provider, hello.provider
-            )));
+            ))));
         };
         if declared.provider.spec.driver.as_str() != hello.driver {
             tracing::warn!(provider = %hello.provider, declared = declared.provider.spec.driver.as_str(),
                 agent = %hello.driver, "agent runs a different driver than the provider declares");
         }
         if hello.replicas.len() > MAX_REPLICAS_PER_REPORT {
-            return Err(DaemonError::BadRequest(
-                "hello lists too many replicas".into(),
-            ));
+            return Err(refuse(DaemonError::BadRequest(format!(
+                "hello lists {} replicas, over the {MAX_REPLICAS_PER_REPORT} one message may carry",
+                hello.replicas.len()
+            ))));
         }
+        let quiet_after = self.config.liveness.suspect_after;
+        let live = |l: LiveSession| {
+            refuse(DaemonError::Conflict(format!(
+                "provider {} already has a live session from agent {} (heard {} ms ago); a second agent cannot take it over while it lives: stop the other agent, or wait until it has been silent for {} ms",
+                hello.provider,
+                l.agent_id,
+                l.heard_ago.as_millis(),
+                quiet_after.as_millis()
+            )))
+        };
+        self.registry
+            .may_connect(&hello.provider, &identity.agent_id, quiet_after)
+            .map_err(live)?;
         tx.send(ToAgent::Welcome(Welcome {
             daemon_id: self.daemon_id.clone(),
             heartbeat_interval: self.config.heartbeat_interval,
@@ -184,32 +202,42 @@ impl Daemon {
         let was_down = self
             .registry
             .with(|entries| entries.get(&provider).is_some_and(|e| e.view.is_down()));
-        let (conn_id, replaced) = self.registry.connect(
-            &provider,
-            AgentSeen {
-                agent_id: hello.agent_id.clone(),
-                version: hello.version.clone(),
-                last_seen: Instant::now(),
-                last_seen_ms: now_ms(),
-                applied_revision: hello.applied_revision,
-                capabilities: hello.capabilities,
-            },
-            tx,
-        );
-        if let Some(old) = replaced {
+        let certificate = identity.serial.clone();
+        let connected = self
+            .registry
+            .connect(
+                &provider,
+                AgentSeen {
+                    agent_id: hello.agent_id.clone(),
+                    version: hello.version.clone(),
+                    last_seen: Instant::now(),
+                    last_seen_ms: now_ms(),
+                    applied_revision: hello.applied_revision,
+                    capabilities: hello.capabilities,
+                },
+                tx,
+                identity,
+                quiet_after,
+            )
+            .map_err(live)?;
+        if let Some(old) = connected.replaced {
             // The old stream may take a while to notice; its requests end now.
             crate::logs::agent_gone(self, &provider, old);
         }
-        tracing::info!(%provider, agent_id = %hello.agent_id, replicas = hello.replicas.len(), "agent connected");
+        tracing::info!(%provider, agent_id = %hello.agent_id, replicas = hello.replicas.len(),
+            certificate = certificate.as_deref().unwrap_or("-"), "agent connected");
         let mut events = vec![NewEvent::provider(
             EventReason::ProviderConnected,
             &provider,
             format!(
-                "agent {} (version {}) connected{}, running {} replicas",
+                "agent {} (version {}) connected{}{}, running {} replicas",
                 hello.agent_id,
                 hello.version,
-                if replaced.is_some() {
-                    " and replaced the previous stream"
+                certificate
+                    .as_deref()
+                    .map_or_else(String::new, |c| format!(" with certificate {c}")),
+                if connected.replaced.is_some() {
+                    " and replaced its previous stream"
                 } else {
                     ""
                 },
@@ -232,10 +260,31 @@ impl Daemon {
                 ),
             ));
         }
-        self.record(events);
+        self.record_agent_events(&provider, events);
         self.report(&provider, hello.replicas, Vec::new(), true);
         self.wake();
-        Ok(conn_id)
+        Ok(connected)
+    }
+
+    /// Ends session `conn_id` of `provider`: its agent sent more than the
+    /// daemon takes from one agent.
+    pub fn agent_flooding(&self, provider: &str, conn_id: u64, what: &str) {
+        let ended = self
+            .registry
+            .end_sessions(|p, s| p == provider && s.conn_id == conn_id);
+        if ended.is_empty() {
+            return;
+        }
+        Counters::add(&self.security.counters.flooding_agents, 1);
+        crate::logs::agent_gone(self, provider, conn_id);
+        let agent = ended.first().map(|(_, _, a)| a.clone()).unwrap_or_default();
+        tracing::warn!(provider, agent_id = %agent, "agent session ended: {what}");
+        self.record(vec![NewEvent::provider(
+            EventReason::AgentFlooding,
+            provider,
+            format!("agent {agent} of provider {provider} {what}: its session was ended"),
+        )]);
+        self.wake();
     }
 
     /// Handles one message of session `conn_id` of `provider`.
@@ -295,16 +344,21 @@ impl Daemon {
             });
             self.wake();
             tracing::info!(%provider, reason = %why, "agent disconnected");
-            self.record(vec![NewEvent::provider(
-                EventReason::ProviderDisconnected,
+            self.record_agent_events(
                 provider,
-                format!("agent {agent_id} disconnected: {why}"),
-            )]);
+                vec![NewEvent::provider(
+                    EventReason::ProviderDisconnected,
+                    provider,
+                    format!("agent {agent_id} disconnected: {why}"),
+                )],
+            );
         }
     }
 
-    /// Records reported replicas, removes the ones reported gone, and turns
-    /// state transitions into events.
+    /// Records reported replicas the daemon assigned to `provider` (or
+    /// already tracks), removes the ones reported gone, and turns state
+    /// transitions into events. Replicas it did not assign are dropped,
+    /// counted and said once per burst.
     fn report(
         &self,
         provider: &str,
@@ -312,13 +366,31 @@ impl Daemon {
         removed: Vec<(String, u32)>,
         full: bool,
     ) {
-        let mut health_of: BTreeMap<String, bool> = BTreeMap::new();
+        let assignment = self.store.assignment(provider).ok().flatten();
+        let known: BTreeSet<(String, u32)> = self.registry.with(|entries| {
+            entries
+                .get(provider)
+                .map(|e| e.view.replicas.keys().cloned().collect())
+                .unwrap_or_default()
+        });
+        let mut apps: BTreeMap<String, Option<AppFacts>> = BTreeMap::new();
         let mut updates = Vec::with_capacity(reported.len());
+        let mut refused: Vec<String> = Vec::new();
         for r in reported {
-            let has_check = *health_of.entry(r.app.clone()).or_insert_with(
-                || matches!(self.store.app(&r.app), Ok(Some(a)) if a.app.spec.health.is_some()),
-            );
-            updates.push(r.into_replica(provider, has_check));
+            let facts = *apps.entry(r.app.clone()).or_insert_with(|| {
+                self.store.app(&r.app).ok().flatten().map(|a| AppFacts {
+                    generation: a.generation,
+                    has_health_check: a.app.spec.health.is_some(),
+                })
+            });
+            let is_known = known.contains(&(r.app.clone(), r.index));
+            match admissible(provider, &r, facts, assignment.as_ref(), is_known) {
+                Ok(facts) => updates.push(r.into_replica(provider, facts.has_health_check)),
+                Err(why) => refused.push(why),
+            }
+        }
+        if !refused.is_empty() {
+            self.refused_reports(provider, &refused);
         }
 
         let mut events = Vec::new();
@@ -374,8 +446,118 @@ impl Daemon {
         if let Err(e) = result {
             tracing::error!(provider, error = %e, "cannot store replica status");
         }
+        self.record_agent_events(provider, events);
+    }
+
+    /// Counts replicas of `provider`'s report that were dropped, and says so
+    /// (in the log and as an event) at most at the agent's event rate.
+    fn refused_reports(&self, provider: &str, refused: &[String]) {
+        Counters::add(
+            &self.security.counters.dropped_reports,
+            refused.len() as u64,
+        );
+        let sample: Vec<&str> = refused.iter().take(3).map(String::as_str).collect();
+        let message = format!(
+            "{} replica report(s) from provider {provider}'s agent ignored: {}{}",
+            refused.len(),
+            sample.join("; "),
+            if refused.len() > sample.len() {
+                "; …"
+            } else {
+                ""
+            }
+        );
+        let admitted =
+            self.security
+                .agent_events
+                .admit(&format!("{provider}/refused"), 1, Instant::now());
+        if admitted.allowed == 1 {
+            tracing::warn!(provider, "{message}");
+            self.record(vec![NewEvent::provider(
+                EventReason::AgentReportRefused,
+                provider,
+                message,
+            )]);
+        }
+    }
+
+    /// Records events derived from what `provider`'s agent said, at most at
+    /// the agent event rate: beyond it they are dropped and counted, and the
+    /// next event admitted is preceded by one saying how many were dropped.
+    pub(crate) fn record_agent_events(&self, provider: &str, mut events: Vec<NewEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let admitted = self
+            .security
+            .agent_events
+            .admit(provider, events.len(), Instant::now());
+        let dropped = events.len() - admitted.allowed;
+        if dropped > 0 {
+            Counters::add(&self.security.counters.dropped_events, dropped as u64);
+            tracing::debug!(provider, dropped, "events over the provider's rate dropped");
+        }
+        events.truncate(admitted.allowed);
+        if admitted.dropped_before > 0 {
+            let rate = crate::security::limits::AGENT_EVENTS;
+            events.insert(
+                0,
+                NewEvent::provider(
+                    EventReason::AgentEventsDropped,
+                    provider,
+                    format!(
+                        "{} events about provider {provider} were dropped: its agent reported more changes than the log takes from one provider ({} at once, {}/s)",
+                        admitted.dropped_before, rate.burst, rate.per_second
+                    ),
+                ),
+            );
+        }
         self.record(events);
     }
+}
+
+/// What a report is checked against about its app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AppFacts {
+    /// The app's generation now.
+    generation: u64,
+    /// Without a health check, running counts as ready.
+    has_health_check: bool,
+}
+
+/// Whether the daemon takes `r` from `provider`'s agent: its app is declared
+/// (`app`), it does not claim a generation the app has not reached, and it
+/// is a replica the daemon assigned to the provider (index below the
+/// assigned count) or one it already tracks (a replica being stopped after a
+/// scale-down). Says why not, for the log.
+fn admissible(
+    provider: &str,
+    r: &ReplicaReport,
+    app: Option<AppFacts>,
+    assignment: Option<&Assignment>,
+    known: bool,
+) -> Result<AppFacts, String> {
+    let id = format!("{}/{provider}/{}", r.app, r.index);
+    let Some(app) = app else {
+        return Err(format!("{id}: app {} is not declared", r.app));
+    };
+    if r.generation > app.generation || r.workload_generation > app.generation {
+        return Err(format!(
+            "{id}: reports generation {}, but the app is at generation {}",
+            r.generation.max(r.workload_generation),
+            app.generation
+        ));
+    }
+    let assigned = assignment
+        .and_then(|a| a.apps.iter().find(|x| x.app == r.app))
+        .map_or(0, |x| x.replicas);
+    if !known && r.index >= assigned {
+        return Err(format!(
+            "{id}: not assigned (the provider runs {assigned} replica(s) of {})",
+            r.app
+        ));
+    }
+    Ok(app)
 }
 
 /// How long an agent has to send its hello.
@@ -435,17 +617,4 @@ fn transition_events(old: Option<&ReportedReplica>, new: &ReportedReplica) -> Ve
         ));
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_comparison() {
-        assert!(token_matches("secret", "secret"));
-        assert!(!token_matches("secret", "secreT"));
-        assert!(!token_matches("secret", "secret2"));
-        assert!(!token_matches("", "x"));
-    }
 }

@@ -42,6 +42,7 @@ pub use types::{
     RoutingProtocol, ServiceType, TaintEffect, Toleration, TolerationOperator, UnknownKind,
     Workload,
 };
+pub use validate::name_problem;
 
 /// Largest input [`parse_documents`] reads: 1 MiB.
 pub const MAX_SOURCE_BYTES: usize = 1024 * 1024;
