@@ -421,6 +421,15 @@ pub fn daemon_status_to_pb(s: &DaemonStatus) -> pb::DaemonStatus {
         store_error: s.store_error.clone().unwrap_or_default(),
         store_id: s.identity.store_id.clone(),
         store_epoch: s.identity.epoch,
+        tls: s.tls.is_some(),
+        ca_cert_hash: s.tls.clone().unwrap_or_default(),
+        refused_joins: s.security.refused_joins,
+        refused_sessions: s.security.refused_sessions,
+        refused_calls: s.security.refused_calls,
+        failed_handshakes: s.security.failed_handshakes,
+        dropped_reports: s.security.dropped_reports,
+        dropped_events: s.security.dropped_events,
+        flooding_agents: s.security.flooding_agents,
     }
 }
 
