@@ -21,6 +21,10 @@ pub const MAX_PROBES_PER_PROVIDER: usize = 32;
 /// replicas (it gets an empty assignment) before the daemon ends it anyway.
 const DELETED_PROVIDER_GRACE: Duration = Duration::from_secs(60);
 
+/// How long a deleted provider's agent that reports no replicas has to apply
+/// its empty assignment before its session ends.
+const DELETED_PROVIDER_SETTLE: Duration = Duration::from_secs(5);
+
 impl Daemon {
     /// One liveness evaluation of every provider: probe the replicas of silent
     /// providers from outside, step each state machine, record transitions.
@@ -159,10 +163,13 @@ impl Daemon {
                 match &entry.session {
                     Some(session) => {
                         let since = *entry.view.deleted_since.get_or_insert(now);
+                        let waited = now.saturating_duration_since(since);
+                        // It runs nothing, and has applied the empty
+                        // assignment (or had a few seconds to).
                         let stopped = entry.view.replicas.is_empty()
-                            && entry.view.applied_revision() >= session.sent_revision;
-                        if stopped || now.saturating_duration_since(since) >= DELETED_PROVIDER_GRACE
-                        {
+                            && (entry.view.applied_revision() >= session.sent_revision
+                                || waited >= DELETED_PROVIDER_SETTLE);
+                        if stopped || waited >= DELETED_PROVIDER_GRACE {
                             finished.push((name.clone(), session.conn_id));
                         }
                     }

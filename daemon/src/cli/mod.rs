@@ -492,14 +492,24 @@ pub type Client =
 /// scheme: a plaintext client talking to the TLS port, or the reverse.
 fn explain_failure(server: &str, e: anyhow::Error) -> anyhow::Error {
     let text = format!("{e:#}");
+    // A plaintext client on the TLS port sees the connection fail in one of
+    // several ways, depending on when the daemon's TLS alert arrives.
+    let broken = [
+        "h2 protocol error",
+        "http2 error",
+        "frame with invalid size",
+        "operation was canceled",
+        "transport error",
+        "connection reset",
+        "connection closed",
+        "broken pipe",
+    ];
     let hint = if server.starts_with("http://")
-        && (text.contains("h2 protocol error")
-            || text.contains("frame with invalid size")
-            || text.contains("connection reset")
-            || text.contains("connection closed"))
+        && !text.contains("cannot reach the daemon")
+        && broken.iter().any(|b| text.contains(b))
     {
         Some(
-            "the daemon serves TLS by default: use https://HOST:PORT with its CA (--ca-file, or a context; skymirror dev writes one)",
+            "the connection failed as it does against TLS, which the daemon serves by default: use https://HOST:PORT with its CA (--ca-file, or a context; skymirror dev writes one)",
         )
     } else if server.starts_with("https://")
         && (text.contains("InvalidContentType") || text.contains("corrupt message"))
