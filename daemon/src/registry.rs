@@ -479,3 +479,64 @@ fn may_replace(
         heard_ago,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(agent: &str) -> AgentSeen {
+        AgentSeen {
+            agent_id: agent.into(),
+            version: "0".into(),
+            last_seen: Instant::now(),
+            last_seen_ms: 0,
+            applied_revision: 0,
+            capabilities: AgentCapabilities { max_stop: None },
+        }
+    }
+
+    fn identity(agent: &str) -> SessionIdentity {
+        SessionIdentity {
+            agent_id: agent.into(),
+            serial: Some(format!("serial-of-{agent}")),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_agent_never_takes_over_a_live_provider() {
+        let quiet = Duration::from_secs(1);
+        let registry = AgentRegistry::new(Vec::new());
+        let (tx, _rx) = mpsc::channel(4);
+        let first = registry
+            .connect("aa", seen("a1"), tx.clone(), identity("a1"), quiet)
+            .expect("nobody holds aa");
+        // Another agent while a1 is heard: refused, naming a1.
+        let live = registry
+            .connect("aa", seen("a2"), tx.clone(), identity("a2"), quiet)
+            .expect_err("a1 is alive");
+        assert_eq!(live.agent_id, "a1");
+        assert!(registry.is_current("aa", first.conn_id));
+        // The same agent again (it restarted): it replaces its old stream,
+        // which is told to end.
+        let again = registry
+            .connect("aa", seen("a1"), tx.clone(), identity("a1"), quiet)
+            .expect("the same agent");
+        assert_eq!(again.replaced, Some(first.conn_id));
+        assert!(first.ended.is_cancelled());
+        // Once a1 is silent past the threshold, it is gone: a2 may take over.
+        tokio::time::advance(quiet).await;
+        let taken = registry
+            .connect("aa", seen("a2"), tx.clone(), identity("a2"), quiet)
+            .expect("a1 is silent");
+        assert_eq!(taken.replaced, Some(again.conn_id));
+        // Revoking a2's certificate ends its session.
+        let ended =
+            registry.end_sessions(|_, s| s.identity.serial.as_deref() == Some("serial-of-a2"));
+        assert_eq!(
+            ended,
+            vec![("aa".to_string(), taken.conn_id, "a2".to_string())]
+        );
+        assert!(taken.ended.is_cancelled());
+        assert!(!registry.snapshot().providers["aa"].connected);
+    }
+}

@@ -618,3 +618,237 @@ fn transition_events(old: Option<&ReportedReplica>, new: &ReportedReplica) -> Ve
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+    use skymirror_proto::v1 as pb;
+
+    use super::*;
+    use crate::api::convert::{from_agent_pb, hello_from_pb};
+    use crate::model::{AssignedApp, Assignment};
+    use crate::store::{Batch, SledStore, Store};
+
+    const SPEC: &str = "
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: aa}
+spec: {driver: process}
+---
+apiVersion: skymirror.dev/v1
+kind: App
+metadata: {name: web}
+spec: {command: server, replicas: 2}
+";
+
+    fn report(app: &str, index: u32, generation: u64) -> ReplicaReport {
+        ReplicaReport {
+            app: app.into(),
+            index,
+            generation,
+            workload_generation: generation,
+            state: ReplicaState::Healthy,
+            address: "127.0.0.1:1".into(),
+            ports: BTreeMap::new(),
+            instance_id: "1".into(),
+            restarts: 0,
+            crash_looping: false,
+            message: String::new(),
+            started_at_ms: 0,
+            state_since_ms: 0,
+        }
+    }
+
+    #[test]
+    fn only_assigned_or_tracked_replicas_of_declared_apps_are_admitted() {
+        let web = Some(AppFacts {
+            generation: 3,
+            has_health_check: false,
+        });
+        let assignment = Assignment {
+            provider: "aa".into(),
+            revision: 1,
+            apps: vec![AssignedApp {
+                app: "web".into(),
+                generation: 3,
+                workload_generation: 3,
+                replicas: 2,
+                extra: 0,
+            }],
+        };
+        let ok = |r: &ReplicaReport, app, known| admissible("aa", r, app, Some(&assignment), known);
+        assert!(ok(&report("web", 0, 3), web, false).is_ok());
+        assert!(ok(&report("web", 1, 2), web, false).is_ok());
+        let beyond = ok(&report("web", 2, 3), web, false).expect_err("not assigned");
+        assert!(
+            beyond.contains("web/aa/2: not assigned (the provider runs 2"),
+            "{beyond}"
+        );
+        // A replica already tracked (being stopped after a scale-down) stays.
+        assert!(ok(&report("web", 2, 3), web, true).is_ok());
+        let ghost = ok(&report("ghost", 0, 1), None, false).expect_err("undeclared");
+        assert!(ghost.contains("app ghost is not declared"), "{ghost}");
+        let future = ok(&report("web", 0, 4), web, true).expect_err("future");
+        assert!(future.contains("generation 4"), "{future}");
+        assert!(admissible("aa", &report("web", 0, 3), web, None, false).is_err());
+    }
+
+    fn daemon() -> (Arc<Daemon>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(&dir.path().join("store")).expect("store");
+        let (apps, providers) = crate::model::testing::declared(SPEC);
+        store
+            .commit(
+                Batch {
+                    put_apps: apps,
+                    put_providers: providers,
+                    put_assignments: vec![Assignment {
+                        provider: "aa".into(),
+                        revision: 1,
+                        apps: vec![AssignedApp {
+                            app: "web".into(),
+                            generation: 1,
+                            workload_generation: 1,
+                            replicas: 2,
+                            extra: 0,
+                        }],
+                    }],
+                    ..Batch::default()
+                },
+                true,
+            )
+            .expect("committed");
+        let config = crate::daemon::DaemonConfig::new(dir.path().join("store"), "t".into());
+        (Daemon::new(Arc::new(store), config).expect("daemon"), dir)
+    }
+
+    /// Text an agent may send: anything, control characters included.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9-]{0,12}",
+            any::<String>(),
+            Just("\u{1b}]0;owned\u{7}\r\n".to_string()),
+        ]
+    }
+
+    fn replica() -> impl Strategy<Value = pb::ReplicaStatus> {
+        (
+            prop_oneof![Just("web".to_string()), Just("ghost".to_string()), text()],
+            0u32..6,
+            0u64..4,
+            0i32..12,
+            text(),
+            text(),
+            prop::collection::btree_map(text(), any::<u32>(), 0..3),
+        )
+            .prop_map(|(app, index, generation, state, address, message, ports)| {
+                pb::ReplicaStatus {
+                    app,
+                    index,
+                    generation,
+                    workload_generation: generation,
+                    state,
+                    address,
+                    ports: ports.into_iter().collect(),
+                    instance_id: message.clone(),
+                    message,
+                    ..pb::ReplicaStatus::default()
+                }
+            })
+    }
+
+    /// Any message an agent can send after its hello.
+    fn message() -> impl Strategy<Value = pb::AgentMessage> {
+        use pb::agent_message::Message;
+        prop_oneof![
+            (any::<u64>(), any::<u64>()).prop_map(|(seq, applied_revision)| {
+                Some(Message::Heartbeat(pb::Heartbeat {
+                    time_ms: 0,
+                    applied_revision,
+                    seq,
+                }))
+            }),
+            (
+                prop::collection::vec(replica(), 0..8),
+                any::<bool>(),
+                prop::collection::vec(text(), 0..3)
+            )
+                .prop_map(|(replicas, full, removed)| {
+                    Some(Message::Status(pb::StatusReport {
+                        replicas,
+                        full,
+                        removed,
+                        applied_revision: 1,
+                    }))
+                }),
+            (any::<u64>(), text(), any::<bool>()).prop_map(|(request_id, error, end)| {
+                Some(Message::Logs(pb::ReplicaLogs {
+                    request_id,
+                    replica: error.clone(),
+                    data: error.clone().into_bytes(),
+                    error,
+                    end,
+                }))
+            }),
+            Just(Some(Message::Hello(pb::Hello::default()))),
+            Just(None),
+        ]
+        .prop_map(|message| pb::AgentMessage { message })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Whatever an admitted agent sends, the daemon keeps only replicas
+        /// it assigned to the provider, every string it keeps is printable
+        /// and bounded, and nothing panics.
+        #[test]
+        fn every_agent_message_is_bounded_and_sanitized(
+            agent_id in text(),
+            version in text(),
+            hello_replicas in prop::collection::vec(replica(), 0..20),
+            messages in prop::collection::vec(message(), 0..30),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let (daemon, _dir) = daemon();
+            runtime.block_on(async {
+                let hello = hello_from_pb(pb::Hello {
+                    provider: "aa".into(),
+                    agent_id,
+                    join_token: "t".into(),
+                    version,
+                    driver: "process".into(),
+                    replicas: hello_replicas,
+                    ..pb::Hello::default()
+                });
+                prop_assert!(!hello.agent_id.chars().any(crate::security::is_unsafe_char));
+                let (tx, mut rx) = mpsc::channel(1024);
+                let connected = daemon
+                    .open_session(hello, tx, AgentProof::HelloToken, None)
+                    .await
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                for m in messages {
+                    daemon.agent_message("aa", connected.conn_id, from_agent_pb("aa", m));
+                }
+                while rx.try_recv().is_ok() {}
+                let snapshot = daemon.registry.snapshot();
+                let view = snapshot.providers.get("aa").expect("aa");
+                prop_assert!(view.replicas.len() <= 2, "{} replicas kept", view.replicas.len());
+                for r in view.replicas.values() {
+                    prop_assert_eq!(&r.app, "web");
+                    prop_assert!(r.index < 2 && r.generation <= 1);
+                    for s in [&r.address, &r.message, &r.instance_id] {
+                        prop_assert!(!s.chars().any(crate::security::is_unsafe_char), "{:?}", s);
+                        prop_assert!(s.len() <= crate::security::MAX_AGENT_TEXT);
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
