@@ -154,9 +154,7 @@ proptest! {
         value in prop::sample::select(VALUES),
         field in prop::sample::select(&["replicas", "command", "mode", "interval"][..]),
     ) {
-        let text = format!(
-            "apiVersion: skymirror.dev/v1\nkind: App\nmetadata:\n  name: web\nspec:\n  command: x\n  replicas: 1\n  health:\n    tcp: {{port: http}}\n    interval: 2s\n  ports: [{{name: http}}]\n  placement:\n    mode: mirror\n"
-        )
+        let text = "apiVersion: skymirror.dev/v1\nkind: App\nmetadata:\n  name: web\nspec:\n  command: x\n  replicas: 1\n  health:\n    tcp: {port: http}\n    interval: 2s\n  ports: [{name: http}]\n  placement:\n    mode: mirror\n"
         .replace(&format!("{field}: "), &format!("{field}: {value} #"));
         check(&text)?;
     }
