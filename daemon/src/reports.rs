@@ -99,6 +99,8 @@ pub struct Hello {
     pub driver: String,
     /// Replicas it already runs.
     pub replicas: Vec<ReplicaReport>,
+    /// Why the replica statuses that could not be read were left out.
+    pub invalid: Vec<String>,
     /// Revision of the last assignment it applied.
     pub applied_revision: u64,
     /// What its driver said of itself.
@@ -119,6 +121,8 @@ pub enum FromAgent {
     Status {
         /// Changed (or, with `full`, all) replicas.
         replicas: Vec<ReplicaReport>,
+        /// Why the statuses that could not be read were left out.
+        invalid: Vec<String>,
         /// Replicas gone, by app and index.
         removed: Vec<(String, u32)>,
         /// The report lists every replica the agent runs.
@@ -261,6 +265,9 @@ impl Daemon {
             ));
         }
         self.record_agent_events(&provider, events);
+        if !hello.invalid.is_empty() {
+            self.refused_reports(&provider, &hello.invalid);
+        }
         self.report(&provider, hello.replicas, Vec::new(), true);
         self.wake();
         Ok(connected)
@@ -303,12 +310,22 @@ impl Daemon {
             }
             FromAgent::Status {
                 replicas,
+                invalid,
                 removed,
                 full,
                 applied_revision,
             } => {
+                if !invalid.is_empty() {
+                    self.refused_reports(provider, &invalid);
+                }
                 if replicas.len() > MAX_REPLICAS_PER_REPORT {
-                    tracing::warn!(provider, "status report with too many replicas ignored");
+                    self.refused_reports(
+                        provider,
+                        &[format!(
+                            "a status report of {} replicas, over the {MAX_REPLICAS_PER_REPORT} one message may carry",
+                            replicas.len()
+                        )],
+                    );
                     return;
                 }
                 self.report(provider, replicas, removed, full);
@@ -319,9 +336,9 @@ impl Daemon {
                 None
             }
             FromAgent::Unexpected => {
-                tracing::warn!(
+                self.refused_reports(
                     provider,
-                    "unexpected message on an established agent stream ignored"
+                    &["a message that has no place on an established session (a second hello, or an empty one)".to_string()],
                 );
                 None
             }
@@ -458,7 +475,7 @@ impl Daemon {
         );
         let sample: Vec<&str> = refused.iter().take(3).map(String::as_str).collect();
         let message = format!(
-            "{} replica report(s) from provider {provider}'s agent ignored: {}{}",
+            "ignored {} item(s) of what provider {provider}'s agent reported: {}{}",
             refused.len(),
             sample.join("; "),
             if refused.len() > sample.len() {

@@ -105,26 +105,24 @@ pub fn report_from_pb(provider: &str, r: pb::ReplicaStatus) -> Result<ReplicaRep
     })
 }
 
-/// Valid replica statuses of a message; invalid ones are left out, and
-/// said once per message.
-fn reports_from_pb(provider: &str, replicas: Vec<pb::ReplicaStatus>) -> Vec<ReplicaReport> {
-    let mut invalid = 0usize;
-    let mut first = None;
+/// Valid replica statuses of a message, and why the others were left out
+/// (the daemon counts and reports those at the agent's rate).
+fn reports_from_pb(
+    provider: &str,
+    replicas: Vec<pb::ReplicaStatus>,
+) -> (Vec<ReplicaReport>, Vec<String>) {
+    let mut invalid = Vec::new();
     let valid = replicas
         .into_iter()
         .filter_map(|r| match report_from_pb(provider, r) {
             Ok(r) => Some(r),
             Err(e) => {
-                invalid += 1;
-                first.get_or_insert(e);
+                invalid.push(e);
                 None
             }
         })
         .collect();
-    if let Some(e) = first {
-        tracing::warn!(provider, invalid, error = %e, "invalid replica statuses ignored");
-    }
-    valid
+    (valid, invalid)
 }
 
 /// An agent's hello.
@@ -137,8 +135,10 @@ pub fn hello_from_pb(h: pb::Hello) -> Hello {
             .map(|c| Duration::from_millis(u64::from(c.max_stop_ms))),
     };
     let provider = sanitize(&h.provider, 64);
+    let (replicas, invalid) = reports_from_pb(&provider, h.replicas);
     Hello {
-        replicas: reports_from_pb(&provider, h.replicas),
+        replicas,
+        invalid,
         provider,
         agent_id: sanitize(&h.agent_id, crate::access::MAX_AGENT_ID),
         join_token: h.join_token,
@@ -157,19 +157,23 @@ pub fn from_agent_pb(provider: &str, msg: pb::AgentMessage) -> FromAgent {
             seq: hb.seq,
             applied_revision: hb.applied_revision,
         },
-        Some(Message::Status(report)) => FromAgent::Status {
-            replicas: reports_from_pb(provider, report.replicas),
-            removed: report
-                .removed
-                .iter()
-                .filter_map(|k| {
-                    let (app, index) = k.rsplit_once('/')?;
-                    Some((app.to_string(), index.parse().ok()?))
-                })
-                .collect(),
-            full: report.full,
-            applied_revision: report.applied_revision,
-        },
+        Some(Message::Status(report)) => {
+            let (replicas, invalid) = reports_from_pb(provider, report.replicas);
+            FromAgent::Status {
+                replicas,
+                invalid,
+                removed: report
+                    .removed
+                    .iter()
+                    .filter_map(|k| {
+                        let (app, index) = k.rsplit_once('/')?;
+                        Some((app.to_string(), index.parse().ok()?))
+                    })
+                    .collect(),
+                full: report.full,
+                applied_revision: report.applied_revision,
+            }
+        }
         Some(Message::Logs(answer)) => FromAgent::Logs(LogAnswer {
             request_id: answer.request_id,
             replica: sanitize(&answer.replica, 200),
