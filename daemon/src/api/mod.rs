@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use skymirror_proto::v1 as pb;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 
 use crate::daemon::Daemon;
 use crate::error::DaemonError;
@@ -211,7 +212,14 @@ pub async fn serve_on(
             let incoming = tls::incoming(daemon.clone(), listener.socket, config, token.clone());
             servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, done).await });
         } else {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener.socket);
+            // No Nagle: small gRPC frames would wait out the peer's delayed ACK.
+            let incoming =
+                tokio_stream::wrappers::TcpListenerStream::new(listener.socket).map(|conn| {
+                    if let Ok(c) = &conn {
+                        let _ = c.set_nodelay(true);
+                    }
+                    conn
+                });
             servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, done).await });
         }
     }
