@@ -15,6 +15,12 @@
 //! (`--client-ca-key`), and without it agents get their certificates from
 //! the operator's PKI and the daemon only checks them.
 //!
+//! The daemon sends its CA certificate after its server certificate in the
+//! handshake, so an agent that pins the CA by the SHA-256 of its public key
+//! (`--ca-cert-hash sha256:…`, kubeadm's form) needs no file copied: it finds
+//! the certificate with that key in the chain and verifies the server's
+//! certificate against it.
+//!
 //! An agent's certificate names its provider in a URI subject alternative
 //! name, `spiffe://skymirror/provider/<name>` (and in its common name); it is
 //! for client authentication only, with a random 127-bit serial.
@@ -246,7 +252,13 @@ impl Pki {
             (Some((cert, key)), _) => (read_chain(cert)?, read_key(key)?, String::new()),
             (None, Some(ca)) => {
                 let (cert_pem, key_pem) = server_certificate(options, ca, &mut notes)?;
-                let chain = parse_chain(Path::new("server.pem"), cert_pem.as_bytes())?;
+                // The CA goes with the server certificate, so an agent that
+                // pins it by hash (`--ca-cert-hash`) finds it in the handshake.
+                let mut chain = parse_chain(Path::new("server.pem"), cert_pem.as_bytes())?;
+                chain.extend(parse_chain(
+                    &options.dir.join("ca.pem"),
+                    ca.cert_pem.as_bytes(),
+                )?);
                 let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
                     .map_err(|e| generate(format!("the server key: {e}")))?;
                 (chain, key, ca.cert_pem.clone())
