@@ -307,7 +307,25 @@ impl Daemon {
         let _guard = self.writes.lock().await;
         let apps = self.store.apps()?;
         let providers = self.store.providers()?;
-        let (results, batch) = plan_delete(&targets, &apps, &providers)?;
+        let (results, mut batch) = plan_delete(&targets, &apps, &providers)?;
+        // A deleted provider's agents cannot come back: their certificates
+        // are revoked with the deletion. Its agent keeps its session until
+        // it has stopped its replicas (see `monitor`).
+        let _credentials = self.security_writes().await;
+        for name in batch.delete_providers.clone() {
+            let revoked = self.revocations_of(&name)?;
+            if !revoked.is_empty() {
+                batch.events.push(crate::model::NewEvent::provider(
+                    crate::model::EventReason::AgentRevoked,
+                    &name,
+                    format!(
+                        "provider {name} was deleted: {} certificate(s) of its agents revoked",
+                        revoked.len()
+                    ),
+                ));
+                batch.put_certificates.extend(revoked);
+            }
+        }
         if !batch.is_empty() {
             self.commit(batch).await?;
         }

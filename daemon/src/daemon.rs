@@ -34,8 +34,13 @@ use crate::store::{Batch, MemoryFront, SledStore, Start, Store, StoreError, Stor
 pub struct DaemonConfig {
     /// Directory of the sled store.
     pub data_dir: PathBuf,
-    /// Secret agents present in their hello.
-    pub join_token: String,
+    /// The shared secret an agent may present in its hello on a *plaintext*
+    /// listener (loopback only); `None`: no agent is admitted that way. On a
+    /// TLS listener only a client certificate admits an agent.
+    pub hello_token: Option<String>,
+    /// The daemon's TLS material and CA; `None`: it serves plaintext only,
+    /// and issues no certificates.
+    pub pki: Option<Arc<crate::security::Pki>>,
     /// How often agents heartbeat.
     pub heartbeat_interval: Duration,
     /// Silence after which a provider is suspect.
@@ -65,11 +70,13 @@ pub struct DaemonConfig {
 }
 
 impl DaemonConfig {
-    /// Defaults for a data directory and join token.
+    /// Defaults for a data directory and the join token agents present in
+    /// their hello, without TLS (a loopback daemon; see `pki`).
     pub fn new(data_dir: PathBuf, join_token: String) -> Self {
         DaemonConfig {
             data_dir,
-            join_token,
+            hello_token: Some(join_token),
+            pki: None,
             heartbeat_interval: Duration::from_millis(500),
             suspect_after: Duration::from_millis(1000),
             down_after: Duration::from_secs(3),
@@ -151,6 +158,9 @@ pub struct Daemon {
     pub(crate) writable: watch::Sender<bool>,
     /// Events kept while the store could not write.
     pending: Mutex<PendingEvents>,
+    /// Credentials and bounds: the PKI, refusal counters, rates per source,
+    /// token uses.
+    pub(crate) security: crate::access::Security,
     /// Cancelled when the daemon stops; ends long-lived streams.
     pub(crate) shutdown: CancellationToken,
 }
@@ -202,7 +212,9 @@ impl Daemon {
     ) -> Result<Arc<Self>, DaemonError> {
         let registry = AgentRegistry::new(store.replicas()?);
         let (events, _) = broadcast::channel(1024);
+        let security = crate::access::Security::new(config.pki.clone());
         Ok(Arc::new(Daemon {
+            security,
             config,
             identity,
             writable: watch::channel(true).0,

@@ -18,9 +18,18 @@ pub enum DaemonError {
     /// The operation conflicts with the current state; nothing was changed.
     #[error("{0}")]
     FailedPrecondition(String),
-    /// The agent is not admitted (wrong join token).
+    /// The caller did not prove who it is: no token, an unknown, expired or
+    /// revoked token or certificate. Not retryable as is.
     #[error("{0}")]
     Unauthenticated(String),
+    /// The caller is known but may not do this (a token's role, a
+    /// certificate naming another provider). Not retryable as is.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Someone else holds what the caller asked for (a live agent session of
+    /// the provider). Retryable once it is released.
+    #[error("{0}")]
+    Conflict(String),
     /// The caller went away before the operation completed.
     #[error("{0}")]
     Cancelled(String),
@@ -28,9 +37,24 @@ pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The OS gave no random bytes for an id or a secret. Not retryable.
+    #[error("{0}")]
+    Randomness(String),
+    /// Certificates could not be issued, or TLS set up.
     #[error(transparent)]
-    Randomness(#[from] crate::RandomnessError),
+    Pki(#[from] crate::security::PkiError),
     /// A server failed to start or stopped with an error.
     #[error("{0}")]
     Serve(String),
+}
+
+impl From<crate::RandomnessError> for DaemonError {
+    fn from(e: crate::RandomnessError) -> Self {
+        DaemonError::Randomness(e.to_string())
+    }
+}
+
+impl From<crate::security::NoRandomness> for DaemonError {
+    fn from(e: crate::security::NoRandomness) -> Self {
+        DaemonError::Randomness(e.to_string())
+    }
 }

@@ -13,6 +13,7 @@
 //! and all-in-one mode. The front door (`skymirror edge`) is the
 //! `skymirror-edge` crate.
 
+pub mod access;
 pub mod api;
 pub mod apply;
 pub mod cli;
@@ -30,6 +31,7 @@ pub mod reconciler;
 pub mod registry;
 pub mod reports;
 pub mod scheduler;
+pub mod security;
 pub mod spec;
 pub mod store;
 pub mod summary;

@@ -464,7 +464,15 @@ mod tests {
             applied_revision: 0,
             capabilities: crate::registry::AgentCapabilities { max_stop: None },
         };
-        let (conn_id, _) = daemon.registry.connect("aa", seen, agent_tx);
+        let identity = crate::registry::SessionIdentity {
+            agent_id: "a".into(),
+            serial: None,
+        };
+        let conn_id = daemon
+            .registry
+            .connect("aa", seen, agent_tx, identity, Duration::from_secs(1))
+            .expect("no live session")
+            .conn_id;
         assert_eq!(conn_id, 1);
         for follow in [false, true] {
             let request = LogsQuery {

@@ -280,6 +280,33 @@ event_reasons! {
     StoreUnwritable: Daemon, warning = true, decision = false;
     /// The store can write again.
     StoreWritable: Daemon, warning = false, decision = false;
+    /// An agent joined with a join token and got a certificate for its provider.
+    AgentJoined: Provider, warning = false, decision = false;
+    /// A join was refused: an unknown, expired or revoked join token, one for
+    /// another provider, an undeclared provider or a bad certificate request.
+    AgentJoinRefused: Provider, warning = true, decision = false;
+    /// An agent renewed its certificate.
+    AgentCertificateRenewed: Provider, warning = false, decision = false;
+    /// An agent's session was refused: no, expired, revoked or another
+    /// provider's certificate, a wrong join token, or a second session
+    /// while the provider's agent holds a live one.
+    AgentSessionRefused: Provider, warning = true, decision = false;
+    /// Agent certificates were revoked; their sessions end and they cannot
+    /// reconnect.
+    AgentRevoked: Provider, warning = true, decision = false;
+    /// An agent sent more than the daemon accepts from one agent: its
+    /// session was ended.
+    AgentFlooding: Provider, warning = true, decision = false;
+    /// Events about a provider were dropped: its agent reported more changes
+    /// than the log takes from one provider.
+    AgentEventsDropped: Provider, warning = true, decision = false;
+    /// A provider's agent reported replicas the daemon did not assign; they
+    /// were ignored.
+    AgentReportRefused: Provider, warning = true, decision = false;
+    /// A token was created.
+    TokenCreated: Daemon, warning = false, decision = false;
+    /// A token was revoked.
+    TokenRevoked: Daemon, warning = false, decision = false;
 }
 
 impl std::fmt::Display for EventReason {

@@ -14,6 +14,17 @@ use crate::error::DaemonError;
 use crate::liveness::{self, Liveness, Observation, ProviderLiveness, Transition};
 use crate::model::{EventReason, NewEvent, now_ms};
 
+/// Most replica addresses of one silent provider probed per tick.
+pub const MAX_PROBES_PER_PROVIDER: usize = 32;
+
+/// How long the agent of a deleted provider keeps its session to stop its
+/// replicas (it gets an empty assignment) before the daemon ends it anyway.
+const DELETED_PROVIDER_GRACE: Duration = Duration::from_secs(60);
+
+/// How long a deleted provider's agent that reports no replicas has to apply
+/// its empty assignment before its session ends.
+const DELETED_PROVIDER_SETTLE: Duration = Duration::from_secs(5);
+
 impl Daemon {
     /// One liveness evaluation of every provider: probe the replicas of silent
     /// providers from outside, step each state machine, record transitions.
@@ -38,12 +49,17 @@ impl Daemon {
             let silent =
                 last.is_none_or(|t| now.saturating_duration_since(t) >= cfg.liveness.suspect_after);
             if silent || !connected {
+                // Any one answer is enough, so a bounded sample is: what an
+                // agent reported never makes the daemon probe without bound.
                 let addrs = view
                     .map(|v| {
                         v.replicas
                             .values()
                             .filter(|r| !r.address.is_empty())
                             .map(|r| r.address.clone())
+                            .collect::<std::collections::BTreeSet<_>>()
+                            .into_iter()
+                            .take(MAX_PROBES_PER_PROVIDER)
                             .collect()
                     })
                     .unwrap_or_default();
@@ -125,7 +141,67 @@ impl Daemon {
         if !transitions.is_empty() {
             self.wake();
         }
+        self.retire_deleted_providers(&providers);
         Ok(())
+    }
+
+    /// Deleted providers leave nothing behind: the session of a deleted
+    /// provider's agent ends once it has stopped its replicas (it was sent an
+    /// empty assignment) or after a grace, and the replicas recorded for a
+    /// provider without a session are forgotten, in memory and in the store.
+    fn retire_deleted_providers(&self, providers: &[crate::model::DeclaredProvider]) {
+        let declared = |name: &str| providers.iter().any(|p| p.provider.metadata.name == name);
+        let now = Instant::now();
+        let (finished, forget) = self.registry.with(|entries| {
+            let mut finished = Vec::new();
+            let mut forget = Vec::new();
+            for (name, entry) in entries.iter_mut() {
+                if declared(name) {
+                    entry.view.deleted_since = None;
+                    continue;
+                }
+                match &entry.session {
+                    Some(session) => {
+                        let since = *entry.view.deleted_since.get_or_insert(now);
+                        let waited = now.saturating_duration_since(since);
+                        // It runs nothing, and has applied the empty
+                        // assignment (or had a few seconds to).
+                        let stopped = entry.view.replicas.is_empty()
+                            && (entry.view.applied_revision() >= session.sent_revision
+                                || waited >= DELETED_PROVIDER_SETTLE);
+                        if stopped || waited >= DELETED_PROVIDER_GRACE {
+                            finished.push((name.clone(), session.conn_id));
+                        }
+                    }
+                    None if !entry.view.replicas.is_empty() => {
+                        entry.view.replicas.clear();
+                        forget.push(name.clone());
+                    }
+                    None => {}
+                }
+            }
+            (finished, forget)
+        });
+        for (name, conn_id) in finished {
+            let ended = self
+                .registry
+                .end_sessions(|p, s| p == name && s.conn_id == conn_id);
+            for (p, c, agent) in ended {
+                crate::logs::agent_gone(self, &p, c);
+                tracing::info!(provider = %p, agent_id = %agent, "the deleted provider's agent session ended");
+                self.record(vec![NewEvent::provider(
+                    EventReason::ProviderDisconnected,
+                    &p,
+                    format!("agent {agent} disconnected: provider {p} was deleted"),
+                )]);
+            }
+        }
+        for name in forget {
+            if let Err(e) = self.store.put_replicas(Some(&name), &[]) {
+                tracing::warn!(provider = %name, error = %e, "cannot forget the deleted provider's replicas");
+            }
+            self.wake();
+        }
     }
 
     /// Re-evaluates liveness every tick until cancelled. Time-driven changes

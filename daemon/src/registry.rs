@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::liveness::{Liveness, ProviderLiveness};
 use crate::model::{Assignment, DeclaredApp, DeclaredProvider, ReportedReplica, now_ms};
@@ -99,11 +100,46 @@ pub struct AgentCapabilities {
     pub max_stop: Option<Duration>,
 }
 
+/// Who holds a session: what its agent proved when it opened it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionIdentity {
+    /// The agent's id (bound to its certificate when it has one).
+    pub agent_id: String,
+    /// Serial of the client certificate the session was opened with; `None`
+    /// on a plaintext listener (the shared join token).
+    pub serial: Option<String>,
+}
+
+/// A live session that a newer one may not replace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveSession {
+    /// The agent holding it.
+    pub agent_id: String,
+    /// How long ago it was last heard from.
+    pub heard_ago: Duration,
+}
+
+/// A session just registered.
+#[derive(Debug)]
+pub struct Connected {
+    /// Its id.
+    pub conn_id: u64,
+    /// The session of the same agent it replaced, if any.
+    pub replaced: Option<u64>,
+    /// Cancelled when the daemon ends the session (a revocation, a flood, a
+    /// deleted provider): the stream's reader stops at once.
+    pub ended: CancellationToken,
+}
+
 /// A live agent session.
 #[derive(Debug)]
 pub struct Session {
     /// Tells this session from a later one of the same provider.
     pub conn_id: u64,
+    /// What its agent proved.
+    pub identity: SessionIdentity,
+    /// Cancelled when the daemon ends the session.
+    pub ended: CancellationToken,
     /// Messages to the agent. Bounded: a full queue means a slow agent, and
     /// an assignment is re-sent on a later pass rather than queued without bound.
     pub tx: mpsc::Sender<ToAgent>,
@@ -157,6 +193,9 @@ pub struct ProviderView {
     pub probe: Option<bool>,
     /// Replicas as last reported, by app and index.
     pub replicas: BTreeMap<(String, u32), ReportedReplica>,
+    /// When the liveness loop first saw this provider's agent connected
+    /// although the provider is no longer declared.
+    pub deleted_since: Option<Instant>,
 }
 
 impl ProviderView {
@@ -244,27 +283,74 @@ impl AgentRegistry {
         }
     }
 
-    /// Registers a new session of `provider`'s agent, replacing any earlier
-    /// one, and returns its id and the replaced session's id.
+    /// Whether a new session of `agent_id` may take `provider`'s place: it
+    /// may when no session is live, when the live one is the same agent's
+    /// (a restarted agent whose old connection has not closed yet), or when
+    /// the live one has been silent for `quiet_after` (it is gone). A second
+    /// agent never silently takes over a provider whose agent is alive.
+    pub fn may_connect(
+        &self,
+        provider: &str,
+        agent_id: &str,
+        quiet_after: Duration,
+    ) -> Result<(), LiveSession> {
+        may_replace(lock(&self.providers).get(provider), agent_id, quiet_after)
+    }
+
+    /// Registers a new session of `provider`'s agent if [`Self::may_connect`]
+    /// allows it (checked again under the lock), replacing the live one.
     pub fn connect(
         &self,
         provider: &str,
         seen: AgentSeen,
         tx: mpsc::Sender<ToAgent>,
-    ) -> (u64, Option<u64>) {
+        identity: SessionIdentity,
+        quiet_after: Duration,
+    ) -> Result<Connected, LiveSession> {
+        let mut providers = lock(&self.providers);
+        may_replace(providers.get(provider), &identity.agent_id, quiet_after)?;
         let conn_id = self
             .next_conn_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut providers = lock(&self.providers);
+        let ended = CancellationToken::new();
         let entry = providers.entry(provider.to_string()).or_default();
         let replaced = entry.session.replace(Session {
             conn_id,
+            identity,
+            ended: ended.clone(),
             tx,
             sent_revision: 0,
         });
+        if let Some(old) = &replaced {
+            old.ended.cancel();
+        }
         entry.view.connected = true;
         entry.view.seen = Some(seen);
-        (conn_id, replaced.map(|s| s.conn_id))
+        Ok(Connected {
+            conn_id,
+            replaced: replaced.map(|s| s.conn_id),
+            ended,
+        })
+    }
+
+    /// Ends every session `which` picks (a revoked certificate, a deleted
+    /// provider, a flood): its reader stops and its stream closes. Returns
+    /// the provider, session id and agent of each.
+    pub fn end_sessions(
+        &self,
+        which: impl Fn(&str, &Session) -> bool,
+    ) -> Vec<(String, u64, String)> {
+        let mut ended = Vec::new();
+        for (provider, entry) in lock(&self.providers).iter_mut() {
+            if entry.session.as_ref().is_some_and(|s| which(provider, s))
+                && let Some(s) = entry.session.take()
+            {
+                s.ended.cancel();
+                entry.view.connected = false;
+                ended.push((provider.clone(), s.conn_id, s.identity.agent_id));
+            }
+        }
+        ended
     }
 
     /// Ends session `conn_id` of `provider` if it is still the current one;
@@ -359,8 +445,98 @@ impl AgentRegistry {
     /// the agents' response streams end, so graceful shutdown completes.
     pub fn close_all(&self) {
         for entry in lock(&self.providers).values_mut() {
-            entry.session = None;
+            if let Some(s) = entry.session.take() {
+                s.ended.cancel();
+            }
             entry.view.connected = false;
         }
+    }
+}
+
+/// See [`AgentRegistry::may_connect`].
+fn may_replace(
+    entry: Option<&ProviderEntry>,
+    agent_id: &str,
+    quiet_after: Duration,
+) -> Result<(), LiveSession> {
+    let Some(entry) = entry else { return Ok(()) };
+    let Some(live) = &entry.session else {
+        return Ok(());
+    };
+    if live.identity.agent_id == agent_id {
+        return Ok(());
+    }
+    let heard_ago = entry
+        .view
+        .seen
+        .as_ref()
+        .map_or(Duration::MAX, |s| s.last_seen.elapsed());
+    if heard_ago >= quiet_after {
+        return Ok(());
+    }
+    Err(LiveSession {
+        agent_id: live.identity.agent_id.clone(),
+        heard_ago,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(agent: &str) -> AgentSeen {
+        AgentSeen {
+            agent_id: agent.into(),
+            version: "0".into(),
+            last_seen: Instant::now(),
+            last_seen_ms: 0,
+            applied_revision: 0,
+            capabilities: AgentCapabilities { max_stop: None },
+        }
+    }
+
+    fn identity(agent: &str) -> SessionIdentity {
+        SessionIdentity {
+            agent_id: agent.into(),
+            serial: Some(format!("serial-of-{agent}")),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_agent_never_takes_over_a_live_provider() {
+        let quiet = Duration::from_secs(1);
+        let registry = AgentRegistry::new(Vec::new());
+        let (tx, _rx) = mpsc::channel(4);
+        let first = registry
+            .connect("aa", seen("a1"), tx.clone(), identity("a1"), quiet)
+            .expect("nobody holds aa");
+        // Another agent while a1 is heard: refused, naming a1.
+        let live = registry
+            .connect("aa", seen("a2"), tx.clone(), identity("a2"), quiet)
+            .expect_err("a1 is alive");
+        assert_eq!(live.agent_id, "a1");
+        assert!(registry.is_current("aa", first.conn_id));
+        // The same agent again (it restarted): it replaces its old stream,
+        // which is told to end.
+        let again = registry
+            .connect("aa", seen("a1"), tx.clone(), identity("a1"), quiet)
+            .expect("the same agent");
+        assert_eq!(again.replaced, Some(first.conn_id));
+        assert!(first.ended.is_cancelled());
+        // Once a1 is silent past the threshold, it is gone: a2 may take over.
+        tokio::time::advance(quiet).await;
+        let taken = registry
+            .connect("aa", seen("a2"), tx.clone(), identity("a2"), quiet)
+            .expect("a1 is silent");
+        assert_eq!(taken.replaced, Some(again.conn_id));
+        // Revoking a2's certificate ends its session.
+        let ended =
+            registry.end_sessions(|_, s| s.identity.serial.as_deref() == Some("serial-of-a2"));
+        assert_eq!(
+            ended,
+            vec![("aa".to_string(), taken.conn_id, "a2".to_string())]
+        );
+        assert!(taken.ended.is_cancelled());
+        assert!(!registry.snapshot().providers["aa"].connected);
     }
 }

@@ -11,11 +11,15 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use std::net::SocketAddr;
+
+use crate::access::{AgentProof, Refused};
 use crate::daemon::Daemon;
 use crate::error::DaemonError;
 use crate::logs::LogAnswer;
-use crate::model::{EventReason, NewEvent, ReplicaState, ReportedReplica, now_ms};
-use crate::registry::{AgentCapabilities, AgentSeen, ToAgent, Welcome};
+use crate::model::{Assignment, EventReason, NewEvent, ReplicaState, ReportedReplica, now_ms};
+use crate::registry::{AgentCapabilities, AgentSeen, Connected, LiveSession, ToAgent, Welcome};
+use crate::security::Counters;
 use crate::store::StoreIdentity;
 
 /// Most replicas one hello or report may carry.
@@ -96,6 +100,8 @@ pub struct Hello {
     pub driver: String,
     /// Replicas it already runs.
     pub replicas: Vec<ReplicaReport>,
+    /// Why the replica statuses that could not be read were left out.
+    pub invalid: Vec<String>,
     /// Revision of the last assignment it applied.
     pub applied_revision: u64,
     /// The store and epoch that revision belongs to; `None` from an agent of
@@ -121,6 +127,8 @@ pub enum FromAgent {
     Status {
         /// Changed (or, with `full`, all) replicas.
         replicas: Vec<ReplicaReport>,
+        /// Why the statuses that could not be read were left out.
+        invalid: Vec<String>,
         /// Replicas gone, by app and index.
         removed: Vec<(String, u32)>,
         /// The report lists every replica the agent runs.
@@ -136,50 +144,64 @@ pub enum FromAgent {
     Unexpected,
 }
 
-/// Compares secrets in time independent of where they differ.
-fn token_matches(given: &str, expected: &str) -> bool {
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
-    }
-    diff == 0
-}
-
 impl Daemon {
-    /// Admits an agent's session: checks its token and provider, welcomes it
-    /// on `tx`, registers the session (replacing an earlier one of the same
-    /// provider) and records what it runs. Returns the session's id.
+    /// Admits an agent's session: checks what it proved (`proof`) and its
+    /// provider, refuses a second agent while the provider's agent is alive,
+    /// welcomes it on `tx`, registers the session (replacing an earlier one
+    /// of the same agent) and records what it runs.
     pub async fn open_session(
         &self,
         hello: Hello,
         tx: mpsc::Sender<ToAgent>,
-    ) -> Result<u64, DaemonError> {
-        if !token_matches(&hello.join_token, &self.config.join_token) {
-            return Err(DaemonError::Unauthenticated(format!(
-                "agent {} for provider {}: invalid join token",
-                hello.agent_id, hello.provider
-            )));
-        }
+        proof: AgentProof,
+        peer: Option<SocketAddr>,
+    ) -> Result<Connected, DaemonError> {
+        let identity = self.admit_agent(&hello, &proof, peer).await?;
+        let refuse = |e: DaemonError| {
+            self.refuse(
+                Refused::Session,
+                peer,
+                &hello.provider,
+                &format!(
+                    "session of agent {} for provider {} refused: {e}",
+                    hello.agent_id, hello.provider
+                ),
+            );
+            e
+        };
         let providers = self.store.providers()?;
         let Some(declared) = providers
             .iter()
             .find(|p| p.provider.metadata.name == hello.provider)
         else {
-            return Err(DaemonError::FailedPrecondition(format!(
+            return Err(refuse(DaemonError::FailedPrecondition(format!(
                 "provider {:?} is not declared; apply a Provider document named {:?} first",
                 hello.provider, hello.provider
-            )));
+            ))));
         };
         if declared.provider.spec.driver.as_str() != hello.driver {
             tracing::warn!(provider = %hello.provider, declared = declared.provider.spec.driver.as_str(),
                 agent = %hello.driver, "agent runs a different driver than the provider declares");
         }
         if hello.replicas.len() > MAX_REPLICAS_PER_REPORT {
-            return Err(DaemonError::BadRequest(
-                "hello lists too many replicas".into(),
-            ));
+            return Err(refuse(DaemonError::BadRequest(format!(
+                "hello lists {} replicas, over the {MAX_REPLICAS_PER_REPORT} one message may carry",
+                hello.replicas.len()
+            ))));
         }
+        let quiet_after = self.config.liveness.suspect_after;
+        let live = |l: LiveSession| {
+            refuse(DaemonError::Conflict(format!(
+                "provider {} already has a live session from agent {} (heard {} ms ago); a second agent cannot take it over while it lives: stop the other agent, or wait until it has been silent for {} ms",
+                hello.provider,
+                l.agent_id,
+                l.heard_ago.as_millis(),
+                quiet_after.as_millis()
+            )))
+        };
+        self.registry
+            .may_connect(&hello.provider, &identity.agent_id, quiet_after)
+            .map_err(live)?;
         tx.send(ToAgent::Welcome(Welcome {
             daemon_id: self.daemon_id.clone(),
             heartbeat_interval: self.config.heartbeat_interval,
@@ -192,33 +214,43 @@ impl Daemon {
         let was_down = self
             .registry
             .with(|entries| entries.get(&provider).is_some_and(|e| e.view.is_down()));
-        let (conn_id, replaced) = self.registry.connect(
-            &provider,
-            AgentSeen {
-                agent_id: hello.agent_id.clone(),
-                version: hello.version.clone(),
-                last_seen: Instant::now(),
-                last_seen_ms: now_ms(),
-                applied_revision: self
-                    .applied(hello.applied_revision, hello.applied_store.as_ref()),
-                capabilities: hello.capabilities,
-            },
-            tx,
-        );
-        if let Some(old) = replaced {
+        let certificate = identity.serial.clone();
+        let connected = self
+            .registry
+            .connect(
+                &provider,
+                AgentSeen {
+                    agent_id: hello.agent_id.clone(),
+                    version: hello.version.clone(),
+                    last_seen: Instant::now(),
+                    last_seen_ms: now_ms(),
+                    applied_revision: self
+                        .applied(hello.applied_revision, hello.applied_store.as_ref()),
+                    capabilities: hello.capabilities,
+                },
+                tx,
+                identity,
+                quiet_after,
+            )
+            .map_err(live)?;
+        if let Some(old) = connected.replaced {
             // The old stream may take a while to notice; its requests end now.
             crate::logs::agent_gone(self, &provider, old);
         }
-        tracing::info!(%provider, agent_id = %hello.agent_id, replicas = hello.replicas.len(), "agent connected");
+        tracing::info!(%provider, agent_id = %hello.agent_id, replicas = hello.replicas.len(),
+            certificate = certificate.as_deref().unwrap_or("-"), "agent connected");
         let mut events = vec![NewEvent::provider(
             EventReason::ProviderConnected,
             &provider,
             format!(
-                "agent {} (version {}) connected{}, running {} replicas",
+                "agent {} (version {}) connected{}{}, running {} replicas",
                 hello.agent_id,
                 hello.version,
-                if replaced.is_some() {
-                    " and replaced the previous stream"
+                certificate
+                    .as_deref()
+                    .map_or_else(String::new, |c| format!(" with certificate {c}")),
+                if connected.replaced.is_some() {
+                    " and replaced its previous stream"
                 } else {
                     ""
                 },
@@ -241,10 +273,34 @@ impl Daemon {
                 ),
             ));
         }
-        self.record(events);
+        self.record_agent_events(&provider, events);
+        if !hello.invalid.is_empty() {
+            self.refused_reports(&provider, &hello.invalid);
+        }
         self.report(&provider, hello.replicas, Vec::new(), true);
         self.wake();
-        Ok(conn_id)
+        Ok(connected)
+    }
+
+    /// Ends session `conn_id` of `provider`: its agent sent more than the
+    /// daemon takes from one agent.
+    pub fn agent_flooding(&self, provider: &str, conn_id: u64, what: &str) {
+        let ended = self
+            .registry
+            .end_sessions(|p, s| p == provider && s.conn_id == conn_id);
+        if ended.is_empty() {
+            return;
+        }
+        Counters::add(&self.security.counters.flooding_agents, 1);
+        crate::logs::agent_gone(self, provider, conn_id);
+        let agent = ended.first().map(|(_, _, a)| a.clone()).unwrap_or_default();
+        tracing::warn!(provider, agent_id = %agent, "agent session ended: {what}");
+        self.record(vec![NewEvent::provider(
+            EventReason::AgentFlooding,
+            provider,
+            format!("agent {agent} of provider {provider} {what}: its session was ended"),
+        )]);
+        self.wake();
     }
 
     /// Handles one message of session `conn_id` of `provider`.
@@ -264,13 +320,23 @@ impl Daemon {
             }
             FromAgent::Status {
                 replicas,
+                invalid,
                 removed,
                 full,
                 applied_revision,
                 applied_store,
             } => {
+                if !invalid.is_empty() {
+                    self.refused_reports(provider, &invalid);
+                }
                 if replicas.len() > MAX_REPLICAS_PER_REPORT {
-                    tracing::warn!(provider, "status report with too many replicas ignored");
+                    self.refused_reports(
+                        provider,
+                        &[format!(
+                            "a status report of {} replicas, over the {MAX_REPLICAS_PER_REPORT} one message may carry",
+                            replicas.len()
+                        )],
+                    );
                     return;
                 }
                 self.report(provider, replicas, removed, full);
@@ -281,9 +347,9 @@ impl Daemon {
                 None
             }
             FromAgent::Unexpected => {
-                tracing::warn!(
+                self.refused_reports(
                     provider,
-                    "unexpected message on an established agent stream ignored"
+                    &["a message that has no place on an established session (a second hello, or an empty one)".to_string()],
                 );
                 None
             }
@@ -317,16 +383,21 @@ impl Daemon {
             });
             self.wake();
             tracing::info!(%provider, reason = %why, "agent disconnected");
-            self.record(vec![NewEvent::provider(
-                EventReason::ProviderDisconnected,
+            self.record_agent_events(
                 provider,
-                format!("agent {agent_id} disconnected: {why}"),
-            )]);
+                vec![NewEvent::provider(
+                    EventReason::ProviderDisconnected,
+                    provider,
+                    format!("agent {agent_id} disconnected: {why}"),
+                )],
+            );
         }
     }
 
-    /// Records reported replicas, removes the ones reported gone, and turns
-    /// state transitions into events.
+    /// Records reported replicas the daemon assigned to `provider` (or
+    /// already tracks), removes the ones reported gone, and turns state
+    /// transitions into events. Replicas it did not assign are dropped,
+    /// counted and said once per burst.
     fn report(
         &self,
         provider: &str,
@@ -334,13 +405,31 @@ impl Daemon {
         removed: Vec<(String, u32)>,
         full: bool,
     ) {
-        let mut health_of: BTreeMap<String, bool> = BTreeMap::new();
+        let assignment = self.store.assignment(provider).ok().flatten();
+        let known: BTreeSet<(String, u32)> = self.registry.with(|entries| {
+            entries
+                .get(provider)
+                .map(|e| e.view.replicas.keys().cloned().collect())
+                .unwrap_or_default()
+        });
+        let mut apps: BTreeMap<String, Option<AppFacts>> = BTreeMap::new();
         let mut updates = Vec::with_capacity(reported.len());
+        let mut refused: Vec<String> = Vec::new();
         for r in reported {
-            let has_check = *health_of.entry(r.app.clone()).or_insert_with(
-                || matches!(self.store.app(&r.app), Ok(Some(a)) if a.app.spec.health.is_some()),
-            );
-            updates.push(r.into_replica(provider, has_check));
+            let facts = *apps.entry(r.app.clone()).or_insert_with(|| {
+                self.store.app(&r.app).ok().flatten().map(|a| AppFacts {
+                    generation: a.generation,
+                    has_health_check: a.app.spec.health.is_some(),
+                })
+            });
+            let is_known = known.contains(&(r.app.clone(), r.index));
+            match admissible(provider, &r, facts, assignment.as_ref(), is_known) {
+                Ok(facts) => updates.push(r.into_replica(provider, facts.has_health_check)),
+                Err(why) => refused.push(why),
+            }
+        }
+        if !refused.is_empty() {
+            self.refused_reports(provider, &refused);
         }
 
         let mut events = Vec::new();
@@ -396,8 +485,118 @@ impl Daemon {
         if let Err(e) = result {
             tracing::error!(provider, error = %e, "cannot store replica status");
         }
+        self.record_agent_events(provider, events);
+    }
+
+    /// Counts replicas of `provider`'s report that were dropped, and says so
+    /// (in the log and as an event) at most at the agent's event rate.
+    fn refused_reports(&self, provider: &str, refused: &[String]) {
+        Counters::add(
+            &self.security.counters.dropped_reports,
+            refused.len() as u64,
+        );
+        let sample: Vec<&str> = refused.iter().take(3).map(String::as_str).collect();
+        let message = format!(
+            "ignored {} item(s) of what provider {provider}'s agent reported: {}{}",
+            refused.len(),
+            sample.join("; "),
+            if refused.len() > sample.len() {
+                "; …"
+            } else {
+                ""
+            }
+        );
+        let admitted =
+            self.security
+                .agent_events
+                .admit(&format!("{provider}/refused"), 1, Instant::now());
+        if admitted.allowed == 1 {
+            tracing::warn!(provider, "{message}");
+            self.record(vec![NewEvent::provider(
+                EventReason::AgentReportRefused,
+                provider,
+                message,
+            )]);
+        }
+    }
+
+    /// Records events derived from what `provider`'s agent said, at most at
+    /// the agent event rate: beyond it they are dropped and counted, and the
+    /// next event admitted is preceded by one saying how many were dropped.
+    pub(crate) fn record_agent_events(&self, provider: &str, mut events: Vec<NewEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let admitted = self
+            .security
+            .agent_events
+            .admit(provider, events.len(), Instant::now());
+        let dropped = events.len() - admitted.allowed;
+        if dropped > 0 {
+            Counters::add(&self.security.counters.dropped_events, dropped as u64);
+            tracing::debug!(provider, dropped, "events over the provider's rate dropped");
+        }
+        events.truncate(admitted.allowed);
+        if admitted.dropped_before > 0 {
+            let rate = crate::security::limits::AGENT_EVENTS;
+            events.insert(
+                0,
+                NewEvent::provider(
+                    EventReason::AgentEventsDropped,
+                    provider,
+                    format!(
+                        "{} events about provider {provider} were dropped: its agent reported more changes than the log takes from one provider ({} at once, {}/s)",
+                        admitted.dropped_before, rate.burst, rate.per_second
+                    ),
+                ),
+            );
+        }
         self.record(events);
     }
+}
+
+/// What a report is checked against about its app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AppFacts {
+    /// The app's generation now.
+    generation: u64,
+    /// Without a health check, running counts as ready.
+    has_health_check: bool,
+}
+
+/// Whether the daemon takes `r` from `provider`'s agent: its app is declared
+/// (`app`), it does not claim a generation the app has not reached, and it
+/// is a replica the daemon assigned to the provider (index below the
+/// assigned count) or one it already tracks (a replica being stopped after a
+/// scale-down). Says why not, for the log.
+fn admissible(
+    provider: &str,
+    r: &ReplicaReport,
+    app: Option<AppFacts>,
+    assignment: Option<&Assignment>,
+    known: bool,
+) -> Result<AppFacts, String> {
+    let id = format!("{}/{provider}/{}", r.app, r.index);
+    let Some(app) = app else {
+        return Err(format!("{id}: app {} is not declared", r.app));
+    };
+    if r.generation > app.generation || r.workload_generation > app.generation {
+        return Err(format!(
+            "{id}: reports generation {}, but the app is at generation {}",
+            r.generation.max(r.workload_generation),
+            app.generation
+        ));
+    }
+    let assigned = assignment
+        .and_then(|a| a.apps.iter().find(|x| x.app == r.app))
+        .map_or(0, |x| x.replicas);
+    if !known && r.index >= assigned {
+        return Err(format!(
+            "{id}: not assigned (the provider runs {assigned} replica(s) of {})",
+            r.app
+        ));
+    }
+    Ok(app)
 }
 
 /// How long an agent has to send its hello.
@@ -461,13 +660,236 @@ fn transition_events(old: Option<&ReportedReplica>, new: &ReportedReplica) -> Ve
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+    use skymirror_proto::v1 as pb;
+
     use super::*;
+    use crate::api::convert::{from_agent_pb, hello_from_pb};
+    use crate::model::{AssignedApp, Assignment};
+    use crate::store::{Batch, SledStore, Store};
+
+    const SPEC: &str = "
+apiVersion: skymirror.dev/v1
+kind: Provider
+metadata: {name: aa}
+spec: {driver: process}
+---
+apiVersion: skymirror.dev/v1
+kind: App
+metadata: {name: web}
+spec: {command: server, replicas: 2}
+";
+
+    fn report(app: &str, index: u32, generation: u64) -> ReplicaReport {
+        ReplicaReport {
+            app: app.into(),
+            index,
+            generation,
+            workload_generation: generation,
+            state: ReplicaState::Healthy,
+            address: "127.0.0.1:1".into(),
+            ports: BTreeMap::new(),
+            instance_id: "1".into(),
+            restarts: 0,
+            crash_looping: false,
+            message: String::new(),
+            started_at_ms: 0,
+            state_since_ms: 0,
+        }
+    }
 
     #[test]
-    fn token_comparison() {
-        assert!(token_matches("secret", "secret"));
-        assert!(!token_matches("secret", "secreT"));
-        assert!(!token_matches("secret", "secret2"));
-        assert!(!token_matches("", "x"));
+    fn only_assigned_or_tracked_replicas_of_declared_apps_are_admitted() {
+        let web = Some(AppFacts {
+            generation: 3,
+            has_health_check: false,
+        });
+        let assignment = Assignment {
+            provider: "aa".into(),
+            revision: 1,
+            apps: vec![AssignedApp {
+                app: "web".into(),
+                generation: 3,
+                workload_generation: 3,
+                replicas: 2,
+                extra: 0,
+            }],
+        };
+        let ok = |r: &ReplicaReport, app, known| admissible("aa", r, app, Some(&assignment), known);
+        assert!(ok(&report("web", 0, 3), web, false).is_ok());
+        assert!(ok(&report("web", 1, 2), web, false).is_ok());
+        let beyond = ok(&report("web", 2, 3), web, false).expect_err("not assigned");
+        assert!(
+            beyond.contains("web/aa/2: not assigned (the provider runs 2"),
+            "{beyond}"
+        );
+        // A replica already tracked (being stopped after a scale-down) stays.
+        assert!(ok(&report("web", 2, 3), web, true).is_ok());
+        let ghost = ok(&report("ghost", 0, 1), None, false).expect_err("undeclared");
+        assert!(ghost.contains("app ghost is not declared"), "{ghost}");
+        let future = ok(&report("web", 0, 4), web, true).expect_err("future");
+        assert!(future.contains("generation 4"), "{future}");
+        assert!(admissible("aa", &report("web", 0, 3), web, None, false).is_err());
+    }
+
+    fn daemon() -> (Arc<Daemon>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(&dir.path().join("store")).expect("store");
+        let (apps, providers) = crate::model::testing::declared(SPEC);
+        store
+            .commit(
+                Batch {
+                    put_apps: apps,
+                    put_providers: providers,
+                    put_assignments: vec![Assignment {
+                        provider: "aa".into(),
+                        revision: 1,
+                        apps: vec![AssignedApp {
+                            app: "web".into(),
+                            generation: 1,
+                            workload_generation: 1,
+                            replicas: 2,
+                            extra: 0,
+                        }],
+                    }],
+                    ..Batch::default()
+                },
+                true,
+            )
+            .expect("committed");
+        let config = crate::daemon::DaemonConfig::new(dir.path().join("store"), "t".into());
+        (Daemon::new(Arc::new(store), config).expect("daemon"), dir)
+    }
+
+    /// Text an agent may send: anything, control characters included.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9-]{0,12}",
+            any::<String>(),
+            Just("\u{1b}]0;owned\u{7}\r\n".to_string()),
+        ]
+    }
+
+    fn replica() -> impl Strategy<Value = pb::ReplicaStatus> {
+        (
+            prop_oneof![Just("web".to_string()), Just("ghost".to_string()), text()],
+            0u32..6,
+            0u64..4,
+            0i32..12,
+            text(),
+            text(),
+            prop::collection::btree_map(text(), any::<u32>(), 0..3),
+        )
+            .prop_map(|(app, index, generation, state, address, message, ports)| {
+                pb::ReplicaStatus {
+                    app,
+                    index,
+                    generation,
+                    workload_generation: generation,
+                    state,
+                    address,
+                    ports: ports.into_iter().collect(),
+                    instance_id: message.clone(),
+                    message,
+                    ..pb::ReplicaStatus::default()
+                }
+            })
+    }
+
+    /// Any message an agent can send after its hello.
+    fn message() -> impl Strategy<Value = pb::AgentMessage> {
+        use pb::agent_message::Message;
+        prop_oneof![
+            (any::<u64>(), any::<u64>()).prop_map(|(seq, applied_revision)| {
+                Some(Message::Heartbeat(pb::Heartbeat {
+                    time_ms: 0,
+                    applied_revision,
+                    seq,
+                    ..pb::Heartbeat::default()
+                }))
+            }),
+            (
+                prop::collection::vec(replica(), 0..8),
+                any::<bool>(),
+                prop::collection::vec(text(), 0..3)
+            )
+                .prop_map(|(replicas, full, removed)| {
+                    Some(Message::Status(pb::StatusReport {
+                        replicas,
+                        full,
+                        removed,
+                        applied_revision: 1,
+                        ..pb::StatusReport::default()
+                    }))
+                }),
+            (any::<u64>(), text(), any::<bool>()).prop_map(|(request_id, error, end)| {
+                Some(Message::Logs(pb::ReplicaLogs {
+                    request_id,
+                    replica: error.clone(),
+                    data: error.clone().into_bytes(),
+                    error,
+                    end,
+                }))
+            }),
+            Just(Some(Message::Hello(pb::Hello::default()))),
+            Just(None),
+        ]
+        .prop_map(|message| pb::AgentMessage { message })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Whatever an admitted agent sends, the daemon keeps only replicas
+        /// it assigned to the provider, every string it keeps is printable
+        /// and bounded, and nothing panics.
+        #[test]
+        fn every_agent_message_is_bounded_and_sanitized(
+            agent_id in text(),
+            version in text(),
+            hello_replicas in prop::collection::vec(replica(), 0..20),
+            messages in prop::collection::vec(message(), 0..30),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let (daemon, _dir) = daemon();
+            runtime.block_on(async {
+                let hello = hello_from_pb(pb::Hello {
+                    provider: "aa".into(),
+                    agent_id,
+                    join_token: "t".into(),
+                    version,
+                    driver: "process".into(),
+                    replicas: hello_replicas,
+                    ..pb::Hello::default()
+                });
+                prop_assert!(!hello.agent_id.chars().any(crate::security::is_unsafe_char));
+                let (tx, mut rx) = mpsc::channel(1024);
+                let connected = daemon
+                    .open_session(hello, tx, AgentProof::HelloToken, None)
+                    .await
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                for m in messages {
+                    daemon.agent_message("aa", connected.conn_id, from_agent_pb("aa", m));
+                }
+                while rx.try_recv().is_ok() {}
+                let snapshot = daemon.registry.snapshot();
+                let view = snapshot.providers.get("aa").expect("aa");
+                prop_assert!(view.replicas.len() <= 2, "{} replicas kept", view.replicas.len());
+                for r in view.replicas.values() {
+                    prop_assert_eq!(&r.app, "web");
+                    prop_assert!(r.index < 2 && r.generation <= 1);
+                    for s in [&r.address, &r.message, &r.instance_id] {
+                        prop_assert!(!s.chars().any(crate::security::is_unsafe_char), "{:?}", s);
+                        prop_assert!(s.len() <= crate::security::MAX_AGENT_TEXT);
+                    }
+                }
+                Ok(())
+            })?;
+        }
     }
 }

@@ -81,6 +81,29 @@ pub struct DaemonStatus {
     pub store_error: Option<String>,
     /// The store's identity.
     pub identity: crate::store::StoreIdentity,
+    /// Whether the API is served over TLS, and the pinned CA's hash.
+    pub tls: Option<String>,
+    /// Refusals and drops since start, in the order of the counters.
+    pub security: SecurityCounts,
+}
+
+/// Refusals and drops since the daemon started (see `security::Counters`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SecurityCounts {
+    /// Joins and renewals refused.
+    pub refused_joins: u64,
+    /// Agent sessions refused.
+    pub refused_sessions: u64,
+    /// Control calls refused.
+    pub refused_calls: u64,
+    /// TLS handshakes failed.
+    pub failed_handshakes: u64,
+    /// Replica reports dropped.
+    pub dropped_reports: u64,
+    /// Events dropped over a provider's rate.
+    pub dropped_events: u64,
+    /// Sessions ended for flooding.
+    pub flooding_agents: u64,
 }
 
 /// Desired and ready replicas of an app over all providers. A replica counts
@@ -240,6 +263,20 @@ impl Daemon {
                 crate::store::Writable::No { error, .. } => Some(error),
             },
             identity: self.identity.clone(),
+            tls: self.security.pki.as_ref().map(|p| p.ca_hash().to_string()),
+            security: {
+                use crate::security::Counters;
+                let c = &self.security.counters;
+                SecurityCounts {
+                    refused_joins: Counters::get(&c.refused_joins),
+                    refused_sessions: Counters::get(&c.refused_sessions),
+                    refused_calls: Counters::get(&c.refused_calls),
+                    failed_handshakes: Counters::get(&c.failed_handshakes),
+                    dropped_reports: Counters::get(&c.dropped_reports),
+                    dropped_events: Counters::get(&c.dropped_events),
+                    flooding_agents: Counters::get(&c.flooding_agents),
+                }
+            },
         })
     }
 }

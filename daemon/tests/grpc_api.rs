@@ -346,3 +346,36 @@ async fn shutdown_is_graceful_with_open_streams() -> Result<()> {
     drop(to_daemon);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1alpha_lists_every_service_too() -> Result<()> {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+    let d = TestDaemon::start().await?;
+    let mut client = ServerReflectionClient::new(d.channel.clone());
+    let mut answers = client
+        .server_reflection_info(tokio_stream::once(ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        }))
+        .await
+        .context("reflection v1alpha")?
+        .into_inner();
+    let answer = answers
+        .message()
+        .await?
+        .and_then(|a| a.message_response)
+        .context("no answer to reflection v1alpha")?;
+    let MessageResponse::ListServicesResponse(list) = answer else {
+        bail!("ListServices (v1alpha) was answered with {answer:?}");
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    ensure!(
+        [CONTROL, AGENT, HEALTH].iter().all(|s| names.contains(s)),
+        "reflection v1alpha lists {names:?}"
+    );
+    d.shut_down().await
+}

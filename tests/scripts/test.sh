@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 # Debian packages some end-to-end tests run as stock servers and clients
-# (gRPC and WebSocket through the front door): installed when missing. Those
+# (gRPC and WebSocket through the front door, the stock gRPC client of the
+# security tests): installed when missing. Those
 # tests skip without them, and fail when CI=true.
 missing=()
 for pkg in python3-grpcio python3-websockets; do

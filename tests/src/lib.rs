@@ -223,6 +223,15 @@ impl Cluster {
             .prefix("skymirror-e2e-")
             .disable_cleanup(std::env::var_os("SKYMIRROR_KEEP_TEST_DIRS").is_some())
             .tempdir()?;
+        if !token.is_empty() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(dir.path().join("join-token"))?
+                .write_all(token.as_bytes())?;
+        }
         Ok(Cluster {
             bins: Bins::locate()?,
             dir,
@@ -252,6 +261,12 @@ impl Cluster {
         self.dir.path().join("daemon")
     }
 
+    /// The file holding the join token, beside the data directory so that a
+    /// test that loses the data directory keeps it.
+    pub fn join_token_file(&self) -> PathBuf {
+        self.dir.path().join("join-token")
+    }
+
     /// Starts (or restarts, on the same port) the daemon and waits until it listens.
     pub fn start_daemon(&mut self) -> Result<()> {
         self.start_daemon_with(&[])
@@ -260,17 +275,19 @@ impl Cluster {
     /// The daemon's command line on this cluster's data dir, address and
     /// token, with `extra` flags.
     fn daemon_command(&self, extra: &[&str]) -> Command {
+        // A plaintext loopback daemon whose agents present the shared join
+        // token in their hello; the token is a file, never an argument.
         let mut cmd = Command::new(&self.bins.skymirror);
         cmd.args(["daemon", "--data-dir"])
             .arg(self.data_dir())
             .args([
                 "--listen",
                 &self.addr.to_string(),
-                "--join-token",
-                &self.token,
-                "--log",
-                "info",
+                "--insecure-plaintext",
+                "--join-token-file",
             ])
+            .arg(self.join_token_file())
+            .args(["--log", "info"])
             .args(extra)
             .env(MARKER_VAR, &self.marker);
         cmd

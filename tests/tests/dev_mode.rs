@@ -13,6 +13,7 @@ fn dev_mode_serves_the_example_app_and_stops_cleanly() -> Result<()> {
     let api = free_port()?;
     let front = free_port()?;
     let marker = format!("dev-{}", std::process::id());
+    let config = tempfile::tempdir()?;
     let mut dev = Command::new(&bins.skymirror)
         .args([
             "dev",
@@ -22,6 +23,9 @@ fn dev_mode_serves_the_example_app_and_stops_cleanly() -> Result<()> {
             &front.to_string(),
         ])
         .env(MARKER_VAR, &marker)
+        // `skymirror dev` writes the CLI's context `dev`: into the test's
+        // own config file, not the user's.
+        .env("SKYMIRROR_CONFIG", config.path().join("config"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;

@@ -1563,6 +1563,36 @@ impl pb::control_service_server::ControlService for FakeDaemon {
     ) -> Result<tonic::Response<Self::BackupStream>, tonic::Status> {
         not_here()
     }
+    async fn create_token(
+        &self,
+        _: tonic::Request<pb::CreateTokenRequest>,
+    ) -> Result<tonic::Response<pb::CreateTokenResponse>, tonic::Status> {
+        not_here()
+    }
+    async fn list_tokens(
+        &self,
+        _: tonic::Request<pb::ListTokensRequest>,
+    ) -> Result<tonic::Response<pb::ListTokensResponse>, tonic::Status> {
+        not_here()
+    }
+    async fn revoke_token(
+        &self,
+        _: tonic::Request<pb::RevokeTokenRequest>,
+    ) -> Result<tonic::Response<pb::OperatorResponse>, tonic::Status> {
+        not_here()
+    }
+    async fn list_agent_certificates(
+        &self,
+        _: tonic::Request<pb::ListAgentCertificatesRequest>,
+    ) -> Result<tonic::Response<pb::ListAgentCertificatesResponse>, tonic::Status> {
+        not_here()
+    }
+    async fn revoke_agent(
+        &self,
+        _: tonic::Request<pb::RevokeAgentRequest>,
+    ) -> Result<tonic::Response<pb::OperatorResponse>, tonic::Status> {
+        not_here()
+    }
 }
 
 /// Serves the fake daemon on `addr` until `stop`; the returned task ends once

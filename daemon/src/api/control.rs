@@ -15,10 +15,11 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    app_to_pb, change_to_pb, daemon_status_to_pb, event_to_pb, explanation_to_pb, log_chunk_to_pb,
-    logs_query_from_pb, provider_status_to_pb, provider_to_pb, replica_to_pb, result_to_pb,
-    routes_to_pb, summary_to_pb,
+    app_to_pb, certificate_to_pb, change_to_pb, daemon_status_to_pb, event_to_pb,
+    explanation_to_pb, log_chunk_to_pb, logs_query_from_pb, provider_status_to_pb, provider_to_pb,
+    replica_to_pb, result_to_pb, role_from_pb, routes_to_pb, summary_to_pb, token_to_pb,
 };
+use crate::access::Caller;
 use crate::daemon::Daemon;
 use crate::error::DaemonError;
 use crate::model::{Event, ProviderControl};
@@ -77,6 +78,19 @@ type BackupStream = Pin<Box<dyn Stream<Item = Result<pb::BackupChunk, Status>> +
 /// Bytes per piece of a backup.
 const BACKUP_CHUNK: usize = 1024 * 1024;
 
+/// Who called, as the authentication layer established it; a request that
+/// did not pass through it (an in-process test) is an admin's.
+fn caller_of<T>(request: &Request<T>) -> Caller {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or(Caller {
+            token_id: None,
+            role: crate::security::Role::Admin,
+        })
+}
+
 fn event_matches(req: &pb::WatchEventsRequest, e: &Event) -> bool {
     (req.app.is_empty() || e.event.app == req.app)
         && (req.provider.is_empty() || e.event.provider == req.provider)
@@ -88,6 +102,79 @@ impl pb::control_service_server::ControlService for ControlApi {
     type WatchRoutesStream = RouteStream;
     type LogsStream = LogStream;
     type BackupStream = BackupStream;
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let by = caller_of(&request);
+        let req = request.into_inner();
+        let role = role_from_pb(req.role()).ok_or_else(|| {
+            DaemonError::BadRequest("a token needs a role: admin, viewer, edge or join".into())
+        })?;
+        let ttl = (req.ttl_seconds > 0).then(|| std::time::Duration::from_secs(req.ttl_seconds));
+        let (token, secret) = self
+            .daemon
+            .create_token(role, ttl, &req.provider, &req.description, &by)
+            .await?;
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: Some(token_to_pb(&token, 0)),
+            secret,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        _request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: self
+                .daemon
+                .list_tokens()?
+                .iter()
+                .map(|(t, used)| token_to_pb(t, *used))
+                .collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::OperatorResponse>, Status> {
+        let by = caller_of(&request);
+        let message = self
+            .daemon
+            .revoke_token(&request.into_inner().id, &by)
+            .await?;
+        Ok(Response::new(pb::OperatorResponse { message }))
+    }
+
+    async fn list_agent_certificates(
+        &self,
+        _request: Request<pb::ListAgentCertificatesRequest>,
+    ) -> Result<Response<pb::ListAgentCertificatesResponse>, Status> {
+        Ok(Response::new(pb::ListAgentCertificatesResponse {
+            certificates: self
+                .daemon
+                .list_certificates()?
+                .iter()
+                .map(certificate_to_pb)
+                .collect(),
+        }))
+    }
+
+    async fn revoke_agent(
+        &self,
+        request: Request<pb::RevokeAgentRequest>,
+    ) -> Result<Response<pb::OperatorResponse>, Status> {
+        let by = caller_of(&request);
+        let req = request.into_inner();
+        let message = self
+            .daemon
+            .revoke_agent(&req.provider, &req.serial, &by)
+            .await?;
+        Ok(Response::new(pb::OperatorResponse { message }))
+    }
 
     async fn backup(
         &self,

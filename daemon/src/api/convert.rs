@@ -19,8 +19,12 @@ use crate::reports::{FromAgent, Hello, ReplicaReport};
 use crate::spec;
 use crate::summary::{AppSummary, DaemonStatus, ProviderStatus};
 
-/// Largest string an agent may report in one field; longer values are cut.
-const MAX_FIELD: usize = 4096;
+use crate::security::{MAX_AGENT_TEXT, sanitize};
+
+/// Longest address an agent may report (`host:port`).
+const MAX_ADDRESS: usize = 255;
+/// Most named ports one replica may report.
+const MAX_PORTS: usize = 64;
 
 /// Replica states as the wire spells them.
 pub fn state_to_pb(state: ReplicaState) -> pb::ReplicaState {
@@ -52,23 +56,18 @@ fn state_from_pb(state: i32) -> Option<ReplicaState> {
     })
 }
 
-fn bounded(mut s: String) -> String {
-    if s.len() > MAX_FIELD {
-        let mut cut = MAX_FIELD;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-    s
+/// Text from an agent as the daemon keeps it: control characters escaped,
+/// at most [`MAX_AGENT_TEXT`] bytes.
+fn bounded(s: &str) -> String {
+    sanitize(s, MAX_AGENT_TEXT)
 }
 
 /// Validates a replica status from an agent.
 pub fn report_from_pb(provider: &str, r: pb::ReplicaStatus) -> Result<ReplicaReport, String> {
-    if r.app.is_empty() || r.app.len() > 63 {
+    if let Some(problem) = crate::spec::name_problem(&r.app) {
         return Err(format!(
-            "replica status with an invalid app name {:?}",
-            r.app
+            "replica status with an invalid app name: {}",
+            sanitize(&problem, 200)
         ));
     }
     let state = state_from_pb(r.state).ok_or_else(|| {
@@ -77,35 +76,53 @@ pub fn report_from_pb(provider: &str, r: pb::ReplicaStatus) -> Result<ReplicaRep
             r.app, r.index, r.state
         )
     })?;
+    if r.ports.len() > MAX_PORTS {
+        return Err(format!(
+            "replica {}/{provider}/{}: {} ports, over {MAX_PORTS}",
+            r.app,
+            r.index,
+            r.ports.len()
+        ));
+    }
     Ok(ReplicaReport {
         app: r.app,
         index: r.index,
         generation: r.generation,
         workload_generation: r.workload_generation,
         state,
-        address: bounded(r.address),
-        ports: r.ports.into_iter().take(64).collect(),
-        instance_id: bounded(r.instance_id),
+        address: sanitize(&r.address, MAX_ADDRESS),
+        ports: r
+            .ports
+            .into_iter()
+            .map(|(name, port)| (sanitize(&name, 63), port))
+            .collect(),
+        instance_id: bounded(&r.instance_id),
         restarts: r.restarts,
         crash_looping: r.crash_looping,
-        message: bounded(r.message),
+        message: bounded(&r.message),
         started_at_ms: r.started_at_ms,
         state_since_ms: r.state_since_ms,
     })
 }
 
-/// Valid replica statuses of a message; invalid ones are logged and left out.
-fn reports_from_pb(provider: &str, replicas: Vec<pb::ReplicaStatus>) -> Vec<ReplicaReport> {
-    replicas
+/// Valid replica statuses of a message, and why the others were left out
+/// (the daemon counts and reports those at the agent's rate).
+fn reports_from_pb(
+    provider: &str,
+    replicas: Vec<pb::ReplicaStatus>,
+) -> (Vec<ReplicaReport>, Vec<String>) {
+    let mut invalid = Vec::new();
+    let valid = replicas
         .into_iter()
         .filter_map(|r| match report_from_pb(provider, r) {
             Ok(r) => Some(r),
             Err(e) => {
-                tracing::warn!(provider, error = %e, "invalid replica status ignored");
+                invalid.push(e);
                 None
             }
         })
-        .collect()
+        .collect();
+    (valid, invalid)
 }
 
 /// The store identity an agent names; `None` when it names none (a release
@@ -123,13 +140,16 @@ pub fn hello_from_pb(h: pb::Hello) -> Hello {
             .filter(|c| c.max_stop_ms > 0)
             .map(|c| Duration::from_millis(u64::from(c.max_stop_ms))),
     };
+    let provider = sanitize(&h.provider, 64);
+    let (replicas, invalid) = reports_from_pb(&provider, h.replicas);
     Hello {
-        replicas: reports_from_pb(&h.provider, h.replicas),
-        provider: h.provider,
-        agent_id: bounded(h.agent_id),
+        replicas,
+        invalid,
+        provider,
+        agent_id: sanitize(&h.agent_id, crate::access::MAX_AGENT_ID),
         join_token: h.join_token,
-        version: bounded(h.version),
-        driver: h.driver,
+        version: sanitize(&h.version, 64),
+        driver: sanitize(&h.driver, 32),
         applied_revision: h.applied_revision,
         applied_store: store_of(h.applied_store_id, h.applied_epoch),
         capabilities,
@@ -145,25 +165,29 @@ pub fn from_agent_pb(provider: &str, msg: pb::AgentMessage) -> FromAgent {
             applied_revision: hb.applied_revision,
             applied_store: store_of(hb.applied_store_id, hb.applied_epoch),
         },
-        Some(Message::Status(report)) => FromAgent::Status {
-            replicas: reports_from_pb(provider, report.replicas),
-            removed: report
-                .removed
-                .iter()
-                .filter_map(|k| {
-                    let (app, index) = k.rsplit_once('/')?;
-                    Some((app.to_string(), index.parse().ok()?))
-                })
-                .collect(),
-            full: report.full,
-            applied_revision: report.applied_revision,
-            applied_store: store_of(report.applied_store_id, report.applied_epoch),
-        },
+        Some(Message::Status(report)) => {
+            let (replicas, invalid) = reports_from_pb(provider, report.replicas);
+            FromAgent::Status {
+                replicas,
+                invalid,
+                removed: report
+                    .removed
+                    .iter()
+                    .filter_map(|k| {
+                        let (app, index) = k.rsplit_once('/')?;
+                        Some((app.to_string(), index.parse().ok()?))
+                    })
+                    .collect(),
+                full: report.full,
+                applied_revision: report.applied_revision,
+                applied_store: store_of(report.applied_store_id, report.applied_epoch),
+            }
+        }
         Some(Message::Logs(answer)) => FromAgent::Logs(LogAnswer {
             request_id: answer.request_id,
-            replica: answer.replica,
+            replica: sanitize(&answer.replica, 200),
             data: answer.data,
-            error: answer.error,
+            error: bounded(&answer.error),
             end: answer.end,
         }),
         Some(Message::Hello(_)) | None => FromAgent::Unexpected,
@@ -410,6 +434,15 @@ pub fn daemon_status_to_pb(s: &DaemonStatus) -> pb::DaemonStatus {
         store_error: s.store_error.clone().unwrap_or_default(),
         store_id: s.identity.store_id.clone(),
         store_epoch: s.identity.epoch,
+        tls: s.tls.is_some(),
+        ca_cert_hash: s.tls.clone().unwrap_or_default(),
+        refused_joins: s.security.refused_joins,
+        refused_sessions: s.security.refused_sessions,
+        refused_calls: s.security.refused_calls,
+        failed_handshakes: s.security.failed_handshakes,
+        dropped_reports: s.security.dropped_reports,
+        dropped_events: s.security.dropped_events,
+        flooding_agents: s.security.flooding_agents,
     }
 }
 
@@ -500,5 +533,54 @@ pub fn log_chunk_to_pb(c: LogChunk) -> pb::LogChunk {
         provider: c.provider,
         data: c.data,
         error: c.error,
+    }
+}
+
+/// A token role from the wire; `None` for an unspecified one.
+pub fn role_from_pb(role: pb::TokenRole) -> Option<crate::security::Role> {
+    use crate::security::Role;
+    match role {
+        pb::TokenRole::Unspecified => None,
+        pb::TokenRole::Admin => Some(Role::Admin),
+        pb::TokenRole::Viewer => Some(Role::Viewer),
+        pb::TokenRole::Edge => Some(Role::Edge),
+        pb::TokenRole::Join => Some(Role::Join),
+    }
+}
+
+/// A token role on the wire.
+pub fn role_to_pb(role: crate::security::Role) -> pb::TokenRole {
+    use crate::security::Role;
+    match role {
+        Role::Admin => pb::TokenRole::Admin,
+        Role::Viewer => pb::TokenRole::Viewer,
+        Role::Edge => pb::TokenRole::Edge,
+        Role::Join => pb::TokenRole::Join,
+    }
+}
+
+/// What a token list shows of a token (never its secret or hash).
+pub fn token_to_pb(t: &crate::security::ApiToken, last_used_ms: i64) -> pb::TokenInfo {
+    pb::TokenInfo {
+        id: t.id.clone(),
+        role: role_to_pb(t.role) as i32,
+        provider: t.provider.clone(),
+        description: t.description.clone(),
+        created_at_ms: t.created_at_ms,
+        expires_at_ms: t.expires_at_ms,
+        revoked: t.revoked_at_ms != 0,
+        last_used_ms,
+    }
+}
+
+/// An agent certificate's record.
+pub fn certificate_to_pb(c: &crate::security::AgentCertificate) -> pb::AgentCertificate {
+    pb::AgentCertificate {
+        provider: c.provider.clone(),
+        serial: c.serial.clone(),
+        agent_id: c.agent_id.clone(),
+        not_before_ms: c.not_before_ms,
+        not_after_ms: c.not_after_ms,
+        revoked: c.revoked_at_ms != 0,
     }
 }

@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 
 use anyhow::bail;
 use skymirror_proto::v1 as pb;
-use tonic::transport::Channel;
 
 use super::ClientError;
 use super::stdout::Stdout;
@@ -25,10 +24,7 @@ pub(crate) struct LogsArgs {
 
 /// Prints the output of the replicas `args` names. Errors about replicas or
 /// providers are printed as they come, and make the command fail at the end.
-pub(crate) async fn run(
-    mut client: pb::control_service_client::ControlServiceClient<Channel>,
-    args: LogsArgs,
-) -> anyhow::Result<()> {
+pub(crate) async fn run(mut client: super::Client, args: LogsArgs) -> anyhow::Result<()> {
     let provider = args.provider.unwrap_or_default();
     // One replica prints its output as is; several need telling apart.
     let shown = client

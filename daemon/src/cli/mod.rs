@@ -2,9 +2,13 @@
 //! plus `daemon` and `dev`, which run the control plane itself.
 //!
 //! Boundary: the CLI talks to the daemon only through the gRPC API, like any
-//! other client; it shares the spec types with the daemon to print YAML, and
-//! uses nothing else of this crate (no daemon, store or scheduler internals).
+//! other client; it shares the spec types with the daemon to print YAML and
+//! the pure helpers of `security` (escaping text for a terminal, private
+//! files), and uses nothing else of this crate (no daemon, store or
+//! scheduler internals).
 
+mod access;
+pub mod config;
 mod logs;
 pub mod output;
 pub mod stdout;
@@ -16,6 +20,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use skymirror_proto::v1 as pb;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::spec;
@@ -30,16 +35,38 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7600";
 #[derive(Debug, Parser)]
 #[command(name = "skymirror", version, propagate_version = true)]
 pub struct Cli {
-    /// Daemon API URL.
-    #[arg(
-        long,
-        global = true,
-        env = "SKYMIRROR_SERVER",
-        default_value = "http://127.0.0.1:7600"
-    )]
-    pub server: String,
+    /// Daemon API URL, over the context's (default: the current context's,
+    /// else http://127.0.0.1:7600).
+    #[arg(long, global = true, env = "SKYMIRROR_SERVER")]
+    pub server: Option<String>,
+    /// Context of the config file (~/.config/skymirror/config, or
+    /// SKYMIRROR_CONFIG) to use instead of its current one.
+    #[arg(long, global = true, env = "SKYMIRROR_CONTEXT")]
+    pub context: Option<String>,
+    /// The daemon's CA certificate (PEM), for an https:// server.
+    #[arg(long, global = true, env = "SKYMIRROR_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// File holding the token to call the daemon with (or set
+    /// SKYMIRROR_TOKEN; never on the command line).
+    #[arg(long, global = true, env = "SKYMIRROR_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// What the command line and the environment say of the target.
+    pub fn overrides(&self) -> config::Overrides {
+        config::Overrides {
+            server: self.server.clone(),
+            context: self.context.clone(),
+            ca_file: self.ca_file.clone(),
+            token_file: self.token_file.clone(),
+            token: std::env::var("SKYMIRROR_TOKEN")
+                .ok()
+                .filter(|t| !t.trim().is_empty()),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -148,6 +175,19 @@ pub enum Command {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
+    /// Tokens: bearer tokens of the control API (roles admin, viewer, edge)
+    /// and join tokens for agents.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Agents' certificates: list them, revoke them (the agent's session
+    /// ends and it cannot reconnect).
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// The CLI's contexts (server, CA, token), like a kubeconfig. The
+    /// context's server, CA and token come from --server, --ca-file and
+    /// --token-file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Print the event log; with --follow, keep printing new events.
     Events {
         #[arg(short = 'f', long)]
@@ -166,6 +206,91 @@ pub enum Command {
     },
 }
 
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    /// Everything.
+    Admin,
+    /// Read: get, describe, status, events, logs, explain.
+    Viewer,
+    /// The routing table only (front doors).
+    Edge,
+    /// Joining an agent, once per installation.
+    Join,
+}
+
+/// `skymirror token` verbs.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token. Only the token goes to standard output, once: the
+    /// daemon keeps its hash.
+    Create {
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// Lifetime, e.g. `1h`, `30d` (default: join tokens 24h, others
+        /// until revoked).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        /// Join tokens: only for this provider.
+        #[arg(long)]
+        provider: Option<String>,
+        /// Free text shown by `token list`.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Revoke a token by its id (the part before the dot).
+    Revoke { id: String },
+}
+
+/// `skymirror agent` verbs.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// List agents' certificates.
+    List {
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Revoke every certificate of a provider's agents, or one by serial;
+    /// sessions opened with them end at once and cannot reconnect.
+    Revoke {
+        /// The provider whose agents' certificates are revoked.
+        #[arg(required_unless_present = "serial")]
+        provider: Option<String>,
+        /// Only this certificate (`agent list` shows serials).
+        #[arg(long)]
+        serial: Option<String>,
+    },
+}
+
+/// `skymirror config` verbs.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Add or change a context: its server (--server), CA (--ca-file) and
+    /// token (--token-file, or --token-stdin).
+    SetContext {
+        name: String,
+        /// Copy the CA and the token into the config instead of naming
+        /// their files.
+        #[arg(long)]
+        embed: bool,
+        /// Read the token from standard input and keep it in the config.
+        #[arg(long, conflicts_with = "token_file")]
+        token_stdin: bool,
+        /// Make it the current context.
+        #[arg(long = "use")]
+        make_current: bool,
+    },
+    /// Make a context the current one.
+    UseContext { name: String },
+    /// List the contexts; the current one is marked `*`.
+    GetContexts,
+}
+
 /// Object kinds the verbs take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Resource {
@@ -180,18 +305,51 @@ pub enum Resource {
 /// `skymirror daemon` flags.
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {
-    /// Directory of the embedded store.
+    /// Directory of the embedded store, the CA and the first admin token
+    /// (made private: 0700).
     #[arg(long, env = "SKYMIRROR_DATA_DIR")]
     pub data_dir: PathBuf,
-    /// Address of the gRPC API (control and agents).
+    /// Address of the gRPC API (control and agents), served over TLS.
     #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// Token agents must present; default: generated once into DATA_DIR/join-token.
-    #[arg(long, env = "SKYMIRROR_JOIN_TOKEN", hide_env_values = true)]
-    pub join_token: Option<String>,
-    /// Allow listening on a non-loopback address although the control API has
-    /// no authentication yet.
+    /// A host name or IP address agents and clients reach the daemon by; the
+    /// server certificate names it (repeatable; localhost, 127.0.0.1 and ::1
+    /// are always named).
+    #[arg(long = "advertise", value_name = "NAME|IP")]
+    pub advertise: Vec<String>,
+    /// Serve this certificate chain (PEM) instead of one from the daemon's
+    /// own CA; agents then pin its CA with --ca-file.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Trust agents' certificates from this CA (PEM) instead of the daemon's
+    /// own; without --client-ca-key, agents cannot join (their certificates
+    /// come from that CA, naming spiffe://skymirror/provider/<name>).
     #[arg(long)]
+    pub client_ca: Option<PathBuf>,
+    /// The key of --client-ca, to sign the certificates of joining agents.
+    #[arg(long, requires = "client_ca")]
+    pub client_ca_key: Option<PathBuf>,
+    /// How long agents' certificates last; agents renew them before.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "7d")]
+    pub agent_cert_lifetime: std::time::Duration,
+    /// Serve plaintext, without TLS or authentication: every local process
+    /// is an admin, and agents are admitted by the shared join token. For
+    /// tests and single-user machines; loopback addresses only.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+    /// With --insecure-plaintext: the file holding the join token agents
+    /// present (or set SKYMIRROR_JOIN_TOKEN); default: generated once into
+    /// DATA_DIR/join-token.
+    #[arg(long, requires = "insecure_plaintext")]
+    pub join_token_file: Option<PathBuf>,
+    /// Removed: a secret on the command line is visible in `ps`.
+    #[arg(long, hide = true)]
+    pub join_token: Option<String>,
+    /// Removed: beyond loopback the daemon serves TLS with authentication.
+    #[arg(long, hide = true)]
     pub insecure_listen_anywhere: bool,
     /// Log filter, e.g. `info` or `skymirror=debug`.
     #[arg(long, env = "SKYMIRROR_LOG", default_value = "info")]
@@ -301,11 +459,69 @@ fn read_source(path: &PathBuf) -> anyhow::Result<(String, String)> {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "cannot reach the daemon at {url}: {reason} (is `skymirror daemon` or `skymirror dev` running? set --server or SKYMIRROR_SERVER)"
+        "cannot reach the daemon at {url}: {reason} (is `skymirror daemon` or `skymirror dev` running? set --server or SKYMIRROR_SERVER, or a context: skymirror config get-contexts)"
     )]
     Unreachable { url: String, reason: String },
     #[error("{}", .0.message())]
     Status(tonic::Status),
+}
+
+/// Adds the token to every call.
+#[derive(Debug, Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client of the daemon's control API.
+pub type Client =
+    pb::control_service_client::ControlServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Why a call failed, with a hint when the failure looks like the wrong
+/// scheme: a plaintext client talking to the TLS port, or the reverse.
+fn explain_failure(server: &str, e: anyhow::Error) -> anyhow::Error {
+    let text = format!("{e:#}");
+    // A plaintext client on the TLS port sees the connection fail in one of
+    // several ways, depending on when the daemon's TLS alert arrives.
+    let broken = [
+        "h2 protocol error",
+        "http2 error",
+        "frame with invalid size",
+        "operation was canceled",
+        "transport error",
+        "connection reset",
+        "connection closed",
+        "broken pipe",
+    ];
+    let hint = if server.starts_with("http://")
+        && !text.contains("cannot reach the daemon")
+        && broken.iter().any(|b| text.contains(b))
+    {
+        Some(
+            "the connection failed as it does against TLS, which the daemon serves by default: use https://HOST:PORT with its CA (--ca-file, or a context; skymirror dev writes one)",
+        )
+    } else if server.starts_with("https://")
+        && (text.contains("InvalidContentType") || text.contains("corrupt message"))
+    {
+        Some("the daemon serves plaintext (--insecure-plaintext): use http://")
+    } else {
+        None
+    };
+    match hint {
+        Some(h) => e.context(h),
+        None => e,
+    }
 }
 
 impl From<tonic::Status> for ClientError {
@@ -314,15 +530,37 @@ impl From<tonic::Status> for ClientError {
     }
 }
 
-async fn connect(
-    url: &str,
-) -> Result<pb::control_service_client::ControlServiceClient<Channel>, ClientError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| ClientError::Unreachable {
-            url: url.into(),
-            reason: e.to_string(),
-        })?
+/// Connects to the daemon `target` names: TLS with its CA for `https://`,
+/// its token on every call.
+pub async fn connect(target: &config::Target) -> Result<Client, ClientError> {
+    let url = target.server.as_str();
+    let unreachable = |reason: String| ClientError::Unreachable {
+        url: url.into(),
+        reason,
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| unreachable(e.to_string()))?
         .connect_timeout(std::time::Duration::from_secs(3));
+    if url.starts_with("https://") {
+        let ca = target
+            .ca_pem
+            .as_deref()
+            .ok_or_else(|| unreachable("no CA to trust it by (--ca-file)".into()))?;
+        endpoint = endpoint
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            )
+            .map_err(|e| unreachable(e.to_string()))?;
+    }
+    let bearer = match &target.token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| unreachable("the token is not printable text".into()))?,
+        ),
+        None => None,
+    };
     let channel = endpoint
         .connect()
         .await
@@ -332,7 +570,7 @@ async fn connect(
                 .map_or_else(|| e.to_string(), ToString::to_string),
         })?;
     Ok(
-        pb::control_service_client::ControlServiceClient::new(channel)
+        pb::control_service_client::ControlServiceClient::with_interceptor(channel, Bearer(bearer))
             .max_decoding_message_size(64 * 1024 * 1024),
     )
 }
@@ -397,21 +635,35 @@ fn app_view(app: &pb::App, summary: Option<&pb::AppSummary>) -> anyhow::Result<A
     })
 }
 
-/// Runs a client verb (everything but `daemon`, `dev` and `edge`).
+/// Runs a client verb (everything but `daemon`, `dev` and `edge`) against
+/// the daemon `overrides` and the config file name.
 ///
 /// A reader of stdout that went away ends the verb with
 /// [`stdout::PrintError::Closed`] (see [`stdout::output_closed`]).
-pub async fn run_client(server: &str, command: Command) -> anyhow::Result<()> {
-    run_verb(server, command).await?;
+pub async fn run_client(overrides: &config::Overrides, command: Command) -> anyhow::Result<()> {
+    let path = config::path()?;
+    let cfg = config::Config::load(&path)?;
+    if let Command::Config(c) = command {
+        access::config_verb(c, overrides, cfg, &path)?;
+    } else {
+        let target = config::resolve(overrides, &cfg)?;
+        run_verb(&target, command)
+            .await
+            .map_err(|e| explain_failure(&target.server, e))?;
+    }
     // What stdout still buffers is written now, so a failure to write it is
     // reported like any other.
     Stdout::lock().flush()?;
     Ok(())
 }
 
-async fn run_verb(server: &str, command: Command) -> anyhow::Result<()> {
+async fn run_verb(server: &config::Target, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Daemon(_) | Command::Dev(_) | Command::Edge(_) => bail!("not a client command"),
+        Command::Daemon(_) | Command::Dev(_) | Command::Edge(_) | Command::Config(_) => {
+            bail!("not a client command")
+        }
+        Command::Token(c) => access::token_verb(connect(server).await?, c).await,
+        Command::Agent(c) => access::agent_verb(connect(server).await?, c).await,
         Command::Apply {
             file,
             dry_run,
@@ -659,11 +911,11 @@ async fn run_verb(server: &str, command: Command) -> anyhow::Result<()> {
                             out,
                             "Agent:        {} (version {})",
                             if v.agent_id.is_empty() {
-                                "-"
+                                "-".to_string()
                             } else {
-                                &v.agent_id
+                                output::printable(&v.agent_id)
                             },
-                            v.agent_version
+                            output::printable(&v.agent_version)
                         )?;
                         writeln!(
                             out,
@@ -940,6 +1192,29 @@ async fn run_verb(server: &str, command: Command) -> anyhow::Result<()> {
                     format!("; CANNOT WRITE: {}", daemon.store_error)
                 }
             )?;
+            writeln!(
+                out,
+                "Security: {}; refused {} joins, {} agent sessions, {} calls, {} TLS handshakes; dropped {} reports, {} events; {} flooding agents cut off\n",
+                if daemon.tls {
+                    format!(
+                        "TLS, CA {}",
+                        if daemon.ca_cert_hash.is_empty() {
+                            "(the operator's)"
+                        } else {
+                            &daemon.ca_cert_hash
+                        }
+                    )
+                } else {
+                    "PLAINTEXT on loopback, no authentication".into()
+                },
+                daemon.refused_joins,
+                daemon.refused_sessions,
+                daemon.refused_calls,
+                daemon.failed_handshakes,
+                daemon.dropped_reports,
+                daemon.dropped_events,
+                daemon.flooding_agents
+            )?;
             writeln!(out, "{}\n", output::provider_table(&provider_views))?;
             writeln!(
                 out,
@@ -1015,7 +1290,7 @@ async fn run_verb(server: &str, command: Command) -> anyhow::Result<()> {
 }
 
 async fn control_provider(
-    server: &str,
+    server: &config::Target,
     provider: String,
     control: pb::ProviderControl,
 ) -> anyhow::Result<()> {
@@ -1127,6 +1402,15 @@ struct DaemonView {
     store_error: String,
     store_id: String,
     store_epoch: u64,
+    tls: bool,
+    ca_cert_hash: String,
+    refused_joins: u64,
+    refused_sessions: u64,
+    refused_calls: u64,
+    failed_handshakes: u64,
+    dropped_reports: u64,
+    dropped_events: u64,
+    flooding_agents: u64,
 }
 
 impl From<&pb::DaemonStatus> for DaemonView {
@@ -1148,6 +1432,15 @@ impl From<&pb::DaemonStatus> for DaemonView {
             store_error: d.store_error.clone(),
             store_id: d.store_id.clone(),
             store_epoch: d.store_epoch,
+            tls: d.tls,
+            ca_cert_hash: d.ca_cert_hash.clone(),
+            refused_joins: d.refused_joins,
+            refused_sessions: d.refused_sessions,
+            refused_calls: d.refused_calls,
+            failed_handshakes: d.failed_handshakes,
+            dropped_reports: d.dropped_reports,
+            dropped_events: d.dropped_events,
+            flooding_agents: d.flooding_agents,
         }
     }
 }

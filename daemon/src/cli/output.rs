@@ -20,14 +20,20 @@ pub enum Format {
     Yaml,
 }
 
-/// A plain, borderless table like kubectl's.
+/// `s` with every control character escaped (`\u{1b}`): text that came
+/// from agents or the daemon never drives the terminal it is printed on.
+pub fn printable(s: &str) -> String {
+    crate::security::sanitize(s, usize::MAX)
+}
+
+/// A plain, borderless table like kubectl's; cells are [`printable`].
 pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut t = Table::new();
     t.load_preset(NOTHING)
         .set_content_arrangement(ContentArrangement::Disabled)
         .set_header(header.to_vec());
     for row in rows {
-        t.add_row(row);
+        t.add_row(row.iter().map(|c| printable(c)).collect::<Vec<_>>());
     }
     // comfy-table pads every cell by one space on each side; trim the margins.
     t.to_string()
@@ -343,20 +349,34 @@ impl From<&pb::Event> for EventView {
     }
 }
 
-/// One event line for people.
+/// One event line for people, [`printable`].
 pub fn event_line(e: &pb::Event) -> String {
-    format!(
+    printable(&format!(
         "{}  {:<7}  {:<22}  {}",
         time(e.time_ms),
         e.severity,
         e.reason,
         e.message
-    )
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_is_printed_cannot_drive_the_terminal() {
+        let rows = vec![vec!["agent\u{1b}]0;owned\u{7}".to_string(), "ok".into()]];
+        let t = table(&["AGENT", "STATE"], rows);
+        assert!(!t.contains('\u{1b}') && !t.contains('\u{7}'), "{t:?}");
+        assert!(t.contains("agent\\u{1b}]0;owned\\u{7}"), "{t}");
+        let e = pb::Event {
+            message: "replica failed:\r\u{1b}[2K forged line".into(),
+            ..pb::Event::default()
+        };
+        let line = event_line(&e);
+        assert!(!line.contains('\r') && !line.contains('\u{1b}'), "{line:?}");
+    }
 
     #[test]
     fn ages_round_down_to_the_largest_unit() {

@@ -30,6 +30,8 @@ mod fields;
 mod locate;
 mod parse;
 mod path;
+#[cfg(test)]
+mod properties;
 mod types;
 mod validate;
 
@@ -42,11 +44,16 @@ pub use types::{
     RoutingProtocol, ServiceType, TaintEffect, Toleration, TolerationOperator, UnknownKind,
     UpstreamProtocol, Workload,
 };
+pub use validate::name_problem;
 
 /// Largest input [`parse_documents`] reads: 1 MiB.
 pub const MAX_SOURCE_BYTES: usize = 1024 * 1024;
 /// Most non-empty documents in one input.
 pub const MAX_DOCUMENTS: usize = 1000;
+/// Deepest nesting of flow collections (`[`, `{`) a spec may have; a spec
+/// needs a handful. Checked before the YAML parser runs, whose work grows
+/// faster than the depth (tens of thousands of `[` kept it busy for minutes).
+pub const MAX_FLOW_DEPTH: usize = 64;
 /// The only `apiVersion` accepted.
 pub const API_VERSION: &str = "skymirror.dev/v1";
 /// Most replicas an app may ask for (`spec.replicas`, `spec.placement.standbyReplicas`).

@@ -26,7 +26,7 @@ use super::path::{FieldPath, Issue};
 use super::types::{
     App, AppSpec, AppSpecWire, Document, DocumentWire, Provider, ProviderSpec, ProviderSpecWire,
 };
-use super::{Kind, MAX_DOCUMENTS, MAX_SOURCE_BYTES, ParsedDocument, validate};
+use super::{Kind, MAX_DOCUMENTS, MAX_FLOW_DEPTH, MAX_SOURCE_BYTES, ParsedDocument, validate};
 
 /// See [`super::parse_documents`].
 pub(super) fn parse_documents(
@@ -41,6 +41,9 @@ pub(super) fn parse_documents(
                 content.len()
             ),
         )]));
+    }
+    if let Some(e) = too_deep(source, content) {
+        return Err(SpecErrors(vec![e]));
     }
     let mut errors = Vec::new();
     let shapes = shapes(source, content, &mut errors);
@@ -109,6 +112,88 @@ pub(super) fn parse_documents(
         errors.sort_by_key(|e| (e.document.unwrap_or(usize::MAX), e.line, e.column));
         Err(SpecErrors(errors))
     }
+}
+
+/// Where flow collections nest deeper than [`MAX_FLOW_DEPTH`], if they do.
+///
+/// A conservative scan of the text, not a YAML parser: it follows quotes
+/// and comments, skips the content of block scalars (`|`, `>`), and in block
+/// context counts only a `[` or `{` that starts a value. It may count a
+/// bracket YAML would read as text, never miss one that nests.
+fn too_deep(source: &str, content: &str) -> Option<SpecError> {
+    let mut depth = 0usize;
+    let mut document = 1usize;
+    let mut seen_content = false;
+    // Indentation under which a block scalar's lines are text.
+    let mut block_scalar: Option<usize> = None;
+    for (n, line) in content.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        let trimmed = line.trim();
+        if let Some(parent) = block_scalar {
+            if trimmed.is_empty() || indent > parent {
+                continue;
+            }
+            block_scalar = None;
+        }
+        if depth == 0 && (line.starts_with("---") || line.starts_with("...")) {
+            if seen_content {
+                document += 1;
+                seen_content = false;
+            }
+            continue;
+        }
+        if !trimmed.is_empty() && !trimmed.starts_with('#') {
+            seen_content = true;
+        }
+        let mut quote: Option<char> = None;
+        let mut previous = ' ';
+        for (column, c) in line.chars().enumerate() {
+            match quote {
+                Some(q) => {
+                    if c == q {
+                        quote = None;
+                    }
+                }
+                None => match c {
+                    '#' if previous.is_whitespace() => break,
+                    '"' | '\'' if depth > 0 || matches!(previous, ' ' | ':' | '-') => {
+                        quote = Some(c);
+                    }
+                    '[' | '{' if depth > 0 || matches!(previous, ' ' | ':' | '-' | '?') => {
+                        depth += 1;
+                        if depth > MAX_FLOW_DEPTH {
+                            return Some(SpecError {
+                                source: source.to_owned(),
+                                document: Some(document),
+                                line: Some(n + 1),
+                                column: Some(column + 1),
+                                path: None,
+                                message: format!(
+                                    "collections nest deeper than {MAX_FLOW_DEPTH} levels"
+                                ),
+                            });
+                        }
+                    }
+                    ']' | '}' if depth > 0 => depth -= 1,
+                    _ => {}
+                },
+            }
+            previous = c;
+        }
+        let value_end = trimmed.split(" #").next().unwrap_or("").trim_end();
+        if depth == 0
+            && quote.is_none()
+            && (value_end.ends_with('|')
+                || value_end.ends_with('>')
+                || value_end.ends_with("|-")
+                || value_end.ends_with(">-")
+                || value_end.ends_with("|+")
+                || value_end.ends_with(">+"))
+        {
+            block_scalar = Some(indent);
+        }
+    }
+    None
 }
 
 /// An [`Issue`] in document `index`, placed at `at`.

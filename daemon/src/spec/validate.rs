@@ -161,7 +161,7 @@ fn metadata(meta: &ObjectMeta, issues: &mut Vec<Issue>) {
 }
 
 /// Why `name` is not a valid object name, if it is not.
-fn name_problem(name: &str) -> Option<String> {
+pub fn name_problem(name: &str) -> Option<String> {
     let rule = "names are 1 to 63 lowercase letters, digits and '-', starting and ending with a letter or digit";
     let bad_char = name
         .chars()

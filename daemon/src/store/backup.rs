@@ -4,8 +4,12 @@
 //! identity, when it was taken, the length and CRC-32 of the body) and the
 //! body, a JSON document of the store's own records (`super::records`, in
 //! their versioned envelopes): apps, providers, assignments, the operator
-//! controls and the event log. Reported replicas are not in it: agents report
-//! what they run when they reconnect.
+//! controls, the tokens (their hashes, never a secret) and the agents'
+//! certificates with their revocations, and the event log. Reported replicas
+//! are not in it: agents report what they run when they reconnect. Nor is
+//! the daemon's CA (`DATA_DIR/pki`): its key is a file of its own, backed up
+//! with the data directory; a daemon restored without it creates a new CA,
+//! and every agent joins again.
 //!
 //! Restoring moves the current store (if any) aside, creates a store from the
 //! backup under the backup's store id and a new epoch (above both the
@@ -21,6 +25,7 @@ use super::identity::{IdentityFile, StoreIdentity};
 use super::sled_store::SledStore;
 use super::{Batch, Store, StoreError, decode, encode};
 use crate::model::{Assignment, Controls, DeclaredApp, DeclaredProvider, Event, now_ms};
+use crate::security::{AgentCertificate, ApiToken};
 
 /// What the header calls a backup.
 const KIND: &str = "skymirror-backup";
@@ -46,13 +51,18 @@ struct Header {
     crc32: u32,
 }
 
-/// The body of a backup: records in their envelopes.
+/// The body of a backup: records in their envelopes. A backup taken before
+/// tokens and certificates existed has neither; it restores without them.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Body {
     apps: Vec<Value>,
     providers: Vec<Value>,
     assignments: Vec<Value>,
     controls: Option<Value>,
+    #[serde(default)]
+    tokens: Vec<Value>,
+    #[serde(default)]
+    certificates: Vec<Value>,
     events: Vec<Value>,
 }
 
@@ -71,6 +81,10 @@ pub struct Snapshot {
     pub assignments: Vec<Assignment>,
     /// Operator controls.
     pub controls: Controls,
+    /// Tokens.
+    pub tokens: Vec<ApiToken>,
+    /// Agent certificates.
+    pub certificates: Vec<AgentCertificate>,
     /// The event log, oldest first.
     pub events: Vec<Event>,
 }
@@ -95,6 +109,16 @@ pub fn export(store: &dyn Store, identity: &StoreIdentity) -> Result<Vec<u8>, St
             .map(record)
             .collect::<Result<_, _>>()?,
         controls: Some(record(&store.controls()?)?),
+        tokens: store
+            .tokens()?
+            .iter()
+            .map(record)
+            .collect::<Result<_, _>>()?,
+        certificates: store
+            .certificates()?
+            .iter()
+            .map(record)
+            .collect::<Result<_, _>>()?,
         events: store
             .last_events(usize::MAX)?
             .iter()
@@ -170,6 +194,8 @@ pub fn read(source: &str, bytes: &[u8]) -> Result<Snapshot, StoreError> {
             Some(v) => decode("controls", v.to_string().as_bytes())?,
             None => Controls::default(),
         },
+        tokens: all(body.tokens)?,
+        certificates: all(body.certificates)?,
         events: all(body.events)?,
     })
 }
@@ -198,6 +224,8 @@ pub fn restore(dir: &Path, file: &Path) -> Result<StoreIdentity, StoreError> {
             put_providers: snapshot.providers,
             put_assignments: snapshot.assignments,
             controls: Some(snapshot.controls),
+            put_tokens: snapshot.tokens,
+            put_certificates: snapshot.certificates,
             ..Batch::default()
         },
         true,
@@ -241,6 +269,24 @@ spec: {command: server, replicas: 2}
             cordoned: ["a".to_string()].into(),
             ..Controls::default()
         });
+        let (token, _) = crate::security::tokens::new_token(
+            crate::security::Role::Viewer,
+            None,
+            "",
+            "dashboards",
+            1,
+        )
+        .expect("randomness");
+        batch.put_tokens.push(token);
+        batch.put_certificates.push(AgentCertificate {
+            serial: "01ab".into(),
+            provider: "a".into(),
+            agent_id: "agent-a".into(),
+            not_before_ms: 1,
+            not_after_ms: 2,
+            revoked_at_ms: 3,
+            issued_by: "join token 0123456789abcdef".into(),
+        });
         store.commit(batch, true).expect("committed");
         (store, identity)
     }
@@ -274,6 +320,9 @@ spec: {command: server, replicas: 2}
         assert_eq!(store.apps().expect("apps")[0].generation, 2);
         assert_eq!(store.providers().expect("providers").len(), 1);
         assert!(store.controls().expect("controls").cordoned.contains("a"));
+        assert_eq!(store.tokens().expect("tokens")[0].description, "dashboards");
+        let cert = store.certificate("01ab").expect("read").expect("restored");
+        assert_eq!(cert.revoked_at_ms, 3, "revocations survive a restore");
         let events = store.last_events(10).expect("events");
         assert_eq!(events[0].event.message, "web created");
         let aside = std::fs::read_dir(dir.path())

@@ -23,6 +23,7 @@ use crate::model::{
     Assignment, Controls, DeclaredApp, DeclaredProvider, Event, NewEvent, ReportedReplica,
 };
 use crate::registry::lock;
+use crate::security::{AgentCertificate, ApiToken};
 
 /// Opens the backend (again).
 pub type Opener = Box<dyn Fn() -> Result<Box<dyn Store>, StoreError> + Send + Sync>;
@@ -37,6 +38,10 @@ struct Memory {
     providers: BTreeMap<String, DeclaredProvider>,
     assignments: BTreeMap<String, Assignment>,
     controls: Controls,
+    /// Tokens by id: every authenticated call reads one.
+    tokens: BTreeMap<String, ApiToken>,
+    /// Agent certificates by serial: every agent session reads one.
+    certificates: BTreeMap<String, AgentCertificate>,
     /// The newest events, oldest first, at most `retention`.
     events: VecDeque<Event>,
     /// Sequence number of the newest event.
@@ -128,6 +133,16 @@ impl MemoryFront {
                 .map(|a| (a.provider.clone(), a))
                 .collect(),
             controls: backend.controls()?,
+            tokens: backend
+                .tokens()?
+                .into_iter()
+                .map(|t| (t.id.clone(), t))
+                .collect(),
+            certificates: backend
+                .certificates()?
+                .into_iter()
+                .map(|c| (c.serial.clone(), c))
+                .collect(),
             events: backend.last_events(retention)?.into(),
             last_seq: backend.last_event_seq()?,
         };
@@ -275,6 +290,26 @@ impl Store for MemoryFront {
         Ok(self.memory().controls.clone())
     }
 
+    fn assignment(&self, provider: &str) -> Result<Option<Assignment>, StoreError> {
+        Ok(self.memory().assignments.get(provider).cloned())
+    }
+
+    fn tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        Ok(self.memory().tokens.values().cloned().collect())
+    }
+
+    fn token(&self, id: &str) -> Result<Option<ApiToken>, StoreError> {
+        Ok(self.memory().tokens.get(id).cloned())
+    }
+
+    fn certificates(&self) -> Result<Vec<AgentCertificate>, StoreError> {
+        Ok(self.memory().certificates.values().cloned().collect())
+    }
+
+    fn certificate(&self, serial: &str) -> Result<Option<AgentCertificate>, StoreError> {
+        Ok(self.memory().certificates.get(serial).cloned())
+    }
+
     fn commit(&self, batch: Batch, durable: bool) -> Result<Vec<Event>, StoreError> {
         let changes = Batch {
             events: Vec::new(),
@@ -284,6 +319,10 @@ impl Store for MemoryFront {
             delete_providers: batch.delete_providers.clone(),
             put_assignments: batch.put_assignments.clone(),
             controls: batch.controls.clone(),
+            put_tokens: batch.put_tokens.clone(),
+            delete_tokens: batch.delete_tokens.clone(),
+            put_certificates: batch.put_certificates.clone(),
+            delete_certificates: batch.delete_certificates.clone(),
         };
         // Memory changes after the backend accepted, so a reader never sees
         // what is not stored.
@@ -307,6 +346,18 @@ impl Store for MemoryFront {
         }
         if let Some(c) = changes.controls {
             memory.controls = c;
+        }
+        for t in changes.put_tokens {
+            memory.tokens.insert(t.id.clone(), t);
+        }
+        for id in &changes.delete_tokens {
+            memory.tokens.remove(id);
+        }
+        for c in changes.put_certificates {
+            memory.certificates.insert(c.serial.clone(), c);
+        }
+        for serial in &changes.delete_certificates {
+            memory.certificates.remove(serial);
         }
         self.remember_events(&mut memory, &events);
         Ok(events)

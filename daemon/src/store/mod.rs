@@ -2,7 +2,9 @@
 //!
 //! Desired state is what users applied ([`DeclaredApp`], [`DeclaredProvider`]) and
 //! what the scheduler decided ([`Assignment`]); actual state is what agents
-//! last reported ([`ReportedReplica`]). Values are written as the store's own
+//! last reported ([`ReportedReplica`]). Credentials are the tokens the daemon
+//! issued ([`ApiToken`], the hash of their secret only) and the agents'
+//! certificates ([`AgentCertificate`]), revocations included. Values are written as the store's own
 //! records (`records`), each type versioned on its own inside an envelope
 //! `{"v": N, "data": …}`: a stored byte string is a compatibility promise, so
 //! records embed neither protobuf nor YAML types, and `records` documents how
@@ -24,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{
     Assignment, Controls, DeclaredApp, DeclaredProvider, Event, NewEvent, ReportedReplica,
 };
+use crate::security::{AgentCertificate, ApiToken};
 
 pub use front::{MemoryFront, Opener, Writable};
 pub use identity::StoreIdentity;
@@ -93,6 +96,14 @@ pub struct Batch {
     pub put_assignments: Vec<Assignment>,
     /// Operator controls to replace.
     pub controls: Option<Controls>,
+    /// Tokens to create or replace (a revocation rewrites the token).
+    pub put_tokens: Vec<ApiToken>,
+    /// Tokens to forget, by id (long expired).
+    pub delete_tokens: Vec<String>,
+    /// Agent certificates to record or replace (a revocation rewrites them).
+    pub put_certificates: Vec<AgentCertificate>,
+    /// Agent certificates to forget, by serial (long expired).
+    pub delete_certificates: Vec<String>,
     /// Events recorded with the change.
     pub events: Vec<NewEvent>,
 }
@@ -106,6 +117,10 @@ impl Batch {
             && self.delete_providers.is_empty()
             && self.put_assignments.is_empty()
             && self.controls.is_none()
+            && self.put_tokens.is_empty()
+            && self.delete_tokens.is_empty()
+            && self.put_certificates.is_empty()
+            && self.delete_certificates.is_empty()
             && self.events.is_empty()
     }
 }
@@ -124,8 +139,23 @@ pub trait Store: Send + Sync + 'static {
     fn providers(&self) -> Result<Vec<DeclaredProvider>, StoreError>;
     /// All assignments, by provider.
     fn assignments(&self) -> Result<Vec<Assignment>, StoreError>;
+    /// One provider's assignment (every agent report reads it).
+    fn assignment(&self, provider: &str) -> Result<Option<Assignment>, StoreError> {
+        Ok(self
+            .assignments()?
+            .into_iter()
+            .find(|a| a.provider == provider))
+    }
     /// Operator controls.
     fn controls(&self) -> Result<Controls, StoreError>;
+    /// Every token, by id.
+    fn tokens(&self) -> Result<Vec<ApiToken>, StoreError>;
+    /// One token.
+    fn token(&self, id: &str) -> Result<Option<ApiToken>, StoreError>;
+    /// Every recorded agent certificate, by serial.
+    fn certificates(&self) -> Result<Vec<AgentCertificate>, StoreError>;
+    /// One agent certificate.
+    fn certificate(&self, serial: &str) -> Result<Option<AgentCertificate>, StoreError>;
     /// Commits a batch atomically; with `durable`, returns only once it is on
     /// disk. Returns the stored events.
     fn commit(&self, batch: Batch, durable: bool) -> Result<Vec<Event>, StoreError>;

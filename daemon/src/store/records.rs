@@ -83,6 +83,7 @@ use crate::model::{
     AssignedApp, Assignment, Controls, DeclaredApp, DeclaredProvider, Event, EventReason, NewEvent,
     ReplicaState, ReportedReplica,
 };
+use crate::security::{AgentCertificate, ApiToken, Role};
 use crate::spec;
 
 /// A domain type stored as a versioned record.
@@ -209,6 +210,32 @@ impl Versioned for Event {
     type Record = EventRecordV1;
 
     fn read(what: &str, version: u32, bytes: &[u8]) -> Result<EventRecordV1, StoreError> {
+        match version {
+            1 => data(what, bytes),
+            _ => Err(unknown_version::<Self>(what, version)),
+        }
+    }
+}
+
+impl Versioned for ApiToken {
+    const RECORD: &'static str = "token";
+    const VERSION: u32 = 1;
+    type Record = TokenRecordV1;
+
+    fn read(what: &str, version: u32, bytes: &[u8]) -> Result<TokenRecordV1, StoreError> {
+        match version {
+            1 => data(what, bytes),
+            _ => Err(unknown_version::<Self>(what, version)),
+        }
+    }
+}
+
+impl Versioned for AgentCertificate {
+    const RECORD: &'static str = "certificate";
+    const VERSION: u32 = 1;
+    type Record = CertificateRecordV1;
+
+    fn read(what: &str, version: u32, bytes: &[u8]) -> Result<CertificateRecordV1, StoreError> {
         match version {
             1 => data(what, bytes),
             _ => Err(unknown_version::<Self>(what, version)),
@@ -1543,6 +1570,138 @@ impl TryFrom<EventRecordV1> for Event {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Version 1 of the records that came with authentication (tokens and agent
+// certificates). A store of an earlier release has none: its trees are
+// created empty.
+// ---------------------------------------------------------------------------
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+/// Record version 1 of a bearer or join token: everything but its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct TokenRecordV1 {
+    /// Public part of the token; also its key in the store.
+    pub id: String,
+    /// SHA-256 of the secret part, lowercase hex.
+    pub secret_sha256: String,
+    /// `admin`, `viewer`, `edge` or `join`.
+    pub role: String,
+    /// Join tokens: the one provider it joins; written only when set.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub provider: String,
+    /// Free text; written only when set.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Creation, ms since the Unix epoch.
+    pub created_at_ms: i64,
+    /// Expiry, ms since the Unix epoch; absent for none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub expires_at_ms: i64,
+    /// Revocation, ms since the Unix epoch; absent while not revoked.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revoked_at_ms: i64,
+}
+
+impl From<&ApiToken> for TokenRecordV1 {
+    fn from(t: &ApiToken) -> Self {
+        TokenRecordV1 {
+            id: t.id.clone(),
+            secret_sha256: crate::security::tokens::hex(&t.secret_sha256),
+            role: t.role.as_str().to_string(),
+            provider: t.provider.clone(),
+            description: t.description.clone(),
+            created_at_ms: t.created_at_ms,
+            expires_at_ms: t.expires_at_ms,
+            revoked_at_ms: t.revoked_at_ms,
+        }
+    }
+}
+
+impl TryFrom<TokenRecordV1> for ApiToken {
+    type Error = StoreError;
+
+    fn try_from(r: TokenRecordV1) -> Result<Self, StoreError> {
+        let what = || format!("token {}", r.id);
+        let role = Role::parse(&r.role)
+            .ok_or_else(|| invalid(what(), format!("unknown role {:?}", r.role)))?;
+        let digest = (0..r.secret_sha256.len())
+            .step_by(2)
+            .map(|i| {
+                r.secret_sha256
+                    .get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+            })
+            .collect::<Option<Vec<u8>>>()
+            .and_then(|v| <[u8; 32]>::try_from(v).ok())
+            .ok_or_else(|| invalid(what(), "secret_sha256 is not 64 hex digits"))?;
+        Ok(ApiToken {
+            id: r.id,
+            secret_sha256: digest,
+            role,
+            provider: r.provider,
+            description: r.description,
+            created_at_ms: r.created_at_ms,
+            expires_at_ms: r.expires_at_ms,
+            revoked_at_ms: r.revoked_at_ms,
+        })
+    }
+}
+
+/// Record version 1 of an agent's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct CertificateRecordV1 {
+    /// Serial number, lowercase hex; also its key in the store.
+    pub serial: String,
+    /// The provider it names.
+    pub provider: String,
+    /// The agent it was issued to; written only when known.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_id: String,
+    /// Valid from, ms since the Unix epoch.
+    pub not_before_ms: i64,
+    /// Valid until, ms since the Unix epoch.
+    pub not_after_ms: i64,
+    /// Revocation, ms since the Unix epoch; absent while not revoked.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revoked_at_ms: i64,
+    /// How it was obtained, for people.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub issued_by: String,
+}
+
+impl From<&AgentCertificate> for CertificateRecordV1 {
+    fn from(c: &AgentCertificate) -> Self {
+        CertificateRecordV1 {
+            serial: c.serial.clone(),
+            provider: c.provider.clone(),
+            agent_id: c.agent_id.clone(),
+            not_before_ms: c.not_before_ms,
+            not_after_ms: c.not_after_ms,
+            revoked_at_ms: c.revoked_at_ms,
+            issued_by: c.issued_by.clone(),
+        }
+    }
+}
+
+impl TryFrom<CertificateRecordV1> for AgentCertificate {
+    type Error = StoreError;
+
+    fn try_from(r: CertificateRecordV1) -> Result<Self, StoreError> {
+        Ok(AgentCertificate {
+            serial: r.serial,
+            provider: r.provider,
+            agent_id: r.agent_id,
+            not_before_ms: r.not_before_ms,
+            not_after_ms: r.not_after_ms,
+            revoked_at_ms: r.revoked_at_ms,
+            issued_by: r.issued_by,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -1939,5 +2098,44 @@ spec:
         assert_eq!(check_tree::<ReportedReplica>(&db, "replicas"), 12);
         assert_eq!(check_tree::<Controls>(&db, "controls"), 1);
         assert!(check_tree::<Event>(&db, "events") > 80);
+    }
+
+    #[test]
+    fn tokens_and_certificates_round_trip_and_refuse_damage() {
+        let token = ApiToken {
+            id: "0123456789abcdef".into(),
+            secret_sha256: crate::security::tokens::sha256(b"secret"),
+            role: Role::Join,
+            provider: "aws".into(),
+            description: "for the aws agent".into(),
+            created_at_ms: 1,
+            expires_at_ms: 2,
+            revoked_at_ms: 0,
+        };
+        assert_eq!(round_trip(&token), token);
+        let json = String::from_utf8(encode(&token).expect("encodes")).expect("utf-8");
+        assert!(
+            !json.contains("revoked_at_ms"),
+            "unset fields are not written: {json}"
+        );
+        let cert = AgentCertificate {
+            serial: "7f00".into(),
+            provider: "aws".into(),
+            agent_id: "agent-1".into(),
+            not_before_ms: 1,
+            not_after_ms: 2,
+            revoked_at_ms: 3,
+            issued_by: "join token 0123456789abcdef".into(),
+        };
+        assert_eq!(round_trip(&cert), cert);
+
+        let bad_role =
+            r#"{"v":1,"data":{"id":"x","secret_sha256":"00","role":"root","created_at_ms":1}}"#;
+        let err = decode::<ApiToken>("token x", bad_role.as_bytes()).expect_err("refused");
+        assert!(err.to_string().contains("unknown role \"root\""), "{err}");
+        let bad_hash =
+            r#"{"v":1,"data":{"id":"x","secret_sha256":"zz","role":"admin","created_at_ms":1}}"#;
+        let err = decode::<ApiToken>("token x", bad_hash.as_bytes()).expect_err("refused");
+        assert!(err.to_string().contains("64 hex digits"), "{err}");
     }
 }

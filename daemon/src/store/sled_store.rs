@@ -3,9 +3,13 @@
 //! Trees: `meta` (schema version, the store's identity and its count of
 //! committed batches, see `super::identity`), `controls` (operator controls), `apps`,
 //! `providers`, `assignments` (keyed by
-//! name), `replicas` (keyed by `provider \0 app \0 index`), `events` (keyed by
+//! name), `tokens` (keyed by id), `certificates` (keyed by serial),
+//! `replicas` (keyed by `provider \0 app \0 index`), `events` (keyed by
 //! the big-endian sequence number, so iteration is in log order). The event log
-//! keeps the newest [`SledStore::EVENT_RETENTION`] entries. Every value is a
+//! keeps the newest [`SledStore::EVENT_RETENTION`] entries. `tokens` and
+//! `certificates` came after schema version 1 without changing it: a store of
+//! an earlier release simply has them empty, and an earlier release ignores
+//! them. Every value is a
 //! versioned record (`super::records`); errors name it from its key
 //! (`app web`, `replica web/aws/0`, `event 42`).
 
@@ -23,6 +27,7 @@ use super::{Batch, SCHEMA_VERSION, Store, StoreError, decode, encode};
 use crate::model::{
     Assignment, Controls, DeclaredApp, DeclaredProvider, Event, NewEvent, ReportedReplica, now_ms,
 };
+use crate::security::{AgentCertificate, ApiToken};
 
 /// How a daemon starts on its store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +52,10 @@ pub struct SledStore {
     assignments: sled::Tree,
     /// Operator controls, one record under [`CONTROLS_KEY`].
     controls: sled::Tree,
+    /// Tokens, by id.
+    tokens: sled::Tree,
+    /// Agent certificates, by serial.
+    certificates: sled::Tree,
     replicas: sled::Tree,
     events: sled::Tree,
     /// Serializes event appends so sequence numbers are committed in order and a
@@ -190,6 +199,8 @@ impl SledStore {
             providers: db.open_tree("providers").map_err(backend)?,
             assignments: db.open_tree("assignments").map_err(backend)?,
             controls: db.open_tree("controls").map_err(backend)?,
+            tokens: db.open_tree("tokens").map_err(backend)?,
+            certificates: db.open_tree("certificates").map_err(backend)?,
             replicas: db.open_tree("replicas").map_err(backend)?,
             events,
             event_lock: Mutex::new(EventLog { last_seq, count }),
@@ -523,6 +534,30 @@ impl Store for SledStore {
             .unwrap_or_default())
     }
 
+    fn tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        Self::values(&self.tokens, named::<ApiToken>)
+    }
+
+    fn token(&self, id: &str) -> Result<Option<ApiToken>, StoreError> {
+        self.tokens
+            .get(id)
+            .map_err(backend)?
+            .map(|v| decode(&named::<ApiToken>(id.as_bytes()), &v))
+            .transpose()
+    }
+
+    fn certificates(&self) -> Result<Vec<AgentCertificate>, StoreError> {
+        Self::values(&self.certificates, named::<AgentCertificate>)
+    }
+
+    fn certificate(&self, serial: &str) -> Result<Option<AgentCertificate>, StoreError> {
+        self.certificates
+            .get(serial)
+            .map_err(backend)?
+            .map(|v| decode(&named::<AgentCertificate>(serial.as_bytes()), &v))
+            .transpose()
+    }
+
     fn commit(&self, batch: Batch, durable: bool) -> Result<Vec<Event>, StoreError> {
         let mut apps = Vec::new();
         for app in &batch.put_apps {
@@ -537,6 +572,14 @@ impl Store for SledStore {
             assignments.push((a.provider.clone(), encode(a)?));
         }
         let controls = batch.controls.as_ref().map(encode).transpose()?;
+        let mut tokens = Vec::new();
+        for t in &batch.put_tokens {
+            tokens.push((t.id.clone(), encode(t)?));
+        }
+        let mut certificates = Vec::new();
+        for c in &batch.put_certificates {
+            certificates.push((c.serial.clone(), encode(c)?));
+        }
         let (commits, stored) = self.with_events(batch.events, |events| {
             (
                 &self.apps,
@@ -545,9 +588,20 @@ impl Store for SledStore {
                 &self.controls,
                 &self.events,
                 &self.meta,
+                &self.tokens,
+                &self.certificates,
             )
                 .transaction(
-                    |(t_apps, t_providers, t_assignments, t_controls, t_events, t_meta)| {
+                    |(
+                        t_apps,
+                        t_providers,
+                        t_assignments,
+                        t_controls,
+                        t_events,
+                        t_meta,
+                        t_tokens,
+                        t_certificates,
+                    )| {
                         let commits = u64_of(t_meta.get(COMMITS_KEY)?) + 1;
                         t_meta.insert(COMMITS_KEY, &commits.to_be_bytes())?;
                         if let Some(c) = &controls {
@@ -567,6 +621,18 @@ impl Store for SledStore {
                         }
                         for (name, value) in &assignments {
                             t_assignments.insert(name.as_bytes(), value.as_slice())?;
+                        }
+                        for (id, value) in &tokens {
+                            t_tokens.insert(id.as_bytes(), value.as_slice())?;
+                        }
+                        for id in &batch.delete_tokens {
+                            t_tokens.remove(id.as_bytes())?;
+                        }
+                        for (serial, value) in &certificates {
+                            t_certificates.insert(serial.as_bytes(), value.as_slice())?;
+                        }
+                        for serial in &batch.delete_certificates {
+                            t_certificates.remove(serial.as_bytes())?;
                         }
                         for (seq, value) in events {
                             t_events.insert(&seq.to_be_bytes(), value.as_slice())?;

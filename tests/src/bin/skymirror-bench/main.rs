@@ -32,6 +32,11 @@
 //!   10% of the engine's own time. Needs the image of
 //!   tests/scripts/build-test-images.sh.
 //!
+//! - `api` (`api.rs`) measures what TLS and tokens cost the control API:
+//!   latency of calls on one connection and of a new connection with one
+//!   call, against a plaintext loopback daemon in the same run, and of an
+//!   agent joining (its certificate signed and recorded).
+//!
 //! Targets are printed next to the figures, with `MISSED` when one is missed.
 //! Timings are never asserted: the exit status is non-zero only when the
 //! benchmark itself could not run. MB here is 10^6 bytes.
@@ -43,9 +48,11 @@
 //! cargo build --workspace && target/debug/skymirror-bench failover
 //! cargo build --workspace && target/debug/skymirror-bench proxy
 //! cargo build --workspace && target/debug/skymirror-bench docker
+//! cargo build --workspace && target/debug/skymirror-bench api
 //! cargo build --workspace --release && target/release/skymirror-bench scale --runs 3
 //! ```
 
+mod api;
 mod docker;
 mod failover;
 mod proxy;
@@ -79,6 +86,8 @@ enum Bench {
     Proxy(proxy::ProxyArgs),
     /// Docker driver: apply to all replicas healthy against the engine's own `docker run`.
     Docker(docker::DockerArgs),
+    /// Control API latency with TLS and tokens against plaintext, and joins.
+    Api(api::ApiArgs),
 }
 
 fn main() -> Result<()> {
@@ -87,6 +96,7 @@ fn main() -> Result<()> {
         Bench::Failover(args) => failover::failover(&args),
         Bench::Proxy(args) => proxy::proxy(&args),
         Bench::Docker(args) => docker::docker(&args),
+        Bench::Api(args) => api::api(&args),
     }
 }
 
