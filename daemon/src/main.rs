@@ -133,12 +133,8 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             "--join-token was removed: a secret on the command line is visible in `ps`. Agents join with tokens from `skymirror token create --role join`; with --insecure-plaintext, give the shared token in a file (--join-token-file) or SKYMIRROR_JOIN_TOKEN"
         );
     }
-    if args.insecure_listen_anywhere {
-        anyhow::bail!(
-            "--insecure-listen-anywhere was removed: the daemon serves TLS with authentication by default and may listen on any address; plaintext (--insecure-plaintext) is for loopback only"
-        );
-    }
-    if args.insecure_plaintext && !args.listen.ip().is_loopback() {
+    if args.insecure_plaintext && !args.listen.ip().is_loopback() && !args.insecure_listen_anywhere
+    {
         anyhow::bail!(
             "refusing to serve plaintext on {}: --insecure-plaintext is for loopback addresses only; beyond loopback the daemon serves TLS with authentication (drop --insecure-plaintext)",
             args.listen
@@ -161,7 +157,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         config.hello_token = Some(hello_token(&args)?);
         tracing::warn!(
             %addr,
-            "serving PLAINTEXT on loopback without TLS or authentication (--insecure-plaintext): every local process is an admin, and agents are admitted by the shared join token"
+            "serving PLAINTEXT without TLS or authentication (--insecure-plaintext): every process that reaches the port is an admin, and agents are admitted by the shared join token"
         );
         let daemon = skymirror::daemon::Daemon::open(config)?;
         let listener = skymirror::api::Listener {

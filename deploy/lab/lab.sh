@@ -105,8 +105,9 @@ up() {
   docker run -d --name "$lab-daemon" --label "skymirror.lab=$lab" \
     --network "$lab-control" --network-alias control-plane \
     -v "$lab-daemon-data:/data" -p "127.0.0.1:$api_port:7600" \
+    -e SKYMIRROR_JOIN_TOKEN="$token" \
     "skymirror-daemon:$tag" daemon --data-dir /data --listen 0.0.0.0:7600 \
-    --insecure-listen-anywhere --join-token "$token" >/dev/null
+    --insecure-plaintext --insecure-listen-anywhere >/dev/null
   for cloud in "${clouds[@]}"; do
     docker network connect "$lab-$cloud" "$lab-daemon"
   done
@@ -123,9 +124,9 @@ up() {
     docker run -d --name "$lab-agent-$cloud" --label "skymirror.lab=$lab" \
       --network "$lab-$cloud" \
       -v /var/run/docker.sock:/var/run/docker.sock -v "$lab-agent-$cloud:/state" \
+      -e SKYMIRROR_JOIN_TOKEN="$token" \
       "skymirror-agent:$tag" --server http://control-plane:7600 --provider "$cloud" \
-      --driver docker --docker-network "$lab-$cloud" --state-dir /state \
-      --join-token "$token" >/dev/null
+      --driver docker --docker-network "$lab-$cloud" --state-dir /state >/dev/null
     docker network connect "$lab-control" "$lab-agent-$cloud"
   done
 

@@ -348,8 +348,11 @@ pub struct DaemonArgs {
     /// Removed: a secret on the command line is visible in `ps`.
     #[arg(long, hide = true)]
     pub join_token: Option<String>,
-    /// Removed: beyond loopback the daemon serves TLS with authentication.
-    #[arg(long, hide = true)]
+    /// With --insecure-plaintext: serve plaintext beyond loopback too. Only
+    /// for a lab on private networks (deploy/lab) while agents that join
+    /// with a certificate are not deployed there: anyone who reaches the
+    /// port is an admin.
+    #[arg(long, requires = "insecure_plaintext")]
     pub insecure_listen_anywhere: bool,
     /// Log filter, e.g. `info` or `skymirror=debug`.
     #[arg(long, env = "SKYMIRROR_LOG", default_value = "info")]
