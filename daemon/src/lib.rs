@@ -8,9 +8,12 @@
 //! parts ([`registry`] of agents, event fan-out, routes, reconciler) whose
 //! behaviour lives beside each concern: [`apply`], [`controls`],
 //! [`reconciler`], [`monitor`], [`explain`], [`reports`], [`summary`],
-//! [`logs`]; [`api`] is the gRPC layer (the only place for protobuf and
-//! `tonic::Status`); [`cli`] and [`dev`] are the `skymirror` command's verbs
-//! and all-in-one mode. The front door (`skymirror edge`) is the
+//! [`logs`], [`access`] (tokens, joins, agents' admission, revocation);
+//! [`security`] holds the pure parts of who may do what (the PKI, tokens
+//! and roles, rates, sanitizing); [`api`] is the gRPC layer (the only place
+//! for protobuf and `tonic::Status`, with TLS and the authentication layer);
+//! [`cli`] and [`dev`] are the `skymirror` command's verbs and all-in-one
+//! mode. The front door (`skymirror edge`) is the
 //! `skymirror-edge` crate.
 
 pub mod access;
