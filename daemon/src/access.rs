@@ -453,16 +453,13 @@ impl Daemon {
             issued.record.serial,
             rfc3339(issued.record.not_after_ms)
         );
-        self.commit(Batch {
-            put_certificates: vec![issued.record.clone()],
-            delete_certificates: self.expired_certificates(now)?,
-            events: vec![NewEvent::provider(
-                EventReason::AgentJoined,
-                &req.provider,
-                message.clone(),
-            )],
-            ..Batch::default()
-        })
+        self.record_issued(
+            &issued,
+            EventReason::AgentJoined,
+            &req.provider,
+            &message,
+            now,
+        )
         .await?;
         tracing::info!(provider = %req.provider, agent_id = %req.agent_id, serial = %issued.record.serial, "{message}");
         Ok(issued)
@@ -529,16 +526,13 @@ impl Daemon {
             issued.record.serial,
             rfc3339(issued.record.not_after_ms)
         );
-        self.commit(Batch {
-            put_certificates: vec![issued.record.clone()],
-            delete_certificates: self.expired_certificates(now)?,
-            events: vec![NewEvent::provider(
-                EventReason::AgentCertificateRenewed,
-                &record.provider,
-                message.clone(),
-            )],
-            ..Batch::default()
-        })
+        self.record_issued(
+            &issued,
+            EventReason::AgentCertificateRenewed,
+            &record.provider,
+            &message,
+            now,
+        )
         .await?;
         tracing::info!(provider = %record.provider, serial = %issued.record.serial, "{message}");
         Ok(issued)
@@ -609,6 +603,25 @@ impl Daemon {
             )));
         }
         Ok(record)
+    }
+
+    /// Stores an issued certificate (forgetting long-expired ones) with the
+    /// event that says who got it and why, durably.
+    async fn record_issued(
+        &self,
+        issued: &Issued,
+        reason: EventReason,
+        provider: &str,
+        message: &str,
+        now: i64,
+    ) -> Result<(), DaemonError> {
+        self.commit(Batch {
+            put_certificates: vec![issued.record.clone()],
+            delete_certificates: self.expired_certificates(now)?,
+            events: vec![NewEvent::provider(reason, provider, message.to_string())],
+            ..Batch::default()
+        })
+        .await
     }
 
     /// Serials of certificate records expired long enough to forget.

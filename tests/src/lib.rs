@@ -1195,6 +1195,33 @@ pub fn prioritized_providers_yaml(providers: &[(&str, i32)]) -> String {
         .join("---\n")
 }
 
+/// YAML of the app `web` ([`app_yaml`]) with `replicas` per provider, routed
+/// by the front door on `listen`, failing back after 2 s.
+pub fn routed_app_yaml(replicas: u32, listen: SocketAddr) -> String {
+    let mut y = app_yaml("web", replicas, "hi", &[]);
+    y.push_str(&format!(
+        "  failover:\n    failbackAfter: 2s\n  routing:\n    listen: \"{listen}\"\n    port: http\n"
+    ));
+    y
+}
+
+/// Three providers `aa`, `bb`, `cc`, two replicas of `web` on each, and a
+/// front door in front of them; returns the cluster and the front door's
+/// address once it routes to all six replicas.
+pub fn cluster_behind_front_door(wait: Duration) -> Result<(Cluster, SocketAddr)> {
+    let mut c = Cluster::start()?;
+    c.apply_ok("providers.yaml", &providers_yaml(&["aa", "bb", "cc"]))?;
+    for p in ["aa", "bb", "cc"] {
+        c.start_agent(p)?;
+    }
+    let front = free_port()?;
+    c.apply_ok("web.yaml", &routed_app_yaml(2, front))?;
+    c.wait_ready("web", &["aa", "bb", "cc"], 2, 1, wait)?;
+    c.start_edge(&[])?;
+    c.wait_front_door(front, 6, wait)?;
+    Ok((c, front))
+}
+
 /// YAML of an app running `skymirror-example` with an HTTP health check.
 pub fn app_yaml(name: &str, replicas: u32, greeting: &str, extra_env: &[(&str, &str)]) -> String {
     let mut env = format!("    GREETING: \"{greeting}\"\n");

@@ -6,35 +6,15 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use skymirror_tests::{
-    Cluster, Load, LoadReport, app_yaml, free_port, http_get_headers, providers_yaml,
-};
+use skymirror_tests::{Cluster, Load, LoadReport, cluster_behind_front_door, http_get_headers};
 
 const WAIT: Duration = Duration::from_secs(30);
 /// One request every 5 ms, each on a fresh connection (~150 requests/s here).
 const PACE: Duration = Duration::from_millis(5);
 
-fn routed_app(replicas: u32, listen: SocketAddr) -> String {
-    let mut y = app_yaml("web", replicas, "hi", &[]);
-    y.push_str(&format!(
-        "  failover:\n    failbackAfter: 2s\n  routing:\n    listen: \"{listen}\"\n    port: http\n"
-    ));
-    y
-}
-
 /// Three providers, the app on all of them, a front door in front.
 fn setup() -> Result<(Cluster, SocketAddr)> {
-    let mut c = Cluster::start()?;
-    c.apply_ok("providers.yaml", &providers_yaml(&["aa", "bb", "cc"]))?;
-    for p in ["aa", "bb", "cc"] {
-        c.start_agent(p)?;
-    }
-    let front = free_port()?;
-    c.apply_ok("web.yaml", &routed_app(2, front))?;
-    c.wait_ready("web", &["aa", "bb", "cc"], 2, 1, WAIT)?;
-    c.start_edge(&[])?;
-    c.wait_front_door(front, 6, WAIT)?;
-    Ok((c, front))
+    cluster_behind_front_door(WAIT)
 }
 
 fn wait_counts(c: &mut Cluster, want: &[(&str, usize)]) -> Result<()> {

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use nix::sys::signal::Signal;
-use skymirror_tests::{Cluster, Load, LoadReport, app_yaml, free_port, providers_yaml};
+use skymirror_tests::{
+    Cluster, Load, LoadReport, cluster_behind_front_door, free_port, providers_yaml,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 /// Each client sends one request every 5 ms, each on a fresh connection.
@@ -19,27 +21,9 @@ const CLIENTS: usize = 4;
 /// and its outside probes (3 s).
 const FROZEN_FOR: Duration = Duration::from_secs(5);
 
-fn routed_app(replicas: u32, listen: SocketAddr) -> String {
-    let mut y = app_yaml("web", replicas, "hi", &[]);
-    y.push_str(&format!(
-        "  failover:\n    failbackAfter: 2s\n  routing:\n    listen: \"{listen}\"\n    port: http\n"
-    ));
-    y
-}
-
 /// Three providers, two replicas of the app on each, a front door in front.
 fn setup() -> Result<(Cluster, SocketAddr)> {
-    let mut c = Cluster::start()?;
-    c.apply_ok("providers.yaml", &providers_yaml(&["aa", "bb", "cc"]))?;
-    for p in ["aa", "bb", "cc"] {
-        c.start_agent(p)?;
-    }
-    let front = free_port()?;
-    c.apply_ok("web.yaml", &routed_app(2, front))?;
-    c.wait_ready("web", &["aa", "bb", "cc"], 2, 1, WAIT)?;
-    c.start_edge(&[])?;
-    c.wait_front_door(front, 6, WAIT)?;
-    Ok((c, front))
+    cluster_behind_front_door(WAIT)
 }
 
 /// Runs `during` under load from [`CLIENTS`] clients and returns what they saw
